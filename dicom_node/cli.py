@@ -1,0 +1,337 @@
+"""The ``spinenode`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from dicom_node.config import Settings, SettingsError, load_settings
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, server: bool = False) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--data-dir", type=Path, help="spool, queue and default database folder")
+    parser.add_argument("--database-url", help="sqlite:///... or postgresql://...")
+    parser.add_argument("--broker-url", help="'embedded' (default) or redis://host:6379/0")
+    if server:
+        parser.add_argument("--ae-title", help="our AE title (default SPINENODE)")
+        parser.add_argument("--bind-address", help="address to listen on (default 0.0.0.0)")
+        parser.add_argument("--port", type=int, help="port to listen on (default 11112)")
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {
+        name: getattr(args, name, None)
+        for name in ("data_dir", "database_url", "broker_url", "ae_title", "bind_address", "port",
+                     "worker_concurrency")
+    }
+    return load_settings(getattr(args, "config", None), **overrides)
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom logs every PDU at INFO; the node logs what matters itself.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)  # "no hostname" for files
+
+
+class Fatal(Exception):
+    """Stop with this one line and exit status 2."""
+
+
+def _prepare_database(settings: Settings, upgrade_if_sqlite: bool) -> None:
+    from alembic.script import ScriptDirectory
+
+    from dicom_node.db import migrate
+
+    url = settings.effective_database_url
+    try:
+        if upgrade_if_sqlite and url.startswith("sqlite"):
+            migrate.upgrade(url)
+            return
+        current = migrate.current_revision(url)
+    except Exception as error:
+        raise Fatal(f"cannot use database {_redact(url)}: {error.__class__.__name__}: "
+                    f"{str(error).splitlines()[0]}") from None
+    head = ScriptDirectory.from_config(migrate.alembic_config(url)).get_current_head()
+    if current != head:
+        raise Fatal(f"database {_redact(url)} is at revision {current}, not {head}: "
+                    "run 'spinenode db upgrade'")
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+class EmbeddedWorker:
+    """``spinenode serve`` runs one worker as a child process, restarted if it dies."""
+
+    def __init__(self, settings: Settings):
+        self._env = {**os.environ, **settings.as_environment()}
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def ensure_running(self) -> None:
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                return
+            if self._process is not None:
+                logging.getLogger(__name__).warning(
+                    "embedded worker exited with %s; restarting it", self._process.returncode)
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node.cli", "worker"], env=self._env)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                return
+            self._process.terminate()
+            try:
+                self._process.wait(30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_node.db.session import session_factory
+    from dicom_node.dispatch import Reconciler
+    from dicom_node.scp import StoreSCP
+    from workers.app import configure, enqueue_analysis, queue_depth
+
+    _configure_logging(settings)
+    settings.make_dirs()
+    _prepare_database(settings, upgrade_if_sqlite=True)
+    configure(settings)
+    sessions = session_factory(settings.effective_database_url)
+    scp = StoreSCP(settings, sessions, enqueue_analysis)
+    worker = None if args.no_worker else EmbeddedWorker(settings)
+    reconciler = Reconciler(settings, sessions, enqueue_analysis, queue_depth,
+                            also=worker.ensure_running if worker else None)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        scp.start()
+    except OSError as error:
+        raise Fatal(f"cannot listen on {settings.bind_address}:{settings.port}: "
+                    f"{error.strerror or error}") from None
+    if worker is not None:
+        worker.ensure_running()
+    reconciler.start()
+    broker = "embedded queue" if settings.embedded_broker else _redact(settings.broker_url)
+    print(
+        f"spinenode: {settings.ae_title} listening on {settings.bind_address}:{settings.port}; "
+        f"database {_redact(settings.effective_database_url)}; {broker}; "
+        f"spool {settings.spool_dir.resolve()}; "
+        f"worker {'embedded' if worker else 'separate (spinenode worker)'}",
+        flush=True,
+    )
+    stop.wait()
+    print("spinenode: stopping", flush=True)
+    scp.stop()
+    reconciler.stop()
+    if worker is not None:
+        worker.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import socket
+
+    from workers.app import QUEUE, configure
+
+    _configure_logging(settings)
+    _prepare_database(settings, upgrade_if_sqlite=False)
+    app = configure(settings)
+    argv = [
+        "worker", "--queues", QUEUE, "--concurrency", str(settings.worker_concurrency),
+        "--pool", "prefork", "--hostname", f"spinenode-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
+    ]
+    if settings.embedded_broker:
+        argv.append("--without-heartbeat")  # the file broker has no fan-out exchange
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_node.db import migrate
+
+    settings.make_dirs()
+    url = settings.effective_database_url
+    if args.db_command == "upgrade":
+        migrate.upgrade(url, args.revision)
+    elif args.db_command == "downgrade":
+        migrate.downgrade(url, args.revision)
+    print(f"database {_redact(url)} at revision {migrate.current_revision(url)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_node.admin import status_counts
+    from dicom_node.db.session import session_factory
+    from workers.app import configure, queue_depth
+
+    _prepare_database(settings, upgrade_if_sqlite=False)
+    counts = status_counts(session_factory(settings.effective_database_url))
+    configure(settings)
+    try:
+        depth: int | str = queue_depth()
+    except Exception as error:
+        depth = f"unknown ({error.__class__.__name__})"
+    if args.json:
+        print(json.dumps({"instances": counts, "queue_depth": depth}))
+    else:
+        for status, count in counts.items():
+            print(f"{status:12s} {count}")
+        print(f"{'queue depth':12s} {depth}")
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
+    """C-ECHO a node (by default this one): the health check of the compose file."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=args.calling_ae)
+    ae.add_requested_context(Verification)
+    host = args.host or "127.0.0.1"
+    port = args.port or settings.port
+    called = args.ae_title or settings.ae_title
+    assoc = ae.associate(host, port, ae_title=called)
+    if not assoc.is_established:
+        raise Fatal(f"no association with {called}@{host}:{port}")
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(status.Status) if "Status" in status else -1
+    print(f"C-ECHO {called}@{host}:{port}: status 0x{code:04X}")
+    return 0 if code == 0 else 1
+
+
+def parse_since(text: str) -> datetime:
+    """ISO date/time, or an age such as 30m, 12h, 7d."""
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if match:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: int(match.group(1))})
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO date/time nor an age like 30m, 12h, 7d") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def cmd_instances(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_node.admin import list_instances
+    from dicom_node.db.session import session_factory
+
+    _prepare_database(settings, upgrade_if_sqlite=False)
+    rows = list_instances(session_factory(settings.effective_database_url),
+                          status=args.status, since=args.since, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'id':>6} {'status':10} {'received':19} {'mod':3} {'size':>9} {'image':>11}  "
+          "SOP Instance UID / note")
+    for row in rows:
+        image = f"{row['columns']}x{row['rows']}" if row["rows"] else "-"
+        note = row["last_error"] or row["reason"]
+        print(f"{row['id']:>6} {row['status']:10} {row['received_at'][:19]:19} "
+              f"{row['modality']:3} {row['size_bytes']:>9} {image:>11}  {row['sop_instance_uid']}"
+              + (f"  ({note})" if note else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_node.demo import run_demo
+
+    settings.make_dirs()
+    try:
+        return run_demo(settings, count=args.count, keep_serving=not args.exit)
+    except RuntimeError as error:
+        raise Fatal(f"demo failed: {error}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dicom_node.db.models import InstanceStatus
+
+    parser = argparse.ArgumentParser(prog="spinenode", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the DICOM node (SCP, queue, reconciler)")
+    _add_settings_flags(serve, server=True)
+    serve.add_argument("--no-worker", action="store_true",
+                       help="do not run an embedded worker (run 'spinenode worker' elsewhere)")
+    serve.set_defaults(handler=cmd_serve)
+
+    demo = commands.add_parser("demo", help="start the node, send it sample images, show results")
+    _add_settings_flags(demo, server=True)
+    demo.add_argument("--count", type=int, default=3, help="images to send (default 3)")
+    demo.add_argument("--exit", action="store_true", help="stop the node after the summary")
+    demo.set_defaults(handler=cmd_demo)
+
+    worker = commands.add_parser("worker", help="run a worker that analyses queued instances")
+    _add_settings_flags(worker)
+    worker.add_argument("--concurrency", dest="worker_concurrency", type=int,
+                        help="worker processes (default 1)")
+    worker.set_defaults(handler=cmd_worker)
+
+    db = commands.add_parser("db", help="database migrations")
+    _add_settings_flags(db)
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_commands.add_parser("upgrade", help="migrate to the newest schema")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    downgrade = db_commands.add_parser("downgrade", help="migrate back to REVISION")
+    downgrade.add_argument("revision")
+    db_commands.add_parser("current", help="show the schema revision")
+    db.set_defaults(handler=cmd_db)
+
+    echo = commands.add_parser("echo", help="C-ECHO a DICOM node (default: this one)")
+    _add_settings_flags(echo)
+    echo.add_argument("--host", help="default 127.0.0.1")
+    echo.add_argument("--port", type=int, help="default: our port")
+    echo.add_argument("--ae-title", help="called AE title (default: ours)")
+    echo.add_argument("--calling-ae", default="ECHOSCU")
+    echo.set_defaults(handler=cmd_echo)
+
+    status = commands.add_parser("status", help="instances per status and queue depth")
+    _add_settings_flags(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+
+    instances = commands.add_parser("instances", help="list received instances, newest first")
+    _add_settings_flags(instances)
+    instances.add_argument("--status", choices=[s.value for s in InstanceStatus])
+    instances.add_argument("--since", type=parse_since, help="ISO time or age (30m, 12h, 7d)")
+    instances.add_argument("--limit", type=int, default=100)
+    instances.add_argument("--json", action="store_true")
+    instances.set_defaults(handler=cmd_instances)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings_from(args)
+        return args.handler(args, settings)
+    except (SettingsError, Fatal) as error:
+        print(f"spinenode: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

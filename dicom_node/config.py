@@ -1,0 +1,238 @@
+"""The node's one settings object.
+
+Sources, strongest first: command-line flags (passed in as ``overrides``), environment
+variables ``SPINENODE_*``, an optional TOML file (``--config``), then the defaults below.
+Lists in the environment are comma separated (``SPINENODE_DESTINATIONS=PACS@10.0.0.5:104,...``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+# PS3.5 AE title: up to 16 characters of the default repertoire, no backslash or control codes.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+EMBEDDED_BROKER = "embedded"
+DEFAULT_SPINE_BODY_PARTS = ("SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE")
+# SNOMED CT codes of the spine regions in CID 4031 (Common Anatomic Regions).
+DEFAULT_SPINE_REGION_CODES = ("421060004", "122494005", "122495006", "122496007", "54735007")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; its message is one line naming the setting."""
+
+
+def check_ae_title(value: str) -> str:
+    value = value.strip()
+    if not _AE_TITLE.match(value):
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 characters, no backslash)")
+    return value
+
+
+class Destination(BaseModel):
+    """A DICOM peer that results are sent to, written ``AE@host:port``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        match = re.fullmatch(r"\s*([^@]+)@([^:@\s]+):(\d+)\s*", text)
+        if not match:
+            raise ValueError(f"{text!r} is not AE@host:port")
+        port = int(match.group(3))
+        if not 0 < port < 65536:
+            raise ValueError(f"{text!r}: port out of range")
+        return cls(ae_title=check_ae_title(match.group(1)), host=match.group(2), port=port)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPINENODE_", extra="forbid")
+
+    ae_title: str = "SPINENODE"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(11112, gt=0, lt=65536)
+    allowed_calling_aes: CommaList = Field(default_factory=list)
+    require_called_ae: bool = True
+    max_pdu: int = Field(131072, ge=0)
+    max_associations: int = Field(16, ge=1)
+    data_dir: Path = Path("./var")
+    database_url: str = ""
+    broker_url: str = EMBEDDED_BROKER
+    bundle: Path | None = None
+    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+
+    # Routing: which received images are analysed.
+    route_modalities: CommaList = Field(default_factory=lambda: ["CR", "DX"])
+    route_body_parts: CommaList = Field(default_factory=lambda: list(DEFAULT_SPINE_BODY_PARTS))
+    route_region_codes: CommaList = Field(
+        default_factory=lambda: list(DEFAULT_SPINE_REGION_CODES)
+    )
+
+    # Below this much free space in the spool, C-STORE answers 0xA700 instead of filling the disk.
+    min_free_disk_mb: int = Field(256, ge=0)
+    # Largest image the decoder will allocate (Rows x Columns x frames x samples).
+    max_pixels: int = Field(64_000_000, gt=0)
+
+    # Work left half way: a claimed task whose lease ran out is handed out again.
+    task_lease_seconds: int = Field(900, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    reconcile_interval_seconds: float = Field(60.0, gt=0)
+    # A received/queued row younger than this is still in flight, not lost.
+    reconcile_grace_seconds: float = Field(30.0, ge=0)
+    worker_concurrency: int = Field(1, ge=1)
+
+    log_level: str = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return check_ae_title(value)
+
+    @field_validator("allowed_calling_aes", mode="before")
+    @classmethod
+    def _calling_aes(cls, value: Any) -> Any:
+        return [check_ae_title(item) for item in _split_list(value)]
+
+    @field_validator("route_modalities", "route_body_parts", mode="before")
+    @classmethod
+    def _upper_list(cls, value: Any) -> Any:
+        return [item.upper() for item in _split_list(value)]
+
+    @field_validator("route_region_codes", mode="before")
+    @classmethod
+    def _plain_list(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations(cls, value: Any) -> Any:
+        return [
+            Destination.parse(item) if isinstance(item, str) else item
+            for item in _split_list(value)
+        ]
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        if value != EMBEDDED_BROKER and not re.match(r"^(redis|rediss)://", value):
+            raise ValueError(f"{value!r}: use 'embedded' or a redis:// URL")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        if value and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
+            raise ValueError(f"{value!r}: use a sqlite:// or postgresql:// URL")
+        return value
+
+    # -- derived paths and URLs ---------------------------------------------------------------
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Where a C-STORE streams to; on the spool's file system so the final move is a rename."""
+        return self.spool_dir / "incoming"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'spinenode.sqlite').resolve()}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url == EMBEDDED_BROKER
+
+    def make_dirs(self) -> None:
+        for path in (self.data_dir, self.spool_dir, self.incoming_dir, self.queue_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def as_environment(self) -> dict[str, str]:
+        """These settings as SPINENODE_* variables, for a child process (the embedded worker)."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if name == "destinations":
+                text = ",".join(str(d) for d in self.destinations)
+            elif isinstance(value, list):
+                text = ",".join(str(item) for item in value)
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+            env[f"SPINENODE_{name.upper()}"] = text
+        env["SPINENODE_DATA_DIR"] = str(self.data_dir.resolve())
+        return env
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file comes from model_config["toml_file"], set by load_settings.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings, or raise SettingsError with one line that names the bad setting."""
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if config_file is not None and not config_file.is_file():
+        raise SettingsError(f"config file {config_file} does not exist")
+    settings_cls: type[Settings] = Settings
+    if config_file is not None:
+        config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
+        settings_cls = type("Settings", (Settings,), {"model_config": config})
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = ".".join(str(part) for part in first["loc"]) or "settings"
+        env_name = f"SPINENODE_{str(first['loc'][0]).upper()}" if first["loc"] else name
+        message = first["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"invalid setting {env_name}: {message}") from None
+    except Exception as error:  # a TOML syntax error, say
+        raise SettingsError(f"cannot read settings: {error}") from None

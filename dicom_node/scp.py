@@ -1,0 +1,87 @@
+"""The DICOM service class provider: C-ECHO and C-STORE over pynetdicom."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+from pydicom import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import Settings
+from dicom_node.dispatch import Dispatcher, Enqueue
+from dicom_node.intake import Intake, StoreStatus
+from dicom_node.sop_classes import STORAGE_SOP_CLASSES, decodable_transfer_syntaxes
+
+log = logging.getLogger(__name__)
+
+
+def _status(status: StoreStatus, comment: str) -> Dataset:
+    response = Dataset()
+    response.Status = int(status)
+    if comment:
+        response.ErrorComment = comment[:64]  # LO
+    return response
+
+
+class StoreSCP:
+    """The listening node: stores what it is sent and hands it to the dispatcher."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], enqueue: Enqueue):
+        self.settings = settings
+        self.intake = Intake(settings, sessions)
+        self.dispatcher = Dispatcher(sessions, enqueue)
+        self.ae = self._make_ae()
+        self._server = None
+
+    def _make_ae(self) -> AE:
+        # Stream each data set to a file instead of memory, in the spool's own folder so that
+        # keeping it is a rename (and it never lands in a world-readable system temp dir).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        self.settings.make_dirs()
+        tempfile.tempdir = str(self.settings.incoming_dir.resolve())
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_pdu_size = self.settings.max_pdu
+        ae.maximum_associations = self.settings.max_associations
+        ae.require_called_aet = self.settings.require_called_ae
+        if self.settings.allowed_calling_aes:
+            ae.require_calling_aet = list(self.settings.allowed_calling_aes)
+        ae.add_supported_context(Verification)
+        syntaxes = decodable_transfer_syntaxes()
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, syntaxes)
+        return ae
+
+    def handle_store(self, event: evt.Event) -> Dataset | int:
+        request = event.request
+        try:
+            outcome = self.intake.store(
+                event.dataset_path,
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                calling_ae=event.assoc.requestor.ae_title,
+                called_ae=event.assoc.acceptor.ae_title,
+            )
+        except Exception:
+            # Unknown trouble: ask the sender to try again later rather than lose the image.
+            log.exception("unexpected error storing an instance")
+            return _status(StoreStatus.OUT_OF_RESOURCES, "internal error, retry later")
+        if outcome.enqueue and outcome.instance_id is not None:
+            self.dispatcher.submit(outcome.instance_id)
+        if outcome.status != StoreStatus.SUCCESS:
+            return _status(outcome.status, outcome.message)
+        return 0x0000
+
+    def start(self) -> None:
+        self.dispatcher.start()
+        handlers = [(evt.EVT_C_STORE, self.handle_store)]
+        address = (self.settings.bind_address, self.settings.port)
+        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        log.info("%s listening on %s:%d", self.settings.ae_title, *address)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+        self.dispatcher.stop()

@@ -1,0 +1,1 @@
+"""Training: VinDr-SpineXR (or synthetic phantoms) to a model bundle. Built in issue 5."""

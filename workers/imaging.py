@@ -1,0 +1,119 @@
+"""Decode a radiograph to the normalised image the models take.
+
+The one implementation of pixel handling: the workers call it on received files and ``training``
+calls it on the data set, so training and serving see identical pixels.
+
+Steps: decode (any transfer syntax pydicom has a decoder for), Modality LUT / rescale, VOI LUT or
+window (a robust percentile window when the file has neither), MONOCHROME1 inversion, scale to
+[0, 1] float32 where 1 is bright (bone).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import Dataset, dcmread
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+# Where a file has no window, use these percentiles of its pixel values: robust to the collimator
+# edges and burned-in labels that a plain min-max window would stretch to.
+FALLBACK_WINDOW_PERCENTILES = (0.5, 99.5)
+
+
+class DecodeError(Exception):
+    """The file cannot be turned into an image; retrying will not help."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # float32, shape (rows, columns), 0 = dark, 1 = bright
+    rows: int
+    columns: int
+    photometric_interpretation: str
+    bits_stored: int
+    decode_seconds: float
+
+
+def _first(value: object) -> float:
+    """Window Center/Width may be multi-valued (several presets): the first is the default."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0]  # type: ignore[index]
+    return float(value)  # type: ignore[arg-type]
+
+
+def _apply_window(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """PS3.3 C.11.2.1.2/3: the VOI window functions, output scaled to [0, 1]."""
+    center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    x = values.astype(np.float32)
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    if width < 1:
+        raise ValueError("Window Width below 1")
+    if width == 1:  # a threshold
+        return (x >= center - 0.5).astype(np.float32)
+    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    lut = ds.VOILUTSequence[0]
+    output_bits = int(lut.LUTDescriptor[2])
+    mapped = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float32)
+    return np.clip(mapped / float(2**output_bits - 1), 0.0, 1.0)
+
+
+def _window(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    try:
+        if "VOILUTSequence" in ds:
+            return _apply_voi_lut_sequence(values, ds)
+        if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+            return _apply_window(values, ds)
+    except (ValueError, TypeError, IndexError, AttributeError, ZeroDivisionError):
+        pass  # a malformed VOI: fall back to the percentile window below
+    low, high = np.percentile(values, FALLBACK_WINDOW_PERCENTILES)
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float32)
+    return np.clip((values.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def normalise(ds: Dataset, raw: np.ndarray) -> np.ndarray:
+    """Raw stored values -> [0, 1] float32 with bright bone, per the file's LUTs and photometry."""
+    if raw.ndim == 3 and raw.shape[-1] in (3, 4):  # colour secondary capture: use luminance
+        raw = raw[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    values = apply_modality_lut(raw, ds) if raw.ndim == 2 else raw
+    image = _window(np.asarray(values), ds)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        image = 1.0 - image
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def decode(source: Path | Dataset, max_pixels: int | None = None) -> DecodedImage:
+    """Decode the first frame of a file (or a data set read with its pixel data)."""
+    start = time.perf_counter()
+    try:
+        ds = source if isinstance(source, Dataset) else dcmread(source)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        if max_pixels is not None and rows * columns > max_pixels:
+            raise DecodeError(f"image of {rows}x{columns} exceeds the pixel limit")
+        raw = ds.pixel_array
+    except DecodeError:
+        raise
+    except Exception as error:  # pydicom and its plugins raise many kinds on bad pixel data
+        raise DecodeError(
+            f"cannot decode pixel data: {error.__class__.__name__}: {error}") from None
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raw = raw[0]
+    pixels = normalise(ds, raw)
+    return DecodedImage(
+        pixels=pixels,
+        rows=rows,
+        columns=columns,
+        photometric_interpretation=str(ds.get("PhotometricInterpretation", "")),
+        bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 0))),
+        decode_seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,18 @@
+"""Celery tasks. Bodies stay thin: the work is in ``workers.pipeline``."""
+
+from __future__ import annotations
+
+from dicom_node.db.session import session_factory
+from workers import pipeline
+from workers.app import ANALYZE_TASK, app, settings
+
+
+@app.task(name=ANALYZE_TASK, bind=True, max_retries=None)
+def analyze(self, instance_id: int) -> str:  # noqa: ANN001
+    config = settings()
+    outcome = pipeline.process_instance(
+        config, session_factory(config.effective_database_url), instance_id
+    )
+    if outcome.status == "retry":
+        raise self.retry(countdown=pipeline.RETRY_DELAY_SECONDS)
+    return outcome.status
