@@ -61,6 +61,7 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
+    (tmp_path / "var").mkdir(exist_ok=True)
     return f"sqlite:///{tmp_path / 'var' / 'spinenode.sqlite'}"
 
 
