@@ -1,0 +1,174 @@
+"""Intake benchmark: DCMTK storescu -> our node vs. DCMTK storescp, same images, same run.
+
+100 synthetic 2500x2000 12-bit DX images (about 10 MB each) over one association. Our node does
+its full intake (header checks, SHA-256, fsync, atomic rename, DB commit, enqueue); the reference
+is `storescp +B -pdu 131072` writing the same data sets to disk. Each round gets a fresh node,
+database and folder; the figures are medians over the rounds.
+
+    .venv/bin/python benchmarks/intake.py [--images 100] [--rounds 3] [--database postgresql]
+
+Needs DCMTK (storescu/storescp), and for --database postgresql a PostgreSQL server and Redis as
+the tests use them (scripts/services starts both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dicom_node.synthetic import make_radiograph  # noqa: E402
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_images(folder: Path, count: int) -> list[Path]:
+    template = dcmread(make_radiograph(folder / "template.dcm", rows=2500, columns=2000,
+                                       bits_stored=12))
+    paths = []
+    for index in range(count):
+        template.SOPInstanceUID = generate_uid()
+        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
+        template.InstanceNumber = index + 1
+        path = folder / f"{index:04d}.dcm"
+        template.save_as(path)
+        paths.append(path)
+    (folder / "template.dcm").unlink()
+    return paths
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def send(port: int, called_ae: str, files: list[Path]) -> float:
+    start = time.perf_counter()
+    subprocess.run(["storescu", "-aec", called_ae, "127.0.0.1", str(port),
+                    *map(str, files)], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def round_storescp(files: list[Path], work: Path) -> float:
+    out = work / "storescp"
+    out.mkdir()
+    port = free_port()
+    process = subprocess.Popen(["storescp", "+B", "-pdu", "131072", "-od", str(out), str(port)],
+                               start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        seconds = send(port, "ANY-SCP", files)
+    finally:
+        stop(process)
+    assert len(list(out.iterdir())) == len(files), "storescp did not store every image"
+    shutil.rmtree(out)
+    return seconds
+
+
+def round_node(files: list[Path], work: Path, database: str) -> float:
+    data_dir = work / "node"
+    env = {**os.environ, "SPINENODE_DATA_DIR": str(data_dir),
+           "SPINENODE_LOG_LEVEL": "WARNING"}
+    name = None
+    if database == "postgresql":
+        name = f"spinenode_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        env["SPINENODE_DATABASE_URL"] = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        env["SPINENODE_BROKER_URL"] = REDIS_URL
+        import redis
+
+        redis.Redis.from_url(REDIS_URL).flushdb()
+    port = free_port()
+    env["SPINENODE_PORT"] = str(port)
+    cli = [sys.executable, "-m", "dicom_node.cli"]
+    subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
+    # No worker: the benchmark measures intake, not decoding competing for the two cores.
+    process = subprocess.Popen([*cli, "serve", "--no-worker"], env=env, cwd=ROOT,
+                               start_new_session=True, stdout=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        seconds = send(port, "SPINENODE", files)
+        status = subprocess.run([*cli, "status", "--json"], env=env, check=True,
+                                capture_output=True, text=True).stdout
+    finally:
+        stop(process)
+        if name:
+            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    import json
+
+    counts = json.loads(status)["instances"]
+    stored = counts["received"] + counts["queued"]
+    assert stored == len(files), f"node recorded {stored} of {len(files)}: {counts}"
+    shutil.rmtree(data_dir)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--database", choices=["postgresql", "sqlite"], default="postgresql")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where images and received files go (default: a temp dir)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
+        work = Path(folder)
+        images = work / "images"
+        images.mkdir()
+        files = make_images(images, args.images)
+        megabytes = sum(path.stat().st_size for path in files) / 1e6
+        print(f"{len(files)} images, {megabytes:.0f} MB in all, one association each round")
+        ours, reference = [], []
+        for index in range(args.rounds):  # interleaved, so drift hits both alike
+            reference.append(round_storescp(files, work))
+            ours.append(round_node(files, work, args.database))
+            print(f"round {index + 1}: storescp {megabytes / reference[-1]:7.1f} MB/s   "
+                  f"spinenode ({args.database}) {megabytes / ours[-1]:7.1f} MB/s", flush=True)
+    ours_rate = megabytes / statistics.median(ours)
+    reference_rate = megabytes / statistics.median(reference)
+    print(f"median: storescp +B {reference_rate:.1f} MB/s, spinenode ({args.database}: spool + "
+          f"DB + enqueue) {ours_rate:.1f} MB/s, ratio {ours_rate / reference_rate:.2f} "
+          "(goal >= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
