@@ -157,6 +157,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     _prepare_database(settings, upgrade_if_sqlite=False)
     app = configure(settings)
     argv = [
+        "--quiet",  # no banner: the node logs what the worker does
         "worker", "--queues", QUEUE, "--concurrency", str(settings.worker_concurrency),
         "--pool", "prefork", "--hostname", f"spinenode-{os.getpid()}@{socket.gethostname()}",
         "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
