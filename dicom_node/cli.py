@@ -105,6 +105,49 @@ class EmbeddedWorker:
                 self._process.kill()
 
 
+def _check_bundle(settings: Settings) -> None:
+    """A configured bundle must load (schema, files, checksums) before we take any work."""
+    if settings.bundle is None:
+        return
+    from workers.bundle import BundleError, load_bundle
+
+    try:
+        load_bundle(settings.bundle)
+    except BundleError as error:
+        raise Fatal(str(error)) from None
+
+
+def cmd_bundle(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.bundle import BundleError, load_bundle
+
+    try:
+        bundle = load_bundle(args.path)
+    except BundleError as error:
+        raise Fatal(str(error)) from None
+    manifest = bundle.manifest
+    if args.bundle_command == "verify":
+        print(f"bundle {args.path}: {bundle.label} OK ({len(manifest.weight_files())} weight "
+              "files, checksums match)")
+        return 0
+    if args.json:
+        print(manifest.model_dump_json(indent=2))
+        return 0
+    classifier, detector = manifest.classifier, manifest.detector
+    print(f"name        {manifest.name}\nversion     {manifest.version}\n"
+          f"created     {manifest.created.isoformat(timespec='seconds')}\n"
+          f"clinical    {'yes' if manifest.clinical_use else 'NO (not for clinical use)'}")
+    print(f"classifier  {classifier.input_size} px, TTA {', '.join(classifier.tta)}, "
+          f"threshold {classifier.threshold:.3f}")
+    for member in classifier.members:
+        print(f"  {member.architecture:20s} weight {member.ensemble_weight:.2f}  {member.weights}")
+    print(f"detector    YOLO11-{detector.scale} {detector.image_size} px, confidence "
+          f"{detector.confidence}, NMS IoU {detector.nms_iou}, {detector.weights}")
+    print(f"  classes   {', '.join(detector.class_names)}")
+    for key, value in manifest.metrics.items():
+        print(f"metric      {key}: {value}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from dicom_node.db.session import session_factory
     from dicom_node.dispatch import Reconciler
@@ -114,6 +157,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     _configure_logging(settings)
     settings.make_dirs()
     _prepare_database(settings, upgrade_if_sqlite=True)
+    _check_bundle(settings)
     configure(settings)
     sessions = session_factory(settings.effective_database_url)
     scp = StoreSCP(settings, sessions, enqueue_analysis)
@@ -155,6 +199,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     _configure_logging(settings)
     _prepare_database(settings, upgrade_if_sqlite=False)
+    _check_bundle(settings)
     app = configure(settings)
     argv = [
         "--quiet",  # no banner: the node logs what the worker does
@@ -308,6 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--ae-title", help="called AE title (default: ours)")
     echo.add_argument("--calling-ae", default="ECHOSCU")
     echo.set_defaults(handler=cmd_echo)
+
+    bundle = commands.add_parser("bundle", help="check or describe a model bundle")
+    bundle_commands = bundle.add_subparsers(dest="bundle_command", required=True)
+    verify = bundle_commands.add_parser("verify", help="schema, files and SHA-256 checksums")
+    verify.add_argument("path", type=Path)
+    info = bundle_commands.add_parser("info", help="what the bundle holds")
+    info.add_argument("path", type=Path)
+    info.add_argument("--json", action="store_true")
+    bundle.set_defaults(handler=cmd_bundle)
 
     status = commands.add_parser("status", help="instances per status and queue depth")
     _add_settings_flags(status)

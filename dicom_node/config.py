@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     reconcile_grace_seconds: float = Field(30.0, ge=0)
     worker_concurrency: int = Field(1, ge=1)
 
+    # Inference: "auto" takes CUDA when present; torch_threads 0 = torch's default (all cores).
+    device: str = "auto"
+    torch_threads: int = Field(0, ge=0)
+    # VinDr-SpineXR's combination rule (off when unset): on an image the ensemble calls normal,
+    # keep only boxes scoring at least this (VinDr used 0.5).
+    normal_min_box_score: float | None = Field(None, ge=0, le=1)
+
     log_level: str = "INFO"
 
     @field_validator("ae_title")
@@ -134,6 +141,20 @@ class Settings(BaseSettings):
             Destination.parse(item) if isinstance(item, str) else item
             for item in _split_list(value)
         ]
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("bundle")
+    @classmethod
+    def _bundle(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "manifest.json").is_file():
+            raise ValueError(f"{value} is not a model bundle (no manifest.json)")
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -93,10 +93,12 @@ class ReconcileReport:
     lease_expired: list[int] = field(default_factory=list)
     never_queued: list[int] = field(default_factory=list)
     lost_from_broker: list[int] = field(default_factory=list)
+    model_now_configured: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return len(self.lease_expired) + len(self.never_queued) + len(self.lost_from_broker)
+        return (len(self.lease_expired) + len(self.never_queued) + len(self.lost_from_broker)
+                + len(self.model_now_configured))
 
 
 def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqueue,
@@ -133,28 +135,33 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqu
         ).all())
         # Queued rows with an empty broker: the message was lost (embedded broker after a crash,
         # a flushed Redis). A duplicate message is harmless: the worker's claim admits one.
-        waiting = session.scalars(
+        queued_rows = session.scalars(
             select(Instance.id)
             .where(Instance.status == InstanceStatus.QUEUED)
             .where(Instance.queued_at < settled)
         ).all()
-    if waiting and queue_depth() == 0:
-        report.lost_from_broker = list(waiting)
-    for reason, ids in (("lease expired", report.lease_expired),
-                        ("never queued", report.never_queued),
-                        ("lost from the broker", report.lost_from_broker)):
-        sent = []
+        if settings.bundle is not None:
+            report.model_now_configured = list(session.scalars(
+                select(Instance.id).where(Instance.status == InstanceStatus.WAITING_FOR_MODEL)
+            ).all())
+    if queued_rows and queue_depth() == 0:
+        report.lost_from_broker = list(queued_rows)
+    for reason, ids, from_status in (
+        ("lease expired", report.lease_expired, InstanceStatus.RECEIVED),
+        ("never queued", report.never_queued, InstanceStatus.RECEIVED),
+        ("lost from the broker", report.lost_from_broker, InstanceStatus.QUEUED),
+        ("model bundle configured", report.model_now_configured,
+         InstanceStatus.WAITING_FOR_MODEL),
+    ):
+        # Marked first: should sending fail, the lost-from-the-broker rule sends them later.
+        mark_queued(sessions, ids, reason=reason, from_status=from_status)
         for instance_id in ids:
             try:
                 enqueue(instance_id)
-                sent.append(instance_id)
             except Exception as error:
                 log.warning("reconciler could not queue instance %d: %s", instance_id, error)
-        if sent:
-            log.info("reconciler re-queued %d instances (%s)", len(sent), reason)
-        lost = reason == "lost from the broker"
-        mark_queued(sessions, sent, reason=reason,
-                    from_status=InstanceStatus.QUEUED if lost else InstanceStatus.RECEIVED)
+        if ids:
+            log.info("reconciler re-queued %d instances (%s)", len(ids), reason)
     return report
 
 

@@ -26,6 +26,8 @@ POSTGRES_ADMIN_URL = os.environ.get("SPINENODE_TEST_POSTGRES",
                                     "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST_URL = os.environ.get("SPINENODE_TEST_REDIS", "redis://127.0.0.1:6379")
 SPINENODE = [sys.executable, "-m", "dicom_node.cli"]
+# Where a routed image ends when no model bundle is configured: decoded, waiting for a model.
+DECODED = "waiting-for-model"
 
 
 def free_port() -> int:
@@ -43,6 +45,14 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def test_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One random-weight bundle of the real architectures at 64 px, shared by the session."""
+    from tests.bundles import make_test_bundle
+
+    return make_test_bundle(tmp_path_factory.mktemp("bundles") / "test-bundle")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from dicom_node.synthetic import make_radiograph
-from tests.conftest import SPINENODE, instances, storescu, wait_until_settled
+from tests.conftest import DECODED, SPINENODE, instances, storescu, wait_until_settled
 
 ASSOCIATIONS = 8
 PER_ASSOCIATION = 3
@@ -41,7 +41,7 @@ def test_eight_concurrent_associations(tmp_path: Path, database_url: str, start_
     assert results == [[0] * PER_ASSOCIATION] * ASSOCIATIONS
     rows = wait_until_settled(database_url, ASSOCIATIONS * PER_ASSOCIATION)
     assert len(rows) == ASSOCIATIONS * PER_ASSOCIATION
-    assert {row.status for row in rows} == {"done"}
+    assert {row.status for row in rows} == {DECODED}
 
 
 def _cli(node, *args: str) -> str:
@@ -60,9 +60,9 @@ def test_status_and_instances_commands(tmp_path: Path, sqlite_url: str, start_no
     assert storescu(node.port, [spine, chest]).returncode == 0
     wait_until_settled(sqlite_url, 2)
     status = json.loads(_cli(node, "status", "--json"))
-    assert status["instances"]["done"] == 1 and status["instances"]["skipped"] == 1
+    assert status["instances"][DECODED] == 1 and status["instances"]["skipped"] == 1
     assert status["queue_depth"] == 0
-    done = json.loads(_cli(node, "instances", "--status", "done", "--json"))
+    done = json.loads(_cli(node, "instances", "--status", DECODED, "--json"))
     assert [row["sop_instance_uid"] for row in done] == [
         str(dcmread(spine, stop_before_pixels=True).SOPInstanceUID)]
     assert done[0]["rows"] == 256 and done[0]["columns"] == 200
@@ -82,5 +82,5 @@ def test_node_killed_after_acknowledging_loses_nothing(tmp_path: Path, sqlite_ur
     assert len(instances(sqlite_url)) == 4
     restarted = start_node(sqlite_url)  # with its embedded worker this time
     rows = wait_until_settled(sqlite_url, 4)
-    assert [row.status for row in rows] == ["done"] * 4
+    assert [row.status for row in rows] == [DECODED] * 4
     assert restarted.port != node.port

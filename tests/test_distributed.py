@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from dicom_node.db.models import InstanceEvent
 from dicom_node.db.session import session_factory
-from tests.conftest import NodeProcess, instances, storescu, wait_for, wait_until_settled
+from tests.conftest import DECODED, NodeProcess, instances, storescu, wait_for, wait_until_settled
 from tests.samples import real_cr, with_new_uids
 
 LEASE = "6"
@@ -53,14 +53,14 @@ def test_worker_killed_mid_task_loses_nothing(tmp_path: Path, postgres_url: str,
             killed_mid_task = True
             break
     assert killed_mid_task
-    assert _statuses(postgres_url)["done"] < len(files)
+    assert _statuses(postgres_url)[DECODED] < len(files)
 
     worker = new_worker()  # the lease runs out; the node's reconciler hands the task out again
     try:
         rows = wait_until_settled(postgres_url, len(files), timeout=120)
     finally:
         worker.stop()
-    assert [row.status for row in rows] == ["done"] * len(files)
+    assert [row.status for row in rows] == [DECODED] * len(files)
     events = _events(postgres_url)
     decoded = Counter(pk for pk, event in events if event == "decoded")
     assert decoded == {row.id: 1 for row in rows}, "each image decoded exactly once"

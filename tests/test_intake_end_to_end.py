@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from dicom_node.db.models import InstanceEvent
 from dicom_node.db.session import session_factory
-from tests.conftest import instances, storescu, wait_until_settled
+from tests.conftest import DECODED, instances, storescu, wait_until_settled
 from tests.samples import CR_SOP_CLASS, make_radiograph, real_cr, transcode, with_new_uids
 
 # storescu proposes only uncompressed syntaxes unless told which compressed one to offer.
@@ -43,7 +43,7 @@ def test_storescu_syntaxes_and_real_cr_end_decoded(tmp_path: Path, database_url:
     for name, (path, _) in sent.items():
         ds = dcmread(path, stop_before_pixels=True)
         row = rows[ds.SOPInstanceUID]
-        assert row.status == "done", f"{name}: {row.status} {row.last_error} {row.reason}"
+        assert row.status == DECODED, f"{name}: {row.status} {row.last_error} {row.reason}"
         assert row.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID, name
         assert (row.rows, row.columns) == (ds.Rows, ds.Columns), name
         assert row.photometric_interpretation == ds.PhotometricInterpretation, name
@@ -76,7 +76,7 @@ def test_duplicate_is_acknowledged_once_and_new_bytes_are_analysed_again(
     ds.save_as(second)
     assert storescu(node.port, [second]).returncode == 0
     (row,) = wait_until_settled(sqlite_url, 1)
-    assert row.revision == 2 and row.status == "done"
+    assert row.revision == 2 and row.status == DECODED
     spooled = sorted(Path(node.data_dir / "spool").rglob(f"{ds.SOPInstanceUID}.*.dcm"))
     assert len(spooled) == 2
 

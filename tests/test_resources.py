@@ -12,7 +12,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from dicom_node.synthetic import make_radiograph
-from tests.conftest import POSTGRES_ADMIN_URL, echo, instances, wait_until_settled
+from tests.conftest import DECODED, POSTGRES_ADMIN_URL, echo, instances, wait_until_settled
 
 
 def _store(port: int, path: Path) -> int:
@@ -46,7 +46,7 @@ def test_database_down_answers_a700_then_recovers(tmp_path: Path, postgres_url: 
         _set_connections(database, allowed=True)
     assert _store(node.port, make_radiograph(tmp_path / "up.dcm", seed=2)) == 0
     (row,) = wait_until_settled(postgres_url, 1)
-    assert row.status == "done"
+    assert row.status == DECODED
 
 
 @pytest.mark.parametrize("minimum_mb,status", [("1000000000", 0xA700), ("0", 0x0000)])

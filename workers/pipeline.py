@@ -15,14 +15,27 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import or_, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings
-from dicom_node.db.models import CLAIMABLE, Instance, InstanceEvent, InstanceStatus, utcnow
-from workers.imaging import DecodeError, decode
+from dicom_node.db.models import (
+    CLAIMABLE,
+    Analysis,
+    Finding,
+    Instance,
+    InstanceEvent,
+    InstanceStatus,
+    utcnow,
+)
+from workers.bundle import Bundle
+from workers.imaging import DecodedImage, DecodeError, decode
+
+if TYPE_CHECKING:
+    from workers.runtime import ImageAnalysis, ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +49,7 @@ class Claim:
     token: str
     attempt: int
     spool_path: Path
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -82,7 +96,8 @@ def claim(sessions: sessionmaker[Session], instance_id: int, lease_seconds: int,
             return None
         session.add(InstanceEvent(instance=instance, event="claimed",
                                   detail=f"attempt {instance.attempts} by {worker_name()}"))
-        return Claim(instance_id, token, instance.attempts, Path(instance.spool_path))
+        return Claim(instance_id, token, instance.attempts, Path(instance.spool_path),
+                     instance.sha256)
 
 
 def _set_failed(session: Session, instance: Instance, message: str) -> None:
@@ -115,32 +130,92 @@ def process_instance(settings: Settings, sessions: sessionmaker[Session],
         if not held.spool_path.exists():
             return _finish_failed(sessions, held, f"spool file missing: {held.spool_path}")
         return _release_for_retry(sessions, held, f"cannot read spool file: {error}")
+    runtime = None
+    if settings.bundle is not None:
+        from workers.runtime import runtime_for  # torch only where a bundle is configured
+
+        try:
+            runtime = runtime_for(settings)
+        except Exception as error:  # a bundle that will not load: retried, then failed
+            return _release_for_retry(sessions, held, f"cannot load bundle: {error}")
+    if runtime is not None and not _already_analysed(sessions, held, runtime.bundle):
+        result = runtime.analyse([image.pixels])[0]
+    else:
+        result = None
     try:
         with sessions.begin() as session:
             instance = _held(session, held)
             if instance is None:
                 return Outcome("lost", "claim taken over after the lease ran out")
-            instance.status = InstanceStatus.DONE
-            instance.rows = image.rows
-            instance.columns = image.columns
-            instance.photometric_interpretation = image.photometric_interpretation
-            instance.bits_stored = image.bits_stored
-            instance.decode_seconds = image.decode_seconds
-            instance.decoded_at = utcnow()
-            instance.updated_at = utcnow()
-            instance.claim_token = None
-            instance.lease_until = None
-            instance.last_error = ""
-            session.add(InstanceEvent(
-                instance=instance, event="decoded",
-                detail=f"{image.columns}x{image.rows} {image.photometric_interpretation} "
-                       f"in {image.decode_seconds:.3f} s",
-            ))
+            _record_decode(session, instance, image)
+            if runtime is None:
+                instance.status = InstanceStatus.WAITING_FOR_MODEL
+                session.add(InstanceEvent(instance=instance, event="waiting-for-model",
+                                          detail="no model bundle configured"))
+            else:
+                instance.status = InstanceStatus.DONE
+                if result is not None:
+                    _record_analysis(session, instance, runtime, image, result)
     except SQLAlchemyError as error:
         return _release_for_retry(sessions, held, f"database error: {error.__class__.__name__}")
-    log.info("instance %d decoded (%dx%d) in %.3f s", instance_id, image.columns, image.rows,
-             image.decode_seconds)
-    return Outcome("done")
+    return Outcome(instance.status)
+
+
+def _record_decode(session: Session, instance: Instance, image: DecodedImage) -> None:
+    instance.rows = image.rows
+    instance.columns = image.columns
+    instance.photometric_interpretation = image.photometric_interpretation
+    instance.bits_stored = image.bits_stored
+    instance.decode_seconds = image.decode_seconds
+    instance.decoded_at = utcnow()
+    instance.updated_at = utcnow()
+    instance.claim_token = None
+    instance.lease_until = None
+    instance.last_error = ""
+    session.add(InstanceEvent(
+        instance=instance, event="decoded",
+        detail=f"{image.columns}x{image.rows} {image.photometric_interpretation} "
+               f"in {image.decode_seconds:.3f} s",
+    ))
+
+
+def _already_analysed(sessions: sessionmaker[Session], held: Claim, bundle: Bundle) -> bool:
+    with sessions() as session:
+        return session.scalar(
+            select(Analysis.id).filter_by(instance_pk=held.instance_id,
+                                          source_sha256=held.sha256,
+                                          bundle_name=bundle.manifest.name,
+                                          bundle_version=bundle.manifest.version)
+        ) is not None
+
+
+def _record_analysis(session: Session, instance: Instance, runtime: ModelRuntime,
+                     image: DecodedImage, result: ImageAnalysis) -> None:
+    manifest = runtime.bundle.manifest
+    classification = result.classification
+    analysis = Analysis(
+        instance=instance, source_sha256=instance.sha256, bundle_name=manifest.name,
+        bundle_version=manifest.version, clinical_use=manifest.clinical_use,
+        member_probabilities=classification.member_probabilities,
+        probability=classification.probability, threshold=classification.threshold,
+        label="abnormal" if classification.abnormal else "normal",
+        decode_seconds=image.decode_seconds, classify_seconds=result.classify_seconds,
+        detect_seconds=result.detect_seconds, device=str(runtime.device),
+    )
+    session.add(analysis)
+    session.add_all(
+        Finding(analysis=analysis, class_index=box.class_index, class_name=box.class_name,
+                score=box.score, x0=box.x0, y0=box.y0, x1=box.x1, y1=box.y1)
+        for box in result.boxes
+    )
+    session.add(InstanceEvent(
+        instance=instance, event="analysed",
+        detail=f"{runtime.bundle.label}: {analysis.label} p={classification.probability:.3f}, "
+               f"{len(result.boxes)} findings",
+    ))
+    log.info("instance %d analysed with %s: %s p=%.3f, %d findings", instance.id,
+             runtime.bundle.label, analysis.label, classification.probability,
+             len(result.boxes))
 
 
 def _finish_failed(sessions: sessionmaker[Session], held: Claim, message: str) -> Outcome:

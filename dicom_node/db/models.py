@@ -9,7 +9,9 @@ import enum
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -33,6 +35,7 @@ class InstanceStatus(enum.StrEnum):
     DONE = "done"
     SKIPPED = "skipped"  # acknowledged but not for us (routing rules); never analysed
     FAILED = "failed"  # gave up: last_error says why
+    WAITING_FOR_MODEL = "waiting-for-model"  # decoded; no bundle configured yet
 
 
 # Statuses a worker may claim from (a lease that ran out is checked separately).
@@ -106,7 +109,7 @@ class Instance(Base):
     # How many times different bytes arrived under this SOP Instance UID.
     revision: Mapped[int] = mapped_column(Integer, default=1)
 
-    status: Mapped[str] = mapped_column(String(16), default=InstanceStatus.RECEIVED)
+    status: Mapped[str] = mapped_column(String(24), default=InstanceStatus.RECEIVED)
     reason: Mapped[str] = mapped_column(Text, default="")  # why skipped
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")
@@ -125,6 +128,8 @@ class Instance(Base):
     decoded_at: Mapped[datetime | None] = mapped_column()
 
     series: Mapped[Series] = relationship(back_populates="instances")
+    analyses: Mapped[list[Analysis]] = relationship(back_populates="instance",
+                                                    order_by="Analysis.id")
     events: Mapped[list[InstanceEvent]] = relationship(
         back_populates="instance", order_by="InstanceEvent.id"
     )
@@ -142,3 +147,51 @@ class InstanceEvent(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
     instance: Mapped[Instance] = relationship(back_populates="events")
+
+
+class Analysis(Base):
+    """One bundle's result for one version (SHA-256) of an instance; never written twice."""
+
+    __tablename__ = "analyses"
+    __table_args__ = (
+        UniqueConstraint("instance_pk", "source_sha256", "bundle_name", "bundle_version",
+                         name="uq_analyses_instance_source_bundle"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    source_sha256: Mapped[str] = mapped_column(String(64))
+    bundle_name: Mapped[str] = mapped_column(String(64))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    clinical_use: Mapped[bool] = mapped_column(Boolean)
+    member_probabilities: Mapped[dict] = mapped_column(JSON)
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(16))  # normal | abnormal
+    decode_seconds: Mapped[float] = mapped_column(Float)
+    classify_seconds: Mapped[float] = mapped_column(Float)
+    detect_seconds: Mapped[float] = mapped_column(Float)
+    device: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="analyses")
+    findings: Mapped[list[Finding]] = relationship(back_populates="analysis",
+                                                   order_by="Finding.id")
+
+
+class Finding(Base):
+    """A detected lesion: class, score and box in the source image's pixel coordinates."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    analysis_pk: Mapped[int] = mapped_column(ForeignKey("analyses.id"), index=True)
+    class_index: Mapped[int] = mapped_column(Integer)
+    class_name: Mapped[str] = mapped_column(String(64))
+    score: Mapped[float] = mapped_column(Float)
+    x0: Mapped[float] = mapped_column(Float)
+    y0: Mapped[float] = mapped_column(Float)
+    x1: Mapped[float] = mapped_column(Float)
+    y1: Mapped[float] = mapped_column(Float)
+
+    analysis: Mapped[Analysis] = relationship(back_populates="findings")

@@ -1,0 +1,195 @@
+"""DERNet + YOLO11 runtime and the worker's analysis step, on the random-weight test bundle."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydicom import dcmread
+from sqlalchemy import func, select
+
+from dicom_node.config import load_settings
+from dicom_node.db import migrate
+from dicom_node.db.models import Analysis, Finding, Instance
+from dicom_node.db.session import session_factory
+from dicom_node.intake import Intake
+from dicom_node.synthetic import make_radiograph
+from tests.conftest import instances, storescu, wait_for, wait_until_settled
+from workers import pipeline
+from workers.bundle import load_bundle
+from workers.dernet import DERNet, build_member, classifier_input
+from workers.detector import Letterbox, letterbox
+from workers.runtime import ModelRuntime, runtime_for
+
+
+def test_ensemble_is_the_weighted_mean_of_members_over_the_listed_tta(test_bundle: Path) -> None:
+    bundle = load_bundle(test_bundle)
+    model = DERNet(bundle, torch.device("cpu"))
+    image = np.random.default_rng(0).random((300, 200), dtype=np.float32)
+    (result,) = model.classify([image])
+
+    # Recompute independently: each member built and loaded here, each view made by hand.
+    spec = bundle.manifest.classifier
+    x = classifier_input(image, spec)[None]
+    expected_members = {}
+    for member in spec.members:
+        net = build_member(member.architecture)
+        net.load_state_dict(torch.load(bundle.file(member.weights), weights_only=True))
+        net.eval()
+        with torch.no_grad():
+            identity = torch.sigmoid(net(x)).item()
+            flipped = torch.sigmoid(net(x.flip(-1))).item()
+        expected_members[member.architecture] = (identity, flipped)
+    # The first two listed views are identity and hflip; check them alone through the runtime.
+    two = bundle.model_copy(update={"manifest": bundle.manifest.model_copy(update={
+        "classifier": spec.model_copy(update={"tta": ["identity", "hflip"]})})})
+    (two_views,) = DERNet(two, torch.device("cpu")).classify([image])
+    for name, (identity, flipped) in expected_members.items():
+        assert two_views.member_probabilities[name] == pytest.approx((identity + flipped) / 2,
+                                                                     abs=1e-5)
+    weights = {m.architecture: m.ensemble_weight for m in spec.members}
+    recomputed = sum(weights[n] * p for n, p in result.member_probabilities.items()) / sum(
+        weights.values())
+    assert result.probability == pytest.approx(recomputed, abs=1e-7)
+    assert result.abnormal == (result.probability >= spec.threshold)
+    assert set(result.member_probabilities) == set(weights)
+
+
+@pytest.mark.parametrize("shape", [(1955, 1841), (800, 2400), (640, 640), (333, 517)])
+def test_boxes_map_back_through_the_letterbox_exactly(shape: tuple[int, int]) -> None:
+    height, width = shape
+    image = np.zeros(shape, dtype=np.float32)
+    box = np.array([[width * 0.25, height * 0.4, width * 0.5, height * 0.7]])
+    x0, y0, x1, y1 = box[0].round().astype(int)
+    image[y0:y1, x0:x1] = 1.0
+    canvas, geometry = letterbox(image, 640)
+    assert canvas.shape == (3, 640, 640)
+    # The round trip is the identity (up to float rounding).
+    np.testing.assert_allclose(geometry.to_original(geometry.to_input(box)), box, atol=1e-9)
+    # And the bright rectangle really sits where to_input says (within the resampling blur).
+    rows = np.nonzero(canvas[0].numpy().max(axis=1) > 0.5)[0]
+    cols = np.nonzero(canvas[0].numpy().max(axis=0) > 0.5)[0]
+    found = np.array([[cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]], dtype=float)
+    np.testing.assert_allclose(geometry.to_original(found), [[x0, y0, x1, y1]],
+                               atol=1.5 / min(geometry.scale_x, geometry.scale_y) + 1)
+
+
+def test_known_letterbox_numbers() -> None:
+    _, geometry = letterbox(np.zeros((1000, 500), dtype=np.float32), 640)
+    assert geometry == Letterbox(scale_x=320 / 500, scale_y=640 / 1000, pad_x=160, pad_y=0,
+                                 width=500, height=1000)
+    boxes = geometry.to_original(np.array([[160.0, 0.0, 480.0, 640.0], [0, 0, 10, 10]]))
+    np.testing.assert_allclose(boxes, [[0, 0, 500, 1000], [0, 0, 0, 15.625]])  # clipped
+
+
+def _stored_instance(tmp_path: Path, settings) -> int:
+    path = make_radiograph(tmp_path / "in" / "a.dcm", rows=300, columns=240)
+    incoming = settings.incoming_dir / "a.dcm"
+    shutil.copy(path, incoming)
+    ds = dcmread(path, stop_before_pixels=True)
+    outcome = Intake(settings, session_factory(settings.effective_database_url)).store(
+        incoming, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+        calling_ae="TEST", called_ae="SPINENODE")
+    assert outcome.instance_id is not None
+    return outcome.instance_id
+
+
+def test_redelivered_task_leaves_one_analysis_and_models_load_once(
+        tmp_path: Path, test_bundle: Path) -> None:
+    settings = load_settings(data_dir=tmp_path / "var", bundle=test_bundle, torch_threads=2)
+    settings.make_dirs()
+    migrate.upgrade(settings.effective_database_url)
+    sessions = session_factory(settings.effective_database_url)
+    instance_id = _stored_instance(tmp_path, settings)
+    loads = ModelRuntime.loads
+    assert pipeline.process_instance(settings, sessions, instance_id).status == "done"
+    assert pipeline.process_instance(settings, sessions, instance_id).status == "skipped"
+    # Even a task that finds the instance claimable again (a crash after the commit) adds none.
+    with sessions.begin() as session:
+        session.get(Instance, instance_id).status = "queued"
+    assert pipeline.process_instance(settings, sessions, instance_id).status == "done"
+    assert ModelRuntime.loads - loads <= 1  # at most the first call built the runtime
+    assert runtime_for(settings) is runtime_for(settings)
+    assert torch.get_num_threads() == 2
+    with sessions() as session:
+        analyses = session.scalars(select(Analysis)).all()
+        assert len(analyses) == 1
+        analysis = analyses[0]
+        assert analysis.bundle_name == "spinenode-test" and analysis.clinical_use is False
+        assert set(analysis.member_probabilities) == {"densenet121", "tf_efficientnetv2_s",
+                                                      "resnet50"}
+        assert analysis.label in ("normal", "abnormal") and analysis.device == "cpu"
+        findings = session.scalars(select(Finding)).all()
+        assert len(findings) == session.scalar(select(func.count(Finding.id)))
+        for finding in findings:  # boxes are in the source image's pixels
+            assert 0 <= finding.x0 <= finding.x1 <= 240 and 0 <= finding.y0 <= finding.y1 <= 300
+            assert finding.score >= 0.25
+
+
+def test_without_a_bundle_instances_wait_then_are_analysed(tmp_path: Path, sqlite_url: str,
+                                                           test_bundle: Path,
+                                                           start_node) -> None:
+    node = start_node(sqlite_url)
+    files = [make_radiograph(tmp_path / f"{i}.dcm", seed=i) for i in range(2)]
+    assert storescu(node.port, files).returncode == 0
+    rows = wait_until_settled(sqlite_url, 2)
+    assert [r.status for r in rows] == ["waiting-for-model"] * 2
+    assert all(r.rows == 256 for r in rows)  # decoded all the same
+    node.stop()
+
+    start_node(sqlite_url, env={"SPINENODE_BUNDLE": str(test_bundle)})
+    wait_for(lambda: all(r.status == "done" for r in instances(sqlite_url)), 120,
+             what="the reconciler to analyse the waiting instances")
+    with session_factory(sqlite_url)() as session:
+        assert session.scalar(select(func.count(Analysis.id))) == 2
+
+
+NO_NETWORK = textwrap.dedent("""
+    import socket
+    _real_getaddrinfo = socket.getaddrinfo
+    _real_connect = socket.socket.connect
+    LOCAL = {"localhost", "127.0.0.1", "::1", None}
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in LOCAL:
+            raise OSError(f"blocked: DNS lookup of {host}")
+        return _real_getaddrinfo(host, *args, **kwargs)
+    def connect(self, address):
+        if isinstance(address, tuple) and address[0] not in LOCAL:
+            raise OSError(f"blocked: connection to {address}")
+        return _real_connect(self, address)
+    def create_connection(address, *args, **kwargs):
+        raise OSError(f"blocked: connection to {address}")
+    socket.getaddrinfo = getaddrinfo
+    socket.socket.connect = connect
+    socket.create_connection = create_connection
+""")
+
+
+def test_runtime_works_with_the_network_blocked(tmp_path: Path, test_bundle: Path) -> None:
+    script = NO_NETWORK + textwrap.dedent(f"""
+        import numpy as np, torch
+        from pathlib import Path
+        from dicom_node.config import load_settings
+        from workers.runtime import runtime_for
+        settings = load_settings(data_dir=Path({str(tmp_path)!r}),
+                                 bundle=Path({str(test_bundle)!r}), torch_threads=2)
+        runtime = runtime_for(settings)
+        (result,) = runtime.analyse([np.random.default_rng(1).random((500, 400), dtype=np.float32)])
+        assert 0 <= result.classification.probability <= 1
+        assert torch.get_num_threads() == 2, torch.get_num_threads()
+        print("analysed offline", len(result.boxes), "boxes")
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "analysed offline" in result.stdout
+    assert "blocked" not in result.stderr
+    assert (tmp_path / "ultralytics" / "Arial.ttf").is_file()

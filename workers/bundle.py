@@ -1,0 +1,163 @@
+"""The model bundle: the contract between ``training`` (writes it) and the workers (serve it).
+
+A folder with ``manifest.json`` and the weight files it names. Loading checks the schema, that
+every file is there and that its SHA-256 matches; anything else is refused with one line.
+No torch here: ``spinenode bundle verify`` runs on a machine without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+# The test-time augmentations the runtime knows, by the names a manifest uses.
+TTA_NAMES = ("identity", "hflip", "rotate+10", "rotate-10", "zoom1.1")
+# VinDr-SpineXR's 7 lesion classes, spelled as in its CSV; a detector's class order is its own.
+VINDR_CLASSES = (
+    "Osteophytes",
+    "Surgical implant",
+    "Spondylolysthesis",
+    "Foraminal stenosis",
+    "Disc space narrowing",
+    "Vertebral collapse",
+    "Other lesions",
+)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message is one line."""
+
+
+class _Strict(BaseModel):
+    model_config = {"extra": "forbid", "frozen": True}
+
+
+class MemberSpec(_Strict):
+    architecture: Literal["densenet121", "tf_efficientnetv2_s", "resnet50"]
+    weights: str  # file name inside the bundle
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    ensemble_weight: float = Field(ge=0)
+
+
+class ClassifierSpec(_Strict):
+    members: list[MemberSpec] = Field(min_length=1)
+    input_size: int = Field(384, ge=32)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    tta: list[str] = Field(default_factory=lambda: list(TTA_NAMES), min_length=1)
+    threshold: float = Field(ge=0, le=1)
+
+    @field_validator("tta")
+    @classmethod
+    def _known_tta(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in TTA_NAMES]
+        if unknown:
+            raise ValueError(f"unknown TTA {unknown}; known: {list(TTA_NAMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_sum(self) -> ClassifierSpec:
+        if sum(member.ensemble_weight for member in self.members) <= 0:
+            raise ValueError("ensemble weights sum to zero")
+        return self
+
+
+class DetectorSpec(_Strict):
+    architecture: Literal["yolo11"] = "yolo11"
+    scale: Literal["n", "s", "m", "l", "x"] = "l"
+    weights: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    image_size: int = Field(640, ge=32)
+    class_names: list[str] = Field(min_length=1)
+    confidence: float = Field(0.25, ge=0, le=1)
+    nms_iou: float = Field(0.65, ge=0, le=1)
+
+    @field_validator("image_size")
+    @classmethod
+    def _stride_multiple(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError("image_size must be a multiple of 32 (the detector's stride)")
+        return value
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(min_length=1, max_length=64)
+    version: str = Field(min_length=1, max_length=64)
+    created: datetime
+    # False for bundles made by tests or from synthetic data: never a clinical result.
+    clinical_use: bool = False
+    classifier: ClassifierSpec
+    detector: DetectorSpec
+    provenance: dict = Field(default_factory=dict)  # data fingerprint, config, code version
+    metrics: dict = Field(default_factory=dict)  # measured on held-out data
+
+    def weight_files(self) -> dict[str, str]:
+        """File name -> expected SHA-256, for every weight file."""
+        files = {member.weights: member.sha256 for member in self.classifier.members}
+        files[self.detector.weights] = self.detector.sha256
+        return files
+
+
+class Bundle(BaseModel):
+    path: Path
+    manifest: Manifest
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.name} {self.manifest.version}"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_bundle(path: Path, verify_checksums: bool = True) -> Bundle:
+    """Read and check a bundle; raise BundleError (one line) if it cannot be used."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"bundle {path}: no {MANIFEST}")
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        raise BundleError(f"bundle {path}: {MANIFEST} is not readable JSON: {error}") from None
+    if isinstance(raw, dict) and raw.get("schema_version") not in (None, SCHEMA_VERSION):
+        raise BundleError(f"bundle {path}: schema version {raw.get('schema_version')} is not "
+                          f"{SCHEMA_VERSION}; this node cannot serve it")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise BundleError(f"bundle {path}: {MANIFEST} {where}: {first['msg']}") from None
+    for name, expected in manifest.weight_files().items():
+        file = (path / name).resolve()
+        if not file.is_relative_to(path.resolve()) or "/" in name:
+            raise BundleError(f"bundle {path}: weight file {name!r} is outside the bundle")
+        if not file.is_file():
+            raise BundleError(f"bundle {path}: weight file {name} is missing")
+        if verify_checksums and sha256_of(file) != expected:
+            raise BundleError(f"bundle {path}: weight file {name} does not match its SHA-256 "
+                              "(damaged or tampered)")
+    return Bundle(path=path, manifest=manifest)
+
+
+def write_manifest(path: Path, manifest: Manifest) -> None:
+    (path / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")

@@ -1,0 +1,73 @@
+"""Write a model bundle from trained (or, in tests, random) models: used by ``training``'s export
+and by the tests' bundle helper, so both write exactly what the workers read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from workers.bundle import (
+    VINDR_CLASSES,
+    ClassifierSpec,
+    DetectorSpec,
+    Manifest,
+    MemberSpec,
+    load_bundle,
+    sha256_of,
+    write_manifest,
+)
+
+
+@dataclass
+class ClassifierMember:
+    architecture: str
+    model: torch.nn.Module
+    ensemble_weight: float
+
+
+@dataclass
+class BundleContents:
+    name: str
+    version: str
+    members: list[ClassifierMember]
+    threshold: float
+    detector: torch.nn.Module  # an ultralytics DetectionModel
+    detector_scale: str = "l"
+    class_names: tuple[str, ...] = VINDR_CLASSES
+    input_size: int = 384
+    image_size: int = 640
+    tta: list[str] | None = None
+    clinical_use: bool = False
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+def save_bundle(folder: Path, contents: BundleContents) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    members = []
+    for member in contents.members:
+        file = folder / f"{member.architecture}.pt"
+        torch.save(member.model.state_dict(), file)
+        members.append(MemberSpec(architecture=member.architecture, weights=file.name,
+                                  sha256=sha256_of(file),
+                                  ensemble_weight=member.ensemble_weight))
+    detector_file = folder / f"yolo11{contents.detector_scale}.pt"
+    contents.detector.names = dict(enumerate(contents.class_names))
+    torch.save({"model": contents.detector, "date": datetime.now(UTC).isoformat()},
+               detector_file)
+    classifier = ClassifierSpec(members=members, input_size=contents.input_size,
+                                threshold=contents.threshold,
+                                **({"tta": contents.tta} if contents.tta else {}))
+    detector = DetectorSpec(scale=contents.detector_scale, weights=detector_file.name,
+                            sha256=sha256_of(detector_file), image_size=contents.image_size,
+                            class_names=list(contents.class_names))
+    manifest = Manifest(name=contents.name, version=contents.version,
+                        created=datetime.now(UTC), clinical_use=contents.clinical_use,
+                        classifier=classifier, detector=detector,
+                        provenance=contents.provenance, metrics=contents.metrics)
+    write_manifest(folder, manifest)
+    load_bundle(folder)  # what we wrote must be what the workers accept
+    return folder

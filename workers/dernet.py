@@ -1,0 +1,105 @@
+"""DERNet: the classification ensemble (DenseNet-121, EfficientNetV2-S, ResNet-50 via timm).
+
+Each member sees the same preprocessed image under every test-time augmentation the bundle
+lists; a member's probability is the mean over those views, and the ensemble's is the weighted
+mean of the members' (weights from the bundle), compared with the bundle's threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from workers.bundle import Bundle, ClassifierSpec
+
+
+@dataclass(frozen=True)
+class Classification:
+    member_probabilities: dict[str, float]  # architecture -> probability (mean over TTA)
+    probability: float  # weighted ensemble
+    threshold: float
+    abnormal: bool
+
+
+def classifier_input(pixels: np.ndarray, spec: ClassifierSpec) -> torch.Tensor:
+    """[0, 1] grey image (H, W) -> normalised (3, S, S) tensor, S = the bundle's input size.
+
+    The one preprocessing for the classifiers; training builds its inputs with it too.
+    """
+    image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
+    size = spec.input_size
+    image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)[0]
+    image = image.clamp(0, 1).expand(3, size, size)
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def _zoom(batch: torch.Tensor, factor: float) -> torch.Tensor:
+    size = batch.shape[-1]
+    crop = round(size / factor)
+    cropped = TF.center_crop(batch, [crop, crop])
+    return F.interpolate(cropped, size=(size, size), mode="bilinear", align_corners=False)
+
+
+TTA = {
+    "identity": lambda batch: batch,
+    "hflip": lambda batch: torch.flip(batch, dims=[-1]),
+    "rotate+10": lambda batch: TF.rotate(batch, 10.0, interpolation=TF.InterpolationMode.BILINEAR),
+    "rotate-10": lambda batch: TF.rotate(batch, -10.0,
+                                         interpolation=TF.InterpolationMode.BILINEAR),
+    "zoom1.1": lambda batch: _zoom(batch, 1.1),
+}
+
+
+def tta_views(batch: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """(B, 3, S, S) -> (B * T, 3, S, S), the views of each image next to each other."""
+    views = torch.stack([TTA[name](batch) for name in names], dim=1)
+    return views.reshape(-1, *batch.shape[1:])
+
+
+def build_member(architecture: str) -> torch.nn.Module:
+    return timm.create_model(architecture, pretrained=False, num_classes=1)
+
+
+class DERNet:
+    def __init__(self, bundle: Bundle, device: torch.device):
+        self.spec = bundle.manifest.classifier
+        self.device = device
+        self.members: list[tuple[str, float, torch.nn.Module]] = []
+        for member in self.spec.members:
+            model = build_member(member.architecture)
+            state = torch.load(bundle.file(member.weights), map_location="cpu",
+                               weights_only=True)
+            model.load_state_dict(state)
+            model.eval().to(device)
+            self.members.append((member.architecture, member.ensemble_weight, model))
+
+    @torch.inference_mode()
+    def member_probabilities(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, S, S) preprocessed images -> architecture -> (B,) probability over the TTA."""
+        views = tta_views(inputs.to(self.device), self.spec.tta)
+        count = len(self.spec.tta)
+        return {
+            name: torch.sigmoid(model(views).float().view(-1, count)).mean(dim=1).cpu()
+            for name, _, model in self.members
+        }
+
+    def classify(self, images: list[np.ndarray]) -> list[Classification]:
+        inputs = torch.stack([classifier_input(image, self.spec) for image in images])
+        per_member = self.member_probabilities(inputs)
+        weights = {name: weight for name, weight, _ in self.members}
+        total = sum(weights.values())
+        results = []
+        for index in range(len(images)):
+            members = {name: float(probs[index]) for name, probs in per_member.items()}
+            probability = sum(weights[name] * p for name, p in members.items()) / total
+            results.append(Classification(members, probability, self.spec.threshold,
+                                          probability >= self.spec.threshold))
+        return results

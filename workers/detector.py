@@ -1,0 +1,116 @@
+"""The YOLO11 lesion detector through ultralytics, offline.
+
+We letterbox the image ourselves and map boxes back with the same numbers, so a box comes back
+in the original image's pixel coordinates exactly; ultralytics supplies the model and the NMS.
+Ultralytics must be imported through ``workers.offline`` (no downloads, our font, our threads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from workers.bundle import Bundle, DetectorSpec
+from workers.offline import ultralytics_modules
+
+# Ultralytics pads with grey 114 of 255; the weights were trained on such borders.
+PAD_VALUE = 114 / 255
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How an image was placed in the square detector input: x_in = x * scale_x + pad_x."""
+
+    scale_x: float
+    scale_y: float
+    pad_x: float
+    pad_y: float
+    width: int  # of the original image
+    height: int
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """(N, 4) x0, y0, x1, y1 in the detector input -> original pixels, clipped to the image."""
+        out = np.empty_like(boxes, dtype=np.float64)
+        out[:, [0, 2]] = (boxes[:, [0, 2]] - self.pad_x) / self.scale_x
+        out[:, [1, 3]] = (boxes[:, [1, 3]] - self.pad_y) / self.scale_y
+        out[:, [0, 2]] = out[:, [0, 2]].clip(0, self.width)
+        out[:, [1, 3]] = out[:, [1, 3]].clip(0, self.height)
+        return out
+
+    def to_input(self, boxes: np.ndarray) -> np.ndarray:
+        out = np.empty_like(boxes, dtype=np.float64)
+        out[:, [0, 2]] = boxes[:, [0, 2]] * self.scale_x + self.pad_x
+        out[:, [1, 3]] = boxes[:, [1, 3]] * self.scale_y + self.pad_y
+        return out
+
+
+def letterbox(pixels: np.ndarray, size: int) -> tuple[torch.Tensor, Letterbox]:
+    """[0, 1] grey (H, W) -> (3, size, size) with the image scaled to fit and centred."""
+    height, width = pixels.shape
+    scale = min(size / height, size / width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
+    image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
+    resized = F.interpolate(image, size=(new_h, new_w), mode="bilinear", antialias=True,
+                            align_corners=False)[0, 0]
+    canvas = torch.full((size, size), PAD_VALUE, dtype=torch.float32)
+    canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resized.clamp(0, 1)
+    # Per axis, after rounding the resized size: the exact inverse of what was done.
+    geometry = Letterbox(scale_x=new_w / width, scale_y=new_h / height, pad_x=pad_x,
+                         pad_y=pad_y, width=width, height=height)
+    return canvas.expand(3, size, size), geometry
+
+
+@dataclass(frozen=True)
+class Box:
+    class_index: int
+    class_name: str
+    score: float
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+def load_detection_model(weights: str) -> torch.nn.Module:
+    """An ultralytics checkpoint -> its DetectionModel, float32, for inference."""
+    ultralytics = ultralytics_modules()
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
+    model = (checkpoint.get("ema") or checkpoint["model"]).float()
+    if not isinstance(model, ultralytics.DetectionModel):
+        raise ValueError(f"{weights} does not hold an ultralytics DetectionModel")
+    return model.fuse(verbose=False).eval()
+
+
+class Detector:
+    def __init__(self, bundle: Bundle, device: torch.device):
+        self.spec: DetectorSpec = bundle.manifest.detector
+        self.device = device
+        self.model = load_detection_model(str(bundle.file(self.spec.weights))).to(device)
+        classes = self.model.model[-1].nc
+        if classes != len(self.spec.class_names):
+            raise ValueError(f"detector has {classes} classes, manifest names "
+                             f"{len(self.spec.class_names)}")
+
+    @torch.inference_mode()
+    def detect(self, images: list[np.ndarray]) -> list[list[Box]]:
+        placed = [letterbox(image, self.spec.image_size) for image in images]
+        batch = torch.stack([tensor for tensor, _ in placed]).to(self.device)
+        raw = self.model(batch)
+        prediction = raw[0] if isinstance(raw, (list, tuple)) else raw
+        kept = ultralytics_modules().non_max_suppression(
+            prediction.float(), conf_thres=self.spec.confidence, iou_thres=self.spec.nms_iou,
+            max_det=300,
+        )
+        results = []
+        for (_, geometry), found in zip(placed, kept, strict=True):
+            found = found.cpu().numpy()
+            boxes = geometry.to_original(found[:, :4])
+            results.append([
+                Box(int(cls), self.spec.class_names[int(cls)], float(score), *map(float, box))
+                for box, score, cls in zip(boxes, found[:, 4], found[:, 5], strict=True)
+            ])
+        return results

@@ -1,0 +1,86 @@
+"""The models of one bundle, loaded once per worker process, and the analysis of images."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dicom_node.config import Settings
+from workers.bundle import Bundle, load_bundle
+from workers.dernet import Classification, DERNet
+from workers.detector import Box, Detector
+from workers.offline import prepare_offline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageAnalysis:
+    classification: Classification
+    boxes: list[Box]
+    classify_seconds: float  # per image (a batch's time divided among its images)
+    detect_seconds: float
+
+
+def select_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested} requested but CUDA is not available")
+    return device
+
+
+class ModelRuntime:
+    loads = 0  # how many runtimes this process built: models load once per process
+
+    def __init__(self, bundle: Bundle, device: torch.device, threads: int,
+                 normal_min_box_score: float | None):
+        ModelRuntime.loads += 1
+        self.bundle = bundle
+        self.device = device
+        self.normal_min_box_score = normal_min_box_score
+        start = time.perf_counter()
+        self.detector = Detector(bundle, device)  # imports ultralytics: before the threads
+        if threads:
+            torch.set_num_threads(threads)
+        self.classifier = DERNet(bundle, device)
+        log.info("loaded bundle %s on %s in %.1f s (%d torch threads)", bundle.label, device,
+                 time.perf_counter() - start, torch.get_num_threads())
+
+    def analyse(self, images: list[np.ndarray]) -> list[ImageAnalysis]:
+        start = time.perf_counter()
+        classifications = self.classifier.classify(images)
+        classified = time.perf_counter()
+        detections = self.detector.detect(images)
+        detected = time.perf_counter()
+        count = len(images)
+        results = []
+        for classification, boxes in zip(classifications, detections, strict=True):
+            if not classification.abnormal and self.normal_min_box_score is not None:
+                # VinDr-SpineXR's rule: on an image called normal keep only confident boxes.
+                boxes = [box for box in boxes if box.score >= self.normal_min_box_score]
+            results.append(ImageAnalysis(classification, boxes, (classified - start) / count,
+                                         (detected - classified) / count))
+        return results
+
+
+_runtimes: dict[tuple[Path, str], ModelRuntime] = {}
+
+
+def runtime_for(settings: Settings) -> ModelRuntime | None:
+    """This process's runtime for the configured bundle, or None when none is configured."""
+    if settings.bundle is None:
+        return None
+    key = (settings.bundle.resolve(), settings.device)
+    if key not in _runtimes:
+        prepare_offline(settings.data_dir / "ultralytics")
+        bundle = load_bundle(settings.bundle)
+        _runtimes[key] = ModelRuntime(bundle, select_device(settings.device),
+                                      settings.torch_threads, settings.normal_min_box_score)
+    return _runtimes[key]
