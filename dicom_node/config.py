@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # Inference: "auto" takes CUDA when present; torch_threads 0 = torch's default (all cores).
     device: str = "auto"
     torch_threads: int = Field(0, ge=0)
+    # "auto": half precision on CUDA, bfloat16 on a CPU with native bfloat16, float32 otherwise;
+    # a reduced precision only where the bundle's manifest lists it as validated.
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # VinDr-SpineXR's combination rule (off when unset): on an image the ensemble calls normal,
     # keep only boxes scoring at least this (VinDr used 0.5).
     normal_min_box_score: float | None = Field(None, ge=0, le=1)

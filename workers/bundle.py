@@ -89,6 +89,9 @@ class DetectorSpec(_Strict):
         return value
 
 
+Precision = Literal["float32", "bfloat16", "float16"]
+
+
 class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(min_length=1, max_length=64)
@@ -98,6 +101,9 @@ class Manifest(_Strict):
     clinical_use: bool = False
     classifier: ClassifierSpec
     detector: DetectorSpec
+    # Precisions whose outputs training checked against float32 on held-out data (within the
+    # tolerance in metrics["precision_check"]); the runtime uses no other.
+    validated_precisions: list[Precision] = Field(default_factory=lambda: ["float32"])
     provenance: dict = Field(default_factory=dict)  # data fingerprint, config, code version
     metrics: dict = Field(default_factory=dict)  # measured on held-out data
 

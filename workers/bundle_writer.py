@@ -41,6 +41,7 @@ class BundleContents:
     image_size: int = 640
     tta: list[str] | None = None
     clinical_use: bool = False
+    validated_precisions: list[str] = field(default_factory=lambda: ["float32"])
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 
@@ -66,6 +67,7 @@ def save_bundle(folder: Path, contents: BundleContents) -> Path:
                             class_names=list(contents.class_names))
     manifest = Manifest(name=contents.name, version=contents.version,
                         created=datetime.now(UTC), clinical_use=contents.clinical_use,
+                        validated_precisions=contents.validated_precisions,
                         classifier=classifier, detector=detector,
                         provenance=contents.provenance, metrics=contents.metrics)
     write_manifest(folder, manifest)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.bundle import Bundle, DetectorSpec
+from workers.dernet import autocast
 from workers.offline import ultralytics_modules
 
 # Ultralytics pads with grey 114 of 255; the weights were trained on such borders.
@@ -86,23 +87,32 @@ def load_detection_model(weights: str) -> torch.nn.Module:
 
 
 class Detector:
-    def __init__(self, bundle: Bundle, device: torch.device):
+    def __init__(self, bundle: Bundle, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
         self.spec: DetectorSpec = bundle.manifest.detector
         self.device = device
-        self.model = load_detection_model(str(bundle.file(self.spec.weights))).to(device)
+        self.dtype = dtype
+        model = load_detection_model(str(bundle.file(self.spec.weights)))
+        self.model = model.to(device, memory_format=torch.channels_last)
         classes = self.model.model[-1].nc
         if classes != len(self.spec.class_names):
             raise ValueError(f"detector has {classes} classes, manifest names "
                              f"{len(self.spec.class_names)}")
 
     @torch.inference_mode()
+    def raw_predictions(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) letterboxed -> (B, 4 + classes, anchors) before NMS, as float32."""
+        raw = self.model(batch.contiguous(memory_format=torch.channels_last))
+        return (raw[0] if isinstance(raw, (list, tuple)) else raw).float()
+
+    @torch.inference_mode()
     def detect(self, images: list[np.ndarray]) -> list[list[Box]]:
         placed = [letterbox(image, self.spec.image_size) for image in images]
         batch = torch.stack([tensor for tensor, _ in placed]).to(self.device)
-        raw = self.model(batch)
-        prediction = raw[0] if isinstance(raw, (list, tuple)) else raw
+        with autocast(self.device, self.dtype):
+            prediction = self.raw_predictions(batch)
         kept = ultralytics_modules().non_max_suppression(
-            prediction.float(), conf_thres=self.spec.confidence, iou_thres=self.spec.nms_iou,
+            prediction, conf_thres=self.spec.confidence, iou_thres=self.spec.nms_iou,
             max_det=300,
         )
         results = []

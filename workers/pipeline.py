@@ -200,7 +200,8 @@ def _record_analysis(session: Session, instance: Instance, runtime: ModelRuntime
         probability=classification.probability, threshold=classification.threshold,
         label="abnormal" if classification.abnormal else "normal",
         decode_seconds=image.decode_seconds, classify_seconds=result.classify_seconds,
-        detect_seconds=result.detect_seconds, device=str(runtime.device),
+        detect_seconds=result.detect_seconds,
+        device=f"{runtime.device} {str(runtime.dtype).removeprefix('torch.')}",
     )
     session.add(analysis)
     session.add_all(

@@ -36,22 +36,49 @@ def select_device(requested: str) -> torch.device:
     return device
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_native_bfloat16() -> bool:
+    return bool(torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def select_precision(requested: str, device: torch.device, bundle: Bundle) -> torch.dtype:
+    """The compute precision: a reduced one only where the bundle validated it."""
+    validated = bundle.manifest.validated_precisions
+    if requested != "auto":
+        if requested not in validated:
+            raise ValueError(f"precision {requested} is not validated for bundle {bundle.label} "
+                             f"(validated: {', '.join(validated)})")
+        if requested == "float16" and device.type != "cuda":
+            raise ValueError("float16 needs a CUDA device")
+        return _DTYPES[requested]
+    if device.type == "cuda" and "float16" in validated:
+        return torch.float16
+    if device.type == "cpu" and "bfloat16" in validated and cpu_has_native_bfloat16():
+        return torch.bfloat16
+    return torch.float32
+
+
 class ModelRuntime:
     loads = 0  # how many runtimes this process built: models load once per process
 
     def __init__(self, bundle: Bundle, device: torch.device, threads: int,
-                 normal_min_box_score: float | None):
+                 normal_min_box_score: float | None, precision: str = "auto"):
         ModelRuntime.loads += 1
         self.bundle = bundle
         self.device = device
+        self.dtype = select_precision(precision, device, bundle)
         self.normal_min_box_score = normal_min_box_score
         start = time.perf_counter()
-        self.detector = Detector(bundle, device)  # imports ultralytics: before the threads
+        self.detector = Detector(bundle, device, self.dtype)  # imports ultralytics first
         if threads:
             torch.set_num_threads(threads)
-        self.classifier = DERNet(bundle, device)
-        log.info("loaded bundle %s on %s in %.1f s (%d torch threads)", bundle.label, device,
-                 time.perf_counter() - start, torch.get_num_threads())
+        self.classifier = DERNet(bundle, device, self.dtype)
+        log.info("loaded bundle %s on %s, %s, in %.1f s (%d torch threads)", bundle.label,
+                 device, str(self.dtype).removeprefix("torch."), time.perf_counter() - start,
+                 torch.get_num_threads())
 
     def analyse(self, images: list[np.ndarray]) -> list[ImageAnalysis]:
         start = time.perf_counter()
@@ -70,17 +97,18 @@ class ModelRuntime:
         return results
 
 
-_runtimes: dict[tuple[Path, str], ModelRuntime] = {}
+_runtimes: dict[tuple[Path, str, str], ModelRuntime] = {}
 
 
 def runtime_for(settings: Settings) -> ModelRuntime | None:
     """This process's runtime for the configured bundle, or None when none is configured."""
     if settings.bundle is None:
         return None
-    key = (settings.bundle.resolve(), settings.device)
+    key = (settings.bundle.resolve(), settings.device, settings.precision)
     if key not in _runtimes:
         prepare_offline(settings.data_dir / "ultralytics")
         bundle = load_bundle(settings.bundle)
         _runtimes[key] = ModelRuntime(bundle, select_device(settings.device),
-                                      settings.torch_threads, settings.normal_min_box_score)
+                                      settings.torch_threads, settings.normal_min_box_score,
+                                      settings.precision)
     return _runtimes[key]

@@ -1,0 +1,122 @@
+"""Inference benchmark: the worker's runtime vs plain eager PyTorch, per image, same run.
+
+Full-size random-weight models (DenseNet-121, EfficientNetV2-S, ResNet-50 at 384 px with 5 TTA
+views each, YOLO11-l at 640 px) on one 2500x2000 radiograph. Prints seconds per image for plain
+eager PyTorch (NCHW float32, what a straightforward implementation does) and for our runtime in
+each precision it offers on this machine, the achieved GFLOP/s against a float32 (and bfloat16)
+GEMM measured in the same run as the machine's practical peak, and how far our outputs are from
+eager's. Random weights: the deviation says nothing about a trained bundle, which must be checked
+again (its manifest's validated_precisions).
+
+    .venv/bin/python benchmarks/inference.py [--repeats 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.bundles import make_test_bundle  # noqa: E402
+from workers.bundle import load_bundle  # noqa: E402
+from workers.dernet import build_member, classifier_input, tta_views  # noqa: E402
+from workers.detector import letterbox, load_detection_model  # noqa: E402
+from workers.offline import ultralytics_modules  # noqa: E402
+from workers.runtime import ModelRuntime, cpu_has_native_bfloat16  # noqa: E402
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: allocations, oneDNN primitive caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_gflops(dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    seconds = median_seconds(lambda: torch.mm(a, b), repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+class Eager:
+    """The reference: the same models and inputs, plain eager PyTorch, nothing tuned."""
+
+    def __init__(self, bundle):
+        spec = bundle.manifest.classifier
+        self.spec = spec
+        self.members = []
+        for member in spec.members:
+            model = build_member(member.architecture)
+            model.load_state_dict(torch.load(bundle.file(member.weights), weights_only=True))
+            self.members.append((member.architecture, member.ensemble_weight, model.eval()))
+        self.detector = load_detection_model(str(bundle.file(bundle.manifest.detector.weights)))
+        self.detector_spec = bundle.manifest.detector
+
+    @torch.inference_mode()
+    def run(self, image: np.ndarray) -> tuple[dict[str, float], torch.Tensor]:
+        views = tta_views(classifier_input(image, self.spec)[None], self.spec.tta)
+        members = {name: torch.sigmoid(model(views)).mean().item()
+                   for name, _, model in self.members}
+        raw = self.detector(letterbox(image, self.detector_spec.image_size)[0][None])
+        prediction = raw[0] if isinstance(raw, (list, tuple)) else raw
+        boxes = ultralytics_modules().non_max_suppression(
+            prediction, conf_thres=self.detector_spec.confidence,
+            iou_thres=self.detector_spec.nms_iou, max_det=300)
+        return members, boxes[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        precisions = ["float32"] + (["bfloat16"] if cpu_has_native_bfloat16() else [])
+        path = make_test_bundle(Path(folder) / "bundle", input_size=384, image_size=640,
+                                scale="l", validated_precisions=tuple(precisions))
+        bundle = load_bundle(path)
+        torch.set_num_threads(args.threads)
+        image = np.random.default_rng(0).random((2500, 2000), dtype=np.float32)
+        eager = Eager(bundle)
+        torch.set_num_threads(args.threads)
+        with FlopCounterMode(display=False) as counter:
+            eager.run(image)
+        gflop = counter.get_total_flops() / 1e9
+        eager_seconds = median_seconds(lambda: eager.run(image), args.repeats)
+        eager_members, _ = eager.run(image)
+        peaks = {"float32": gemm_gflops(torch.float32, args.repeats)}
+        if "bfloat16" in precisions:
+            peaks["bfloat16"] = gemm_gflops(torch.bfloat16, args.repeats)
+        print(f"{args.threads} threads, {gflop:.0f} GFLOP per image (3 members x 5 TTA at 384 "
+              f"+ YOLO11-l at 640)")
+        print("GEMM peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+        print(f"{'eager PyTorch (float32, NCHW)':34s} {eager_seconds:6.2f} s/image  "
+              f"{gflop / eager_seconds:6.0f} GFLOP/s  "
+              f"{gflop / eager_seconds / peaks['float32']:5.1%} of float32 GEMM")
+        for precision in precisions:
+            runtime = ModelRuntime(bundle, torch.device("cpu"), args.threads, None, precision)
+            seconds = median_seconds(lambda r=runtime: r.analyse([image]), args.repeats)
+            (result,) = runtime.analyse([image])
+            deviation = max(abs(result.classification.member_probabilities[name] - p)
+                            for name, p in eager_members.items())
+            achieved = gflop / seconds
+            print(f"{'spinenode runtime (' + precision + ')':34s} {seconds:6.2f} s/image  "
+                  f"{achieved:6.0f} GFLOP/s  {achieved / peaks[precision]:5.1%} of {precision} "
+                  f"GEMM   {eager_seconds / seconds:4.2f}x eager   max |dp| vs eager "
+                  f"{deviation:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Reduced precision: used only where the bundle validated it, and within the stated tolerance
+of float32 (|probability difference| <= 0.01, raw box coordinates within 0.5 px, scores within
+0.01), here on the random-weight test bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.bundles import make_test_bundle
+from workers.bundle import load_bundle
+from workers.dernet import DERNet, autocast
+from workers.detector import Detector, letterbox
+from workers.runtime import cpu_has_native_bfloat16, select_precision
+
+PROBABILITY_TOLERANCE = 0.01
+BOX_TOLERANCE_PX = 0.5
+SCORE_TOLERANCE = 0.01
+
+
+@pytest.fixture(scope="module")
+def bf16_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_test_bundle(tmp_path_factory.mktemp("bf16") / "bundle", input_size=96,
+                            image_size=96, validated_precisions=("float32", "bfloat16"))
+
+
+def test_precision_needs_validation(test_bundle: Path, bf16_bundle: Path) -> None:
+    cpu = torch.device("cpu")
+    float32_only = load_bundle(test_bundle)
+    assert select_precision("auto", cpu, float32_only) == torch.float32
+    with pytest.raises(ValueError, match="not validated"):
+        select_precision("bfloat16", cpu, float32_only)
+    validated = load_bundle(bf16_bundle)
+    expected = torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+    assert select_precision("auto", cpu, validated) == expected
+    assert select_precision("float32", cpu, validated) == torch.float32
+    with pytest.raises(ValueError, match="not validated|needs a CUDA"):
+        select_precision("float16", cpu, validated)
+
+
+def test_bfloat16_within_tolerance_of_float32(bf16_bundle: Path) -> None:
+    bundle = load_bundle(bf16_bundle)
+    cpu = torch.device("cpu")
+    rng = np.random.default_rng(0)
+    images = [rng.random((300, 240), dtype=np.float32) for _ in range(3)]
+    full = DERNet(bundle, cpu).classify(images)
+    reduced = DERNet(bundle, cpu, torch.bfloat16).classify(images)
+    for a, b in zip(full, reduced, strict=True):
+        for name, probability in a.member_probabilities.items():
+            assert abs(probability - b.member_probabilities[name]) <= PROBABILITY_TOLERANCE
+        assert abs(a.probability - b.probability) <= PROBABILITY_TOLERANCE
+    batch = torch.stack([letterbox(image, 96)[0] for image in images])
+    exact = Detector(bundle, cpu).raw_predictions(batch)
+    detector = Detector(bundle, cpu, torch.bfloat16)
+    with autocast(cpu, torch.bfloat16):
+        approximate = detector.raw_predictions(batch)
+    assert (exact[:, :4] - approximate[:, :4]).abs().max() <= BOX_TOLERANCE_PX
+    assert (exact[:, 4:] - approximate[:, 4:]).abs().max() <= SCORE_TOLERANCE
