@@ -201,10 +201,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     _prepare_database(settings, upgrade_if_sqlite=False)
     _check_bundle(settings)
     app = configure(settings)
+    # A batching worker is one process that owns the models (and the GPU) and starts its own
+    # decoding processes, which a prefork child (a daemon) may not; it runs tasks itself.
+    pool = ["--pool", "solo"] if settings.batch_size > 1 else [
+        "--pool", "prefork", "--concurrency", str(settings.worker_concurrency)]
     argv = [
         "--quiet",  # no banner: the node logs what the worker does
-        "worker", "--queues", QUEUE, "--concurrency", str(settings.worker_concurrency),
-        "--pool", "prefork", "--hostname", f"spinenode-{os.getpid()}@{socket.gethostname()}",
+        "worker", "--queues", QUEUE, *pool,
+        "--hostname", f"spinenode-{os.getpid()}@{socket.gethostname()}",
         "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
     ]
     if settings.embedded_broker:

@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     # "auto": half precision on CUDA, bfloat16 on a CPU with native bfloat16, float32 otherwise;
     # a reduced precision only where the bundle's manifest lists it as validated.
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Batching: a task also claims up to batch_size - 1 other queued instances, waiting at most
+    # batch_wait_ms for them, and decodes them in decode_workers processes at once. Worth it on
+    # a GPU (e.g. 8); 1 = one image per task.
+    batch_size: int = Field(1, ge=1, le=256)
+    batch_wait_ms: int = Field(50, ge=0)
+    decode_workers: int = Field(2, ge=1)
     # VinDr-SpineXR's combination rule (off when unset): on an image the ensemble calls normal,
     # keep only boxes scoring at least this (VinDr used 0.5).
     normal_min_box_score: float | None = Field(None, ge=0, le=1)

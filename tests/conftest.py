@@ -21,6 +21,9 @@ from sqlalchemy import select
 
 from dicom_node.db.models import Instance
 from dicom_node.db.session import session_factory
+from tests import no_network
+
+no_network.block()  # every test in this process: only this machine is reachable
 
 POSTGRES_ADMIN_URL = os.environ.get("SPINENODE_TEST_POSTGRES",
                                     "postgresql://postgres@127.0.0.1:5432/postgres")

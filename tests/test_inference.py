@@ -151,29 +151,11 @@ def test_without_a_bundle_instances_wait_then_are_analysed(tmp_path: Path, sqlit
         assert session.scalar(select(func.count(Analysis.id))) == 2
 
 
-NO_NETWORK = textwrap.dedent("""
-    import socket
-    _real_getaddrinfo = socket.getaddrinfo
-    _real_connect = socket.socket.connect
-    LOCAL = {"localhost", "127.0.0.1", "::1", None}
-    def getaddrinfo(host, *args, **kwargs):
-        if host not in LOCAL:
-            raise OSError(f"blocked: DNS lookup of {host}")
-        return _real_getaddrinfo(host, *args, **kwargs)
-    def connect(self, address):
-        if isinstance(address, tuple) and address[0] not in LOCAL:
-            raise OSError(f"blocked: connection to {address}")
-        return _real_connect(self, address)
-    def create_connection(address, *args, **kwargs):
-        raise OSError(f"blocked: connection to {address}")
-    socket.getaddrinfo = getaddrinfo
-    socket.socket.connect = connect
-    socket.create_connection = create_connection
-""")
-
-
 def test_runtime_works_with_the_network_blocked(tmp_path: Path, test_bundle: Path) -> None:
-    script = NO_NETWORK + textwrap.dedent(f"""
+    # A fresh process, blocked before anything imports ultralytics.
+    script = textwrap.dedent(f"""
+        from tests import no_network
+        no_network.block()
         import numpy as np, torch
         from pathlib import Path
         from dicom_node.config import load_settings
@@ -191,5 +173,34 @@ def test_runtime_works_with_the_network_blocked(tmp_path: Path, test_bundle: Pat
                             timeout=300, env=env, cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "analysed offline" in result.stdout
-    assert "blocked" not in result.stderr
+    assert "blocked" not in result.stderr + result.stdout
     assert (tmp_path / "ultralytics" / "Arial.ttf").is_file()
+
+
+def test_network_is_blocked_in_tests() -> None:
+    import socket
+
+    with pytest.raises(OSError, match="blocked"):
+        socket.create_connection(("192.0.2.1", 443), timeout=1)
+    with pytest.raises(OSError, match="blocked"):
+        socket.getaddrinfo("github.com", 443)
+
+
+def test_vindr_rule_keeps_only_confident_boxes_on_normal_images(test_bundle: Path) -> None:
+    bundle = load_bundle(test_bundle)
+    # Confidence 0: the random detector then returns boxes of every score for the rule to sort.
+    manifest = bundle.manifest
+    bundle = bundle.model_copy(update={"manifest": manifest.model_copy(update={
+        "detector": manifest.detector.model_copy(update={"confidence": 0.0})})})
+    image = np.random.default_rng(2).random((256, 200), dtype=np.float32)
+    all_boxes = ModelRuntime(bundle, torch.device("cpu"), 0, None).analyse([image])[0]
+    assert all_boxes.boxes, "the random detector finds something to filter"
+    scores = [box.score for box in all_boxes.boxes]
+    assert min(scores) < max(scores)
+    cutoff = max(scores)
+    filtered = ModelRuntime(bundle, torch.device("cpu"), 0, cutoff).analyse([image])[0]
+    if filtered.classification.abnormal:  # the rule leaves abnormal images alone
+        assert len(filtered.boxes) == len(all_boxes.boxes)
+    else:
+        assert filtered.boxes == [b for b in all_boxes.boxes if b.score >= cutoff]
+        assert len(filtered.boxes) < len(all_boxes.boxes)

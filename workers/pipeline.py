@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,7 +33,8 @@ from dicom_node.db.models import (
     utcnow,
 )
 from workers.bundle import Bundle
-from workers.imaging import DecodedImage, DecodeError, decode
+from workers.decoding import decode_all
+from workers.imaging import DecodedImage, DecodeError
 
 if TYPE_CHECKING:
     from workers.runtime import ImageAnalysis, ModelRuntime
@@ -119,17 +121,10 @@ def _held(session: Session, held: Claim) -> Instance | None:
 
 def process_instance(settings: Settings, sessions: sessionmaker[Session],
                      instance_id: int) -> Outcome:
+    """The task for one instance; with batching on, also whatever else waits in the queue."""
     held = claim(sessions, instance_id, settings.task_lease_seconds, settings.max_attempts)
     if held is None:
         return Outcome("skipped", "not claimable (done, skipped, failed or held elsewhere)")
-    try:
-        image = decode(held.spool_path, max_pixels=settings.max_pixels)
-    except DecodeError as error:
-        return _finish_failed(sessions, held, str(error))
-    except OSError as error:
-        if not held.spool_path.exists():
-            return _finish_failed(sessions, held, f"spool file missing: {held.spool_path}")
-        return _release_for_retry(sessions, held, f"cannot read spool file: {error}")
     runtime = None
     if settings.bundle is not None:
         from workers.runtime import runtime_for  # torch only where a bundle is configured
@@ -138,10 +133,73 @@ def process_instance(settings: Settings, sessions: sessionmaker[Session],
             runtime = runtime_for(settings)
         except Exception as error:  # a bundle that will not load: retried, then failed
             return _release_for_retry(sessions, held, f"cannot load bundle: {error}")
-    if runtime is not None and not _already_analysed(sessions, held, runtime.bundle):
-        result = runtime.analyse([image.pixels])[0]
-    else:
-        result = None
+    batch = [held]
+    try:
+        if runtime is not None and settings.batch_size > 1:
+            batch += _claim_batch(settings, sessions, settings.batch_size - 1)
+        return _process_claims(settings, sessions, batch, runtime)[0]
+    except Exception as error:
+        # Whatever went wrong, nothing stays held until its lease runs out.
+        log.exception("analysis of instances %s failed", [c.instance_id for c in batch])
+        message = f"{error.__class__.__name__}: {error}"
+        return [_release_for_retry(sessions, claimed, message) for claimed in batch][0]
+
+
+def _claim_batch(settings: Settings, sessions: sessionmaker[Session], wanted: int) -> list[Claim]:
+    """Claim up to ``wanted`` more queued instances, waiting at most batch_wait_ms for them.
+
+    Their own tasks, when they arrive, find them claimed or done and do nothing.
+    """
+    claimed: list[Claim] = []
+    deadline = time.monotonic() + settings.batch_wait_ms / 1000
+    while len(claimed) < wanted:
+        with sessions() as session:
+            candidates = session.scalars(
+                select(Instance.id).where(Instance.status == InstanceStatus.QUEUED)
+                .order_by(Instance.queued_at, Instance.id).limit(wanted - len(claimed))
+            ).all()
+        for candidate in candidates:
+            more = claim(sessions, candidate, settings.task_lease_seconds, settings.max_attempts)
+            if more is not None:
+                claimed.append(more)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
+    return claimed
+
+
+def _process_claims(settings: Settings, sessions: sessionmaker[Session], claims: list[Claim],
+                    runtime: ModelRuntime | None) -> list[Outcome]:
+    decoded = decode_all([held.spool_path for held in claims], settings.max_pixels,
+                         settings.decode_workers)
+    outcomes: dict[int, Outcome] = {}
+    ready: list[tuple[Claim, DecodedImage]] = []
+    for held, image in zip(claims, decoded, strict=True):
+        if isinstance(image, DecodeError):
+            outcomes[held.instance_id] = _finish_failed(sessions, held, str(image))
+        elif isinstance(image, OSError):
+            if not held.spool_path.exists():
+                outcomes[held.instance_id] = _finish_failed(
+                    sessions, held, f"spool file missing: {held.spool_path}")
+            else:
+                outcomes[held.instance_id] = _release_for_retry(
+                    sessions, held, f"cannot read spool file: {image}")
+        else:
+            ready.append((held, image))
+    to_analyse = [] if runtime is None else [
+        (held, image) for held, image in ready
+        if not _already_analysed(sessions, held, runtime.bundle)]
+    results = {} if runtime is None or not to_analyse else dict(zip(
+        (held.instance_id for held, _ in to_analyse),
+        runtime.analyse([image.pixels for _, image in to_analyse]), strict=True))
+    for held, image in ready:
+        outcomes[held.instance_id] = _finish(sessions, held, image, runtime,
+                                             results.get(held.instance_id))
+    return [outcomes[held.instance_id] for held in claims]
+
+
+def _finish(sessions: sessionmaker[Session], held: Claim, image: DecodedImage,
+            runtime: ModelRuntime | None, result: ImageAnalysis | None) -> Outcome:
     try:
         with sessions.begin() as session:
             instance = _held(session, held)
@@ -156,9 +214,9 @@ def process_instance(settings: Settings, sessions: sessionmaker[Session],
                 instance.status = InstanceStatus.DONE
                 if result is not None:
                     _record_analysis(session, instance, runtime, image, result)
+            return Outcome(instance.status)
     except SQLAlchemyError as error:
         return _release_for_retry(sessions, held, f"database error: {error.__class__.__name__}")
-    return Outcome(instance.status)
 
 
 def _record_decode(session: Session, instance: Instance, image: DecodedImage) -> None:
