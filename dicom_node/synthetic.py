@@ -12,6 +12,15 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
+# SNOMED CT codes (CID 4031) for the body parts the tests use.
+_REGION_CODES = {
+    "SPINE": ("421060004", "SCT", "Spine"),
+    "CSPINE": ("122494005", "SCT", "Cervical spine"),
+    "TSPINE": ("122495006", "SCT", "Thoracic spine"),
+    "LSPINE": ("122496007", "SCT", "Lumbar spine"),
+    "CHEST": ("51185008", "SCT", "Thorax"),
+}
+
 
 def radiograph_pixels(rows: int, columns: int, bits_stored: int, seed: int = 0) -> np.ndarray:
     """A spine-like test pattern: a bright vertical column of 'vertebrae' over soft tissue."""
@@ -41,8 +50,22 @@ def make_radiograph(path: Path, *, rows: int = 256, columns: int = 200, bits_sto
     ds.SeriesInstanceUID = generate_uid()
     ds.PatientID = "TEST-0001"
     ds.PatientName = "Phantom^Spine"
+    ds.PatientBirthDate = "19600101"
+    ds.PatientSex = "O"
+    ds.PatientAge = "066Y"
     ds.StudyDate = "20261127"
+    ds.StudyTime = "101500"
+    ds.StudyID = "1"
+    ds.StudyDescription = "XR LUMBAR SPINE"
+    ds.ReferringPhysicianName = ""
     ds.AccessionNumber = "ACC1"
+    ds.SeriesDate, ds.SeriesTime = ds.StudyDate, ds.StudyTime
+    ds.ContentDate, ds.ContentTime = ds.StudyDate, ds.StudyTime
+    ds.Manufacturer = "spinenode synthetic"
+    ds.PatientOrientation = ["L", "F"]
+    ds.ConversionType = "WSD"  # used by the Secondary Capture SOP class only
+    if sop_class != "1.2.840.10008.5.1.4.1.1.7":
+        del ds.ConversionType
     if modality is not None:
         ds.Modality = modality
     if body_part is not None:
@@ -55,8 +78,25 @@ def make_radiograph(path: Path, *, rows: int = 256, columns: int = 200, bits_sto
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
     ds.PixelRepresentation = 0
     if sop_class == DigitalXRayImageStorageForPresentation:
+        # The DX modules' required attributes, so that the file is a valid DX image.
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.ImageLaterality = "U"
+        ds.PixelIntensityRelationship = "LIN"
+        ds.PixelIntensityRelationshipSign = 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+        ds.PresentationLUTShape = "IDENTITY"
+        ds.LossyImageCompression = "00"
+        ds.BurnedInAnnotation = "NO"
+        ds.DetectorType = "SCINTILLATOR"
+        ds.ImagerPixelSpacing = [0.15, 0.15]
+        ds.AcquisitionContextSequence = []
+        ds.AnatomicRegionSequence = []
+        region = _REGION_CODES.get(body_part or "")
+        if region is not None:
+            code = Dataset()
+            code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = region
+            ds.AnatomicRegionSequence = [code]
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
     ds.PixelData = radiograph_pixels(rows, columns, bits_stored, seed).tobytes()

@@ -1,0 +1,114 @@
+"""What every object we make shares: who made it, the private codes, the study attributes that
+highdicom does not copy, and the result they describe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from highdicom.sr import CodedConcept
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node import __version__
+
+MANUFACTURER = "spinenode"
+MODEL_NAME = "spinenode DERNet + YOLO11"
+DEVICE_SERIAL_NUMBER = "spinenode-1"
+BANNER = "AI result, not for primary diagnosis"
+# Private scheme for what SNOMED CT has no verified code for here; declared in each object's
+# Coding Scheme Identification Sequence.
+PRIVATE_SCHEME = "99SPINENODE"
+# Marks our objects: a PACS that routes them back to us must not have them analysed.
+CREATOR_SIGNATURE = f"{MANUFACTURER} {MODEL_NAME}"
+
+# Patient/study attributes that must agree across a study (dcentvfy) and that highdicom's
+# constructors do not copy from the source image.
+STUDY_ATTRIBUTES = (
+    "IssuerOfPatientID", "OtherPatientIDsSequence", "PatientAge", "PatientSize",
+    "PatientWeight", "PatientBirthTime", "EthnicGroup", "PatientComments", "StudyDescription",
+    "StudyID", "ReferringPhysicianName", "AdmittingDiagnosesDescription",
+    "PatientIdentityRemoved", "DeidentificationMethod",
+)
+
+
+# Type 2 patient/study attributes highdicom reads from the source: present (maybe empty) in
+# every valid image, but not every sender is valid.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+          "StudyTime", "StudyID", "ReferringPhysicianName", "AccessionNumber")
+
+
+def evidence_of(source: Dataset) -> Dataset:
+    """The source's header, completed with empty type 2 attributes where it lacks them."""
+    evidence = Dataset()
+    evidence.update({tag: element for tag, element in source.items() if tag != 0x7FE00010})
+    for keyword in _TYPE2:
+        if keyword not in evidence:
+            setattr(evidence, keyword, "")
+    return evidence
+
+
+def copy_study_attributes(source: Dataset, target: Dataset) -> None:
+    for keyword in STUDY_ATTRIBUTES:
+        if keyword in source and keyword not in target:
+            target[keyword] = source[keyword]
+
+
+def private_code(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning[:64])
+
+
+def declare_private_scheme(target: Dataset) -> None:
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "spinenode spine radiograph findings (VinDr-SpineXR classes)"
+    item.CodingSchemeResponsibleOrganization = "spinenode"
+    target.CodingSchemeIdentificationSequence = [item]
+
+
+# The two VinDr-SpineXR classes with a verified SNOMED CT concept; the others are private.
+_SNOMED_FINDINGS = {"Surgical implant": codes.SCT.Implant,  # 40388003
+                    "Other lesions": codes.SCT.Lesion}  # 52988006
+
+
+def finding_code(class_name: str) -> CodedConcept:
+    code = _SNOMED_FINDINGS.get(class_name)
+    if code is not None:
+        return CodedConcept(code.value, code.scheme_designator, code.meaning)
+    value = class_name.upper().replace(" ", "-")[:16]
+    return private_code(value, class_name)
+
+
+@dataclass(frozen=True)
+class FindingBox:
+    class_name: str
+    score: float
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """What the objects report: one bundle's analysis of one source image."""
+
+    bundle_name: str
+    bundle_version: str
+    clinical_use: bool
+    abnormal: bool
+    probability: float
+    threshold: float
+    member_probabilities: dict[str, float]
+    findings: list[FindingBox]
+
+    @property
+    def label(self) -> str:
+        return "Abnormal" if self.abnormal else "Normal"
+
+    @property
+    def software_versions(self) -> tuple[str, str]:
+        return (f"spinenode {__version__}", f"{self.bundle_name} {self.bundle_version}")
+
+    def series_description(self, kind: str) -> str:
+        suffix = "" if self.clinical_use else " NOT FOR CLINICAL USE"
+        return f"AI {kind} (spinenode){suffix}"[:64]

@@ -1,0 +1,65 @@
+"""The Grayscale Softcopy Presentation State: every box as a graphic with a text label on the
+source image, shown with the VOI window the analysis used. Off by default, per destination."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+
+from dicom_node.results.common import (
+    DEVICE_SERIAL_NUMBER,
+    MANUFACTURER,
+    MODEL_NAME,
+    AnalysisResult,
+    copy_study_attributes,
+    evidence_of,
+)
+
+GSPS_SERIES_NUMBER = 9903
+
+
+def build_gsps(source: Dataset, result: AnalysisResult, window: tuple[float, float],
+               series_uid: str | None = None) -> Dataset:
+    """``window`` is (center, width) in the source's modality values."""
+    evidence = evidence_of(source)
+    layer = hd.pr.GraphicLayer(layer_name="SPINENODE", order=1,
+                               description="AI findings (spinenode)")
+    graphics = [
+        hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+            graphic_data=np.array([[b.x0, b.y0], [b.x1, b.y0], [b.x1, b.y1], [b.x0, b.y1],
+                                   [b.x0, b.y0]], dtype=np.float32),
+            units=hd.pr.AnnotationUnitsValues.PIXEL,
+        )
+        for b in result.findings
+    ]
+    texts = [
+        hd.pr.TextObject(text_value=f"{b.class_name} {b.score:.2f}"[:64],
+                         units=hd.pr.AnnotationUnitsValues.PIXEL,
+                         anchor_point=(b.x0, max(b.y0 - 2.0, 0.0)), anchor_point_visible=False)
+        for b in result.findings
+    ]
+    texts.append(hd.pr.TextObject(
+        text_value=f"AI: {result.label} p={result.probability:.2f}"[:64],
+        units=hd.pr.AnnotationUnitsValues.PIXEL, anchor_point=(5.0, 5.0),
+        anchor_point_visible=False, text_justification="LEFT"))
+    annotation = hd.pr.GraphicAnnotation(referenced_images=[evidence], graphic_layer=layer,
+                                         graphic_objects=graphics or None, text_objects=texts)
+    center, width = window
+    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[evidence], series_instance_uid=series_uid or generate_uid(),
+        series_number=GSPS_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
+        manufacturer=MANUFACTURER, manufacturer_model_name=MODEL_NAME,
+        software_versions=list(result.software_versions),
+        device_serial_number=DEVICE_SERIAL_NUMBER,
+        content_label="SPINENODE_AI", content_description="AI spine findings"[:64],
+        graphic_annotations=[annotation], graphic_layers=[layer],
+        voi_lut_transformations=[hd.pr.SoftcopyVOILUTTransformation(
+            window_center=float(center), window_width=max(float(width), 1.0))],
+        series_description=result.series_description("spine findings GSPS"),
+    )
+    gsps.Laterality = ""  # type 2C: the source's laterality is in the image, not this series
+    copy_study_attributes(source, gsps)
+    return gsps

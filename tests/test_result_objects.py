@@ -1,0 +1,137 @@
+"""SR, SC overlay and GSPS: valid (dciodvfy, dsrdump, dcentvfy), and the SR reads back with
+highdicom to the same findings; from DX and MONOCHROME1 CR sources, with 0 and many findings."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.sr.codedict import codes
+
+from dicom_node.results.common import AnalysisResult, FindingBox
+from dicom_node.results.gsps import build_gsps
+from dicom_node.results.overlay import build_overlay
+from dicom_node.results.sr import build_sr
+from dicom_node.synthetic import make_radiograph
+from tests.samples import real_cr, with_new_uids
+from workers.bundle import VINDR_CLASSES
+from workers.imaging import decode
+
+
+def _findings(count: int, width: int, height: int) -> list[FindingBox]:
+    rng = np.random.default_rng(count)
+    boxes = []
+    for index in range(count):
+        x0, y0 = rng.uniform(0, width * 0.7), rng.uniform(0, height * 0.7)
+        boxes.append(FindingBox(VINDR_CLASSES[index % 7], round(float(rng.uniform(0.25, 1)), 4),
+                                float(x0), float(y0), float(x0 + width * 0.2),
+                                float(y0 + height * 0.1)))
+    return boxes
+
+
+def _result(findings: list[FindingBox], abnormal: bool = True) -> AnalysisResult:
+    return AnalysisResult("spinenode-test", "0.0.1-test", False, abnormal, 0.8123, 0.5,
+                          {"densenet121": 0.7, "tf_efficientnetv2_s": 0.85, "resnet50": 0.9},
+                          findings)
+
+
+def _errors(path: Path) -> list[str]:
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("Error")]
+
+
+SOURCES = {
+    "dx": lambda tmp: make_radiograph(tmp / "dx.dcm", rows=400, columns=300),
+    "cr-monochrome1": lambda tmp: with_new_uids(real_cr("RG1_UNCR.dcm"), tmp / "rg1.dcm",
+                                                BodyPartExamined="LSPINE"),
+}
+
+
+@pytest.mark.parametrize("source_name", SOURCES)
+@pytest.mark.parametrize("count", [0, 12])
+def test_objects_are_valid_and_consistent(tmp_path: Path, source_name: str, count: int) -> None:
+    source_path = SOURCES[source_name](tmp_path)
+    source = dcmread(source_path)
+    image = decode(source)
+    grey = (image.pixels * 255).round().astype(np.uint8)
+    result = _result(_findings(count, image.columns, image.rows), abnormal=count > 0)
+    objects: dict[str, Dataset] = {
+        "sr": build_sr(source, result),
+        "sc": build_overlay(source, grey, result),
+        "sc-jpeg": build_overlay(source, grey, result, jpeg=True),
+        "gsps": build_gsps(source, result, window=(2048.0, 4096.0)),
+    }
+    paths = []
+    for name, ds in objects.items():
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+        assert _errors(path) == [], f"{name}: {_errors(path)}"
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        assert "NOT FOR CLINICAL USE" in ds.SeriesDescription
+    dsrdump = subprocess.run(["dsrdump", str(tmp_path / "sr.dcm")], capture_output=True,
+                             text=True)
+    assert dsrdump.returncode == 0, dsrdump.stderr
+    assert "Imaging Measurement Report" in dsrdump.stdout
+    # dcentvfy: patient/study/series attributes agree between the source and our objects.
+    consistency = subprocess.run(["dcentvfy", str(source_path), *map(str, paths)],
+                                 capture_output=True, text=True)
+    lines = (consistency.stdout + consistency.stderr).splitlines()
+    assert [line for line in lines if line.startswith("Error")] == []
+    # dicom3tools files Accession Number under the series in its GSPS model, so it notes the
+    # entity differs between objects; the values agree (an Error above would say otherwise).
+    warnings = [line for line in lines if line.startswith("Warning")]
+    assert all("Different information entities" in line and "AccessionNumber" in line
+               for line in warnings), warnings
+
+
+def test_sr_reads_back_to_the_same_findings(tmp_path: Path) -> None:
+    source = dcmread(make_radiograph(tmp_path / "dx.dcm", rows=400, columns=300))
+    findings = _findings(9, 300, 400)
+    path = tmp_path / "sr.dcm"
+    build_sr(source, _result(findings)).save_as(path, enforce_file_format=True)
+    sr = hd.sr.srread(path)
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(findings)
+    for group, box in zip(groups, findings, strict=True):
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        np.testing.assert_allclose(region.value, [[box.x0, box.y0], [box.x1, box.y0],
+                                                  [box.x1, box.y1], [box.x0, box.y1],
+                                                  [box.x0, box.y0]], atol=1e-3)
+        assert group.finding_type.meaning in (box.class_name, "Implant", "Lesion")
+        (probability,) = group.get_measurements(name=codes.DCM.Probability)
+        assert probability.value == pytest.approx(box.score, abs=1e-6)
+        (image_ref,) = region.ContentSequence  # the polyline's selected-from source image
+        referenced = image_ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert referenced == source.SOPInstanceUID
+        assert group.tracking_uid
+    (image_group,) = sr.content.get_image_measurement_groups()
+    (normality,) = image_group.get_qualitative_evaluations(name=codes.DCM.Normality)
+    assert normality.value == codes.SCT.Abnormal
+    values = sorted(m.value for m in image_group.get_measurements(name=codes.DCM.Probability))
+    assert values == sorted([0.8123, 0.7, 0.85, 0.9])
+    texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
+             for item in image_group[0].ContentSequence if item.ValueType == "TEXT"}
+    assert texts["Algorithm Name"] == "spinenode-test"
+    assert texts["Algorithm Version"] == "0.0.1-test"
+    schemes = [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence]
+    assert "99SPINENODE" in schemes
+
+
+def test_overlay_keeps_the_image_and_adds_banner_bands(tmp_path: Path) -> None:
+    source = dcmread(make_radiograph(tmp_path / "dx.dcm", rows=400, columns=300))
+    grey = (decode(source).pixels * 255).round().astype(np.uint8)
+    sc = build_overlay(source, grey, _result([]))
+    pixels = sc.pixel_array
+    band = (pixels.shape[0] - 400) // 2
+    assert pixels.shape == (400 + 2 * band, 300, 3) and band > 0
+    np.testing.assert_array_equal(pixels[2 * band:, :, 0], grey)  # no box: image untouched
+    banner = pixels[:band].reshape(-1, 3)
+    assert (banner == [180, 0, 0]).all(axis=1).mean() > 0.5  # the red banner band
