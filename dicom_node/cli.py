@@ -152,7 +152,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from dicom_node.db.session import session_factory
     from dicom_node.dispatch import Reconciler
     from dicom_node.scp import StoreSCP
-    from workers.app import configure, enqueue_analysis, queue_depth
+    from workers.app import configure, enqueue_analysis, enqueue_delivery, queue_depth
 
     _configure_logging(settings)
     settings.make_dirs()
@@ -163,6 +163,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     scp = StoreSCP(settings, sessions, enqueue_analysis)
     worker = None if args.no_worker else EmbeddedWorker(settings)
     reconciler = Reconciler(settings, sessions, enqueue_analysis, queue_depth,
+                            enqueue_delivery=enqueue_delivery,
                             also=worker.ensure_running if worker else None)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -271,6 +272,37 @@ def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if code == 0 else 1
 
 
+def cmd_deliveries(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_node.db.session import session_factory
+    from dicom_node.outbox import list_deliveries, retry_deliveries
+
+    _prepare_database(settings, upgrade_if_sqlite=False)
+    sessions = session_factory(settings.effective_database_url)
+    if args.deliveries_command == "retry":
+        if args.all_failed == (args.id is not None):
+            raise Fatal("give a delivery ID or --all-failed")
+        retried = retry_deliveries(sessions, None if args.all_failed else [args.id])
+        if args.id is not None and not retried:
+            raise Fatal(f"delivery {args.id} is not failed (or does not exist)")
+        from workers.app import configure, enqueue_delivery
+
+        configure(settings)
+        for delivery_id in retried:
+            enqueue_delivery(delivery_id)
+        print(f"{len(retried)} deliveries queued again")
+        return 0
+    rows = list_deliveries(sessions, status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'id':>6} {'status':9} {'kind':7} {'tries':>5}  destination / last error")
+    for row in rows:
+        error = f"  ({row['last_error']})" if row["last_error"] else ""
+        print(f"{row['id']:>6} {row['status']:9} {row['kind']:7} {row['attempts']:>5}  "
+              f"{row['destination']}{error}")
+    return 0
+
+
 def parse_since(text: str) -> datetime:
     """ISO date/time, or an age such as 30m, 12h, 7d."""
     match = re.fullmatch(r"(\d+)([smhd])", text.strip())
@@ -366,6 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", type=Path)
     info.add_argument("--json", action="store_true")
     bundle.set_defaults(handler=cmd_bundle)
+
+    deliveries = commands.add_parser("deliveries", help="results sent (or due) to destinations")
+    _add_settings_flags(deliveries)
+    deliveries.add_argument("--status", choices=["pending", "sending", "delivered", "failed"])
+    deliveries.add_argument("--limit", type=int, default=100)
+    deliveries.add_argument("--json", action="store_true")
+    deliveries.set_defaults(handler=cmd_deliveries, deliveries_command="list")
+    delivery_commands = deliveries.add_subparsers(dest="deliveries_command")
+    retry = delivery_commands.add_parser("retry", help="send failed deliveries again")
+    retry.add_argument("id", type=int, nargs="?")
+    retry.add_argument("--all-failed", action="store_true")
+    _add_settings_flags(retry)
 
     status = commands.add_parser("status", help="instances per status and queue depth")
     _add_settings_flags(status)

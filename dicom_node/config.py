@@ -39,25 +39,51 @@ def check_ae_title(value: str) -> str:
     return value
 
 
+RESULT_KINDS = ("sr", "sc", "sc-jpeg", "gsps")
+DEFAULT_RESULT_KINDS = ("sr", "sc")  # GSPS is off unless a destination asks for it
+
+
+def _parse_kinds(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return DEFAULT_RESULT_KINDS
+    kinds = tuple(kind.strip().lower() for kind in text.split("+") if kind.strip())
+    unknown = [kind for kind in kinds if kind not in RESULT_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown result objects {unknown}; use {'+'.join(RESULT_KINDS)}")
+    if "sc" in kinds and "sc-jpeg" in kinds:
+        raise ValueError("choose sc or sc-jpeg, not both")
+    return kinds
+
+
 class Destination(BaseModel):
-    """A DICOM peer that results are sent to, written ``AE@host:port``."""
+    """A DICOM peer that results go to: ``AE@host:port`` or ``AE@host:port/sr+sc-jpeg+gsps``.
+
+    The objects are sr, sc (uncompressed), sc-jpeg (JPEG baseline) and gsps; default sr+sc.
+    """
 
     ae_title: str
     host: str
     port: int
+    kinds: tuple[str, ...] = DEFAULT_RESULT_KINDS
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        match = re.fullmatch(r"\s*([^@]+)@([^:@\s]+):(\d+)\s*", text)
+        match = re.fullmatch(r"\s*([^@]+)@([^:@/\s]+):(\d+)(?:/([a-z+-]+))?\s*", text)
         if not match:
-            raise ValueError(f"{text!r} is not AE@host:port")
+            raise ValueError(f"{text!r} is not AE@host:port[/sr+sc+gsps]")
         port = int(match.group(3))
         if not 0 < port < 65536:
             raise ValueError(f"{text!r}: port out of range")
-        return cls(ae_title=check_ae_title(match.group(1)), host=match.group(2), port=port)
+        return cls(ae_title=check_ae_title(match.group(1)), host=match.group(2), port=port,
+                   kinds=_parse_kinds(match.group(4)))
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        suffix = "" if self.kinds == DEFAULT_RESULT_KINDS else "/" + "+".join(self.kinds)
+        return self.address + suffix
 
 
 def _split_list(value: Any) -> Any:
@@ -84,6 +110,13 @@ class Settings(BaseSettings):
     broker_url: str = EMBEDDED_BROKER
     bundle: Path | None = None
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    # Results for images from a calling AE listed here also go back to it, e.g.
+    # "CT1@10.0.0.7:104/sr+sc": the AE title is the calling AE it answers.
+    reply_to_calling_ae: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    # Delivery: exponential backoff from delivery_retry_seconds, at most max_delivery_attempts.
+    delivery_retry_seconds: float = Field(30.0, gt=0)
+    delivery_max_backoff_seconds: float = Field(3600.0, gt=0)
+    max_delivery_attempts: int = Field(8, ge=1)
 
     # Routing: which received images are analysed.
     route_modalities: CommaList = Field(default_factory=lambda: ["CR", "DX"])
@@ -143,7 +176,7 @@ class Settings(BaseSettings):
     def _plain_list(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("destinations", mode="before")
+    @field_validator("destinations", "reply_to_calling_ae", mode="before")
     @classmethod
     def _destinations(cls, value: Any) -> Any:
         return [
@@ -222,8 +255,8 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if value is None:
                 continue
-            if name == "destinations":
-                text = ",".join(str(d) for d in self.destinations)
+            if name in ("destinations", "reply_to_calling_ae"):
+                text = ",".join(str(d) for d in getattr(self, name))
             elif isinstance(value, list):
                 text = ",".join(str(item) for item in value)
             elif isinstance(value, bool):

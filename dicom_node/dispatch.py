@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings
 from dicom_node.db.models import Instance, InstanceEvent, InstanceStatus, utcnow
+from dicom_node.outbox import due_deliveries
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +95,17 @@ class ReconcileReport:
     never_queued: list[int] = field(default_factory=list)
     lost_from_broker: list[int] = field(default_factory=list)
     model_now_configured: list[int] = field(default_factory=list)
+    deliveries_due: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         return (len(self.lease_expired) + len(self.never_queued) + len(self.lost_from_broker)
-                + len(self.model_now_configured))
+                + len(self.model_now_configured) + len(self.deliveries_due))
 
 
 def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqueue,
-              queue_depth: QueueDepth) -> ReconcileReport:
+              queue_depth: QueueDepth, enqueue_delivery: Enqueue | None = None
+              ) -> ReconcileReport:
     """Send again every instance that a crash or a lost message left half way."""
     now = utcnow()
     settled = now - timedelta(seconds=settings.reconcile_grace_seconds)
@@ -162,6 +165,14 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqu
                 log.warning("reconciler could not queue instance %d: %s", instance_id, error)
         if ids:
             log.info("reconciler re-queued %d instances (%s)", len(ids), reason)
+    if enqueue_delivery is not None:
+        # Due retries and sends whose worker died; a duplicate task finds nothing to claim.
+        report.deliveries_due = due_deliveries(sessions)
+        for delivery_id in report.deliveries_due:
+            try:
+                enqueue_delivery(delivery_id)
+            except Exception as error:
+                log.warning("reconciler could not queue delivery %d: %s", delivery_id, error)
     return report
 
 
@@ -169,8 +180,9 @@ class Reconciler:
     """Runs ``reconcile`` at start-up and then every ``reconcile_interval_seconds``."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], enqueue: Enqueue,
-                 queue_depth: QueueDepth, also: Callable[[], None] | None = None):
-        self._args = (settings, sessions, enqueue, queue_depth)
+                 queue_depth: QueueDepth, enqueue_delivery: Enqueue | None = None,
+                 also: Callable[[], None] | None = None):
+        self._args = (settings, sessions, enqueue, queue_depth, enqueue_delivery)
         self._interval = settings.reconcile_interval_seconds
         self._also = also
         self._stop = threading.Event()

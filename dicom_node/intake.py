@@ -28,11 +28,13 @@ from dicom_node.db.models import (
     Instance,
     InstanceEvent,
     InstanceStatus,
+    Output,
     Patient,
     Series,
     Study,
     utcnow,
 )
+from dicom_node.results.identity import MANUFACTURER, MODEL_NAME
 from dicom_node.routing import RoutingDecision, modality_of, route
 from dicom_node.sop_classes import IMAGE_SOP_CLASS_MODALITY
 
@@ -236,7 +238,7 @@ class Intake:
         except OSError as error:
             raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES,
                                 f"spool write failed: {error}") from None
-        decision = route(ds, self.settings)
+        decision = route(ds, self.settings, ours=self._is_our_output(ds))
         try:
             instance_id, enqueue = self._record(ds, final, digest, size, decision,
                                                 calling_ae, called_ae)
@@ -248,6 +250,18 @@ class Intake:
         log.info("stored %s (%s) from %s: %s", uid, ds.file_meta.TransferSyntaxUID.name,
                  calling_ae, "analyse" if decision.analyse else f"skipped: {decision.reason}")
         return StoreOutcome(StoreStatus.SUCCESS, "stored", instance_id, enqueue)
+
+    def _is_our_output(self, ds: Dataset) -> bool:
+        """One of the objects we made, routed back to us (by signature or by its UID)."""
+        if (str(ds.get("Manufacturer", "")) == MANUFACTURER
+                and str(ds.get("ManufacturerModelName", "")) == MODEL_NAME):
+            return True
+        try:
+            with self.sessions() as session:
+                return session.scalar(select(Output.id).filter_by(
+                    sop_instance_uid=str(ds.SOPInstanceUID))) is not None
+        except SQLAlchemyError:
+            raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES, "database unavailable") from None
 
     def _is_known_duplicate(self, uid: str, digest: str) -> bool:
         try:

@@ -31,7 +31,10 @@ def _region_codes(ds: Dataset) -> set[str]:
     return {str(item.get("CodeValue", "")) for item in ds.get("AnatomicRegionSequence", [])}
 
 
-def route(ds: Dataset, settings: Settings) -> RoutingDecision:
+def route(ds: Dataset, settings: Settings, ours: bool = False) -> RoutingDecision:
+    """``ours``: the data set is one of our own result objects (never analysed again)."""
+    if ours:
+        return RoutingDecision(False, "our own result object (loop guard)")
     sop_class = UID(str(ds.get("SOPClassUID", "")))
     if sop_class not in IMAGE_SOP_CLASS_MODALITY:
         return RoutingDecision(False, f"not an image SOP class ({sop_class.name or sop_class})")

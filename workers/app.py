@@ -11,6 +11,7 @@ from celery import Celery
 from dicom_node.config import Settings
 
 ANALYZE_TASK = "workers.tasks.analyze"
+DELIVER_TASK = "workers.tasks.deliver"
 QUEUE = "spinenode"
 
 app = Celery("spinenode", include=["workers.tasks"])
@@ -67,6 +68,10 @@ def settings() -> Settings:
 
 def enqueue_analysis(instance_id: int) -> None:
     app.send_task(ANALYZE_TASK, args=[instance_id], queue=QUEUE)
+
+
+def enqueue_delivery(delivery_id: int, countdown: float | None = None) -> None:
+    app.send_task(DELIVER_TASK, args=[delivery_id], queue=QUEUE, countdown=countdown)
 
 
 def queue_depth() -> int:

@@ -35,6 +35,7 @@ class DecodedImage:
     photometric_interpretation: str
     bits_stored: int
     decode_seconds: float
+    window: tuple[float, float]  # (center, width) in modality values: for a GSPS
 
 
 def _first(value: object) -> float:
@@ -67,29 +68,42 @@ def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:
     return np.clip(mapped / float(2**output_bits - 1), 0.0, 1.0)
 
 
-def _window(values: np.ndarray, ds: Dataset) -> np.ndarray:
+def _percentile_window(values: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(values, FALLBACK_WINDOW_PERCENTILES)
+    return (float(low) + float(high)) / 2, float(high) - float(low)
+
+
+def _window(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[float, float]]:
+    """The image through the file's VOI, and the window (center, width) a viewer would use."""
     try:
         if "VOILUTSequence" in ds:
-            return _apply_voi_lut_sequence(values, ds)
+            return _apply_voi_lut_sequence(values, ds), _percentile_window(values)
         if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
-            return _apply_window(values, ds)
+            window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
+            return _apply_window(values, ds), window
     except (ValueError, TypeError, IndexError, AttributeError, ZeroDivisionError):
         pass  # a malformed VOI: fall back to the percentile window below
-    low, high = np.percentile(values, FALLBACK_WINDOW_PERCENTILES)
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.float32)
-    return np.clip((values.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+    center, width = _percentile_window(values)
+    if width <= 0:
+        return np.zeros(values.shape, dtype=np.float32), (center, 1.0)
+    low = center - width / 2
+    return np.clip((values.astype(np.float32) - low) / width, 0.0, 1.0), (center, width)
 
 
-def normalise(ds: Dataset, raw: np.ndarray) -> np.ndarray:
-    """Raw stored values -> [0, 1] float32 with bright bone, per the file's LUTs and photometry."""
+def normalise_with_window(ds: Dataset, raw: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """Raw stored values -> [0, 1] float32 with bright bone, per the file's LUTs and photometry,
+    and the window used (center, width, in modality values)."""
     if raw.ndim == 3 and raw.shape[-1] in (3, 4):  # colour secondary capture: use luminance
         raw = raw[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     values = apply_modality_lut(raw, ds) if raw.ndim == 2 else raw
-    image = _window(np.asarray(values), ds)
+    image, window = _window(np.asarray(values), ds)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         image = 1.0 - image
-    return np.ascontiguousarray(image, dtype=np.float32)
+    return np.ascontiguousarray(image, dtype=np.float32), window
+
+
+def normalise(ds: Dataset, raw: np.ndarray) -> np.ndarray:
+    return normalise_with_window(ds, raw)[0]
 
 
 def decode(source: Path | Dataset, max_pixels: int | None = None) -> DecodedImage:
@@ -108,7 +122,7 @@ def decode(source: Path | Dataset, max_pixels: int | None = None) -> DecodedImag
             f"cannot decode pixel data: {error.__class__.__name__}: {error}") from None
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raw = raw[0]
-    pixels = normalise(ds, raw)
+    pixels, window = normalise_with_window(ds, raw)
     return DecodedImage(
         pixels=pixels,
         rows=rows,
@@ -116,4 +130,5 @@ def decode(source: Path | Dataset, max_pixels: int | None = None) -> DecodedImag
         photometric_interpretation=str(ds.get("PhotometricInterpretation", "")),
         bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 0))),
         decode_seconds=time.perf_counter() - start,
+        window=window,
     )

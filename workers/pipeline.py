@@ -26,15 +26,20 @@ from dicom_node.config import Settings
 from dicom_node.db.models import (
     CLAIMABLE,
     Analysis,
+    Delivery,
     Finding,
     Instance,
     InstanceEvent,
     InstanceStatus,
+    Output,
     utcnow,
 )
+from dicom_node.outbox import destinations_for
+from workers.app import enqueue_delivery
 from workers.bundle import Bundle
 from workers.decoding import decode_all
 from workers.imaging import DecodedImage, DecodeError
+from workers.results import BuiltOutput, build_outputs, summary_of
 
 if TYPE_CHECKING:
     from workers.runtime import ImageAnalysis, ModelRuntime
@@ -52,6 +57,7 @@ class Claim:
     attempt: int
     spool_path: Path
     sha256: str
+    calling_ae: str
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ def claim(sessions: sessionmaker[Session], instance_id: int, lease_seconds: int,
         session.add(InstanceEvent(instance=instance, event="claimed",
                                   detail=f"attempt {instance.attempts} by {worker_name()}"))
         return Claim(instance_id, token, instance.attempts, Path(instance.spool_path),
-                     instance.sha256)
+                     instance.sha256, instance.calling_ae)
 
 
 def _set_failed(session: Session, instance: Instance, message: str) -> None:
@@ -193,13 +199,19 @@ def _process_claims(settings: Settings, sessions: sessionmaker[Session], claims:
         (held.instance_id for held, _ in to_analyse),
         runtime.analyse([image.pixels for _, image in to_analyse]), strict=True))
     for held, image in ready:
-        outcomes[held.instance_id] = _finish(sessions, held, image, runtime,
-                                             results.get(held.instance_id))
+        result = results.get(held.instance_id)
+        outputs = [] if result is None or runtime is None else build_outputs(
+            settings, held.spool_path, image, summary_of(runtime.bundle, result),
+            held.calling_ae)
+        outcomes[held.instance_id] = _finish(settings, sessions, held, image, runtime, result,
+                                             outputs)
     return [outcomes[held.instance_id] for held in claims]
 
 
-def _finish(sessions: sessionmaker[Session], held: Claim, image: DecodedImage,
-            runtime: ModelRuntime | None, result: ImageAnalysis | None) -> Outcome:
+def _finish(settings: Settings, sessions: sessionmaker[Session], held: Claim,
+            image: DecodedImage, runtime: ModelRuntime | None, result: ImageAnalysis | None,
+            outputs: list[BuiltOutput]) -> Outcome:
+    deliveries: list[Delivery] = []
     try:
         with sessions.begin() as session:
             instance = _held(session, held)
@@ -213,10 +225,36 @@ def _finish(sessions: sessionmaker[Session], held: Claim, image: DecodedImage,
             else:
                 instance.status = InstanceStatus.DONE
                 if result is not None:
-                    _record_analysis(session, instance, runtime, image, result)
-            return Outcome(instance.status)
+                    analysis = _record_analysis(session, instance, runtime, image, result)
+                    deliveries = _record_outbox(session, settings, analysis, outputs,
+                                                held.calling_ae)
+            status = instance.status
     except SQLAlchemyError as error:
         return _release_for_retry(sessions, held, f"database error: {error.__class__.__name__}")
+    for delivery in deliveries:  # after the commit; the reconciler sends any this misses
+        try:
+            enqueue_delivery(delivery.id)
+        except Exception as error:
+            log.warning("could not queue delivery %d: %s", delivery.id, error)
+    return Outcome(status)
+
+
+def _record_outbox(session: Session, settings: Settings, analysis: Analysis,
+                   outputs: list[BuiltOutput], calling_ae: str) -> list[Delivery]:
+    """An Output row per object and a Delivery per (object, destination that wants it)."""
+    destinations = destinations_for(settings, calling_ae)
+    deliveries = []
+    for built in outputs:
+        output = Output(analysis=analysis, kind=built.kind, sop_class_uid=built.sop_class_uid,
+                        sop_instance_uid=built.sop_instance_uid,
+                        transfer_syntax_uid=built.transfer_syntax_uid, path=str(built.path))
+        session.add(output)
+        for destination in destinations:
+            if built.kind in destination.kinds:
+                deliveries.append(Delivery(output=output, destination=str(destination)))
+    session.add_all(deliveries)
+    session.flush()
+    return deliveries
 
 
 def _record_decode(session: Session, instance: Instance, image: DecodedImage) -> None:
@@ -248,7 +286,7 @@ def _already_analysed(sessions: sessionmaker[Session], held: Claim, bundle: Bund
 
 
 def _record_analysis(session: Session, instance: Instance, runtime: ModelRuntime,
-                     image: DecodedImage, result: ImageAnalysis) -> None:
+                     image: DecodedImage, result: ImageAnalysis) -> Analysis:
     manifest = runtime.bundle.manifest
     classification = result.classification
     analysis = Analysis(
@@ -275,6 +313,7 @@ def _record_analysis(session: Session, instance: Instance, runtime: ModelRuntime
     log.info("instance %d analysed with %s: %s p=%.3f, %d findings", instance.id,
              runtime.bundle.label, analysis.label, classification.probability,
              len(result.boxes))
+    return analysis
 
 
 def _finish_failed(sessions: sessionmaker[Session], held: Claim, message: str) -> Outcome:

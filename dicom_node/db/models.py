@@ -175,6 +175,8 @@ class Analysis(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="analyses")
+    outputs: Mapped[list[Output]] = relationship(back_populates="analysis",
+                                                 order_by="Output.id")
     findings: Mapped[list[Finding]] = relationship(back_populates="analysis",
                                                    order_by="Finding.id")
 
@@ -195,3 +197,49 @@ class Finding(Base):
     y1: Mapped[float] = mapped_column(Float)
 
     analysis: Mapped[Analysis] = relationship(back_populates="findings")
+
+
+class Output(Base):
+    """A DICOM object we made from an analysis (SR, SC overlay, GSPS), kept in the spool."""
+
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    analysis_pk: Mapped[int] = mapped_column(ForeignKey("analyses.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # sr, sc, sc-jpeg, gsps
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    analysis: Mapped[Analysis] = relationship(back_populates="outputs")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="output",
+                                                      order_by="Delivery.id")
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"  # due at next_attempt_at
+    SENDING = "sending"  # a worker holds it until lease_until
+    DELIVERED = "delivered"
+    FAILED = "failed"  # dead letter: last_error says why; `spinenode deliveries retry`
+
+
+class Delivery(Base):
+    """The outbox: one object to one destination, until the peer has it."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_status_next", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    output_pk: Mapped[int] = mapped_column(ForeignKey("outputs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(128))  # AE@host:port
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column()
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    delivered_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    output: Mapped[Output] = relationship(back_populates="deliveries")

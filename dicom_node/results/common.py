@@ -10,16 +10,15 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node import __version__
+from dicom_node.results.identity import MANUFACTURER, MODEL_NAME
 
-MANUFACTURER = "spinenode"
-MODEL_NAME = "spinenode DERNet + YOLO11"
+__all__ = ["MANUFACTURER", "MODEL_NAME"]
+
 DEVICE_SERIAL_NUMBER = "spinenode-1"
 BANNER = "AI result, not for primary diagnosis"
 # Private scheme for what SNOMED CT has no verified code for here; declared in each object's
 # Coding Scheme Identification Sequence.
 PRIVATE_SCHEME = "99SPINENODE"
-# Marks our objects: a PACS that routes them back to us must not have them analysed.
-CREATOR_SIGNATURE = f"{MANUFACTURER} {MODEL_NAME}"
 
 # Patient/study attributes that must agree across a study (dcentvfy) and that highdicom's
 # constructors do not copy from the source image.

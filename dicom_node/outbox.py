@@ -1,0 +1,143 @@
+"""The outbox: deliveries of our objects to destinations, retried with exponential backoff until
+the peer has them, or dead-lettered (status failed) with the reason."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import Destination, Settings
+from dicom_node.db.models import Delivery, DeliveryStatus, Output, utcnow
+from dicom_node.sender import send_file
+
+log = logging.getLogger(__name__)
+
+
+def destinations_for(settings: Settings, calling_ae: str) -> list[Destination]:
+    """Where the results of an image from ``calling_ae`` go."""
+    replies = [d for d in settings.reply_to_calling_ae if d.ae_title == calling_ae]
+    chosen = list(settings.destinations)
+    chosen += [d for d in replies if d.address not in {c.address for c in chosen}]
+    return chosen
+
+
+def backoff_seconds(settings: Settings, attempts: int) -> float:
+    """Delay before attempt ``attempts + 1``: base * 2^(attempts - 1), capped."""
+    return min(settings.delivery_retry_seconds * 2 ** max(attempts - 1, 0),
+               settings.delivery_max_backoff_seconds)
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    status: str  # delivered, pending (retry later), failed (dead letter), skipped (not ours)
+    retry_in: float | None = None
+    reason: str = ""
+
+
+def _claim(sessions: sessionmaker[Session], delivery_id: int,
+           lease_seconds: int) -> tuple[Path, Destination, int] | None:
+    now = utcnow()
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Delivery).where(Delivery.id == delivery_id)
+            .where(or_(
+                (Delivery.status == DeliveryStatus.PENDING) & (Delivery.next_attempt_at <= now),
+                (Delivery.status == DeliveryStatus.SENDING) & (Delivery.lease_until < now),
+            ))
+            .values(status=DeliveryStatus.SENDING, attempts=Delivery.attempts + 1,
+                    lease_until=now + timedelta(seconds=lease_seconds))
+        )
+        if result.rowcount != 1:
+            return None
+        delivery = session.get(Delivery, delivery_id)
+        assert delivery is not None
+        return Path(delivery.output.path), Destination.parse(delivery.destination), \
+            delivery.attempts
+
+
+def deliver(settings: Settings, sessions: sessionmaker[Session],
+            delivery_id: int) -> DeliveryOutcome:
+    claimed = _claim(sessions, delivery_id, settings.task_lease_seconds)
+    if claimed is None:
+        return DeliveryOutcome("skipped", reason="not due, or delivered, or held elsewhere")
+    path, destination, attempts = claimed
+    try:
+        result = send_file(path, destination, settings.ae_title, settings.max_pdu)
+    except Exception as error:  # a missing file, a network error: try again later
+        result_reason = f"{error.__class__.__name__}: {error}"
+        delivered, permanent = False, not path.exists()
+    else:
+        result_reason, delivered, permanent = result.reason, result.delivered, result.permanent
+    now = utcnow()
+    with sessions.begin() as session:
+        delivery = session.get(Delivery, delivery_id)
+        assert delivery is not None
+        delivery.lease_until = None
+        delivery.last_error = result_reason
+        if delivered:
+            delivery.status = DeliveryStatus.DELIVERED
+            delivery.delivered_at = now
+            log.info("delivery %d to %s done", delivery_id, destination.address)
+            return DeliveryOutcome("delivered", reason=result_reason)
+        if permanent or attempts >= settings.max_delivery_attempts:
+            delivery.status = DeliveryStatus.FAILED
+            if not permanent:
+                delivery.last_error = f"gave up after {attempts} attempts; last: {result_reason}"
+            log.warning("delivery %d to %s failed for good: %s", delivery_id,
+                        destination.address, delivery.last_error)
+            return DeliveryOutcome("failed", reason=delivery.last_error)
+        delay = backoff_seconds(settings, attempts)
+        delivery.status = DeliveryStatus.PENDING
+        delivery.next_attempt_at = now + timedelta(seconds=delay)
+        log.info("delivery %d to %s will be retried in %.0f s: %s", delivery_id,
+                 destination.address, delay, result_reason)
+        return DeliveryOutcome("pending", retry_in=delay, reason=result_reason)
+
+
+def due_deliveries(sessions: sessionmaker[Session]) -> list[int]:
+    """Pending deliveries that are due, and sends whose worker died (lease ran out)."""
+    now = utcnow()
+    with sessions() as session:
+        return list(session.scalars(
+            select(Delivery.id).where(or_(
+                (Delivery.status == DeliveryStatus.PENDING) & (Delivery.next_attempt_at <= now),
+                (Delivery.status == DeliveryStatus.SENDING) & (Delivery.lease_until < now),
+            )).order_by(Delivery.id)
+        ).all())
+
+
+def retry_deliveries(sessions: sessionmaker[Session], ids: list[int] | None) -> list[int]:
+    """Make failed deliveries (these, or all of them) due again with a fresh attempt count."""
+    with sessions.begin() as session:
+        query = select(Delivery).where(Delivery.status == DeliveryStatus.FAILED)
+        if ids is not None:
+            query = query.where(Delivery.id.in_(ids))
+        rows = session.scalars(query).all()
+        for delivery in rows:
+            delivery.status = DeliveryStatus.PENDING
+            delivery.attempts = 0
+            delivery.next_attempt_at = utcnow()
+        return [delivery.id for delivery in rows]
+
+
+def list_deliveries(sessions: sessionmaker[Session], status: str | None = None,
+                    limit: int = 100) -> list[dict]:
+    query = (select(Delivery, Output).join(Delivery.output)
+             .order_by(Delivery.id.desc()).limit(limit))
+    if status:
+        query = query.where(Delivery.status == status)
+    with sessions() as session:
+        return [
+            {"id": delivery.id, "status": delivery.status, "destination": delivery.destination,
+             "kind": output.kind, "sop_instance_uid": output.sop_instance_uid,
+             "attempts": delivery.attempts, "last_error": delivery.last_error,
+             "next_attempt_at": delivery.next_attempt_at.isoformat(timespec="seconds"),
+             "delivered_at": delivery.delivered_at.isoformat(timespec="seconds")
+             if delivery.delivered_at else None}
+            for delivery, output in session.execute(query).all()
+        ]

@@ -1,0 +1,68 @@
+"""Turn an analysis into the DICOM objects that go back to the PACS (files in the data dir)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+
+from dicom_node.config import DEFAULT_RESULT_KINDS, RESULT_KINDS, Destination, Settings
+from dicom_node.outbox import destinations_for
+from dicom_node.results.common import AnalysisResult, FindingBox
+from dicom_node.results.gsps import build_gsps
+from dicom_node.results.overlay import build_overlay
+from dicom_node.results.sr import build_sr
+from workers.bundle import Bundle
+from workers.imaging import DecodedImage
+
+
+@dataclass(frozen=True)
+class BuiltOutput:
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    path: Path
+
+
+def summary_of(bundle: Bundle, analysis) -> AnalysisResult:  # noqa: ANN001 (ImageAnalysis)
+    classification = analysis.classification
+    return AnalysisResult(
+        bundle_name=bundle.manifest.name, bundle_version=bundle.manifest.version,
+        clinical_use=bundle.manifest.clinical_use, abnormal=classification.abnormal,
+        probability=classification.probability, threshold=classification.threshold,
+        member_probabilities=classification.member_probabilities,
+        findings=[FindingBox(b.class_name, b.score, b.x0, b.y0, b.x1, b.y1)
+                  for b in analysis.boxes],
+    )
+
+
+def kinds_for(destinations: list[Destination]) -> list[str]:
+    wanted = {kind for destination in destinations for kind in destination.kinds}
+    return [kind for kind in RESULT_KINDS if kind in (wanted or set(DEFAULT_RESULT_KINDS))]
+
+
+def build_outputs(settings: Settings, source_path: Path, image: DecodedImage,
+                  summary: AnalysisResult, calling_ae: str) -> list[BuiltOutput]:
+    source = dcmread(source_path, stop_before_pixels=True)
+    grey = np.round(image.pixels * 255).astype(np.uint8)
+    folder = settings.data_dir / "outputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    built = []
+    for kind in kinds_for(destinations_for(settings, calling_ae)):
+        if kind == "sr":
+            ds = build_sr(source, summary)
+        elif kind in ("sc", "sc-jpeg"):
+            ds = build_overlay(source, grey, summary, jpeg=kind == "sc-jpeg")
+        else:
+            ds = build_gsps(source, summary, window=image.window)
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        with open(path, "rb") as handle:  # on disk before the outbox row says it is
+            os.fsync(handle.fileno())
+        built.append(BuiltOutput(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                 str(ds.file_meta.TransferSyntaxUID), path))
+    return built
