@@ -26,6 +26,12 @@ class SendResult:
     reason: str
 
 
+def _refused(destination: Destination, sop_class, syntax, result: int | None) -> SendResult:  # noqa: ANN001
+    detail = f" (presentation context result {result:#04x})" if result is not None else ""
+    return SendResult(False, True, f"{destination.address} refused {sop_class.name} in "
+                                   f"{syntax.name}{detail}")
+
+
 def send_file(path: Path, destination: Destination, calling_ae: str, max_pdu: int,
               timeout: float = 60) -> SendResult:
     ds = dcmread(path)
@@ -37,6 +43,9 @@ def send_file(path: Path, destination: Destination, calling_ae: str, max_pdu: in
     # One presentation context for exactly this object's SOP class and transfer syntax.
     ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established and assoc.rejected_contexts:
+        # The peer answered but took none of our contexts: pynetdicom then aborts.
+        return _refused(destination, sop_class, syntax, assoc.rejected_contexts[0].result)
     if not assoc.is_established:
         if assoc.is_rejected:
             return SendResult(False, False, f"{destination.address} rejected the association")
@@ -45,9 +54,8 @@ def send_file(path: Path, destination: Destination, calling_ae: str, max_pdu: in
     try:
         if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
             rejected = assoc.rejected_contexts[0] if assoc.rejected_contexts else None
-            detail = f" (result {rejected.result:#04x})" if rejected is not None else ""
-            return SendResult(False, True, f"{destination.address} refused {sop_class.name} "
-                                           f"in {syntax.name}{detail}")
+            return _refused(destination, sop_class, syntax,
+                            rejected.result if rejected is not None else None)
         status = assoc.send_c_store(ds)
     finally:
         if assoc.is_established:
