@@ -111,10 +111,10 @@ class NodeProcess:
 
     def __init__(self, data_dir: Path, database_url: str, *, broker_url: str = "embedded",
                  args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                 command: str = "serve"):
+                 command: str = "serve", port: int | None = None):
         self.data_dir = data_dir
         self.database_url = database_url
-        self.port = free_port()
+        self.port = port or free_port()
         self.env = {
             **os.environ,
             "SPINENODE_DATA_DIR": str(data_dir),

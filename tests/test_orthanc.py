@@ -1,0 +1,115 @@
+"""Orthanc (Debian's package) plays the PACS: a modality stores to Orthanc, Orthanc auto-routes
+every stored instance to the node (Lua OnStoredInstance), and the node's SR, SC and GSPS arrive
+back in the same study. Orthanc routes those to the node too: they are never analysed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import func, select
+
+from dicom_node.db.models import Analysis
+from dicom_node.db.session import session_factory
+from tests.conftest import free_port, storescu, wait_for, wait_until_settled
+from tests.samples import make_radiograph
+
+ROUTE_EVERYTHING = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  SendToModality(instanceId, 'spinenode')
+end
+"""
+
+class Orthanc:
+    def __init__(self, folder: Path, node_port: int):
+        folder.mkdir(parents=True)
+        self.http_port, self.dicom_port = free_port(), free_port()
+        (folder / "route.lua").write_text(ROUTE_EVERYTHING)
+        config = {
+            "Name": "test-pacs", "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "storage"), "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "HttpServerEnabled": True, "Plugins": [],
+            "LuaScripts": [str(folder / "route.lua")],
+            "DicomModalities": {"spinenode": ["SPINENODE", "127.0.0.1", node_port]},
+            "DicomAlwaysAllowStore": True, "UnknownSopClassAccepted": True,
+        }
+        (folder / "orthanc.json").write_text(json.dumps(config))
+        self.log = open(folder / "orthanc.log", "wb")
+        self.process = subprocess.Popen(["Orthanc", str(folder / "orthanc.json")],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self._alive() and self.get("/system"), 60, what="Orthanc to start")
+
+    def _alive(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"Orthanc exited with {self.process.returncode}")
+        return True
+
+    def get(self, path: str) -> object:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}",
+                                        timeout=10) as response:
+                return json.load(response)
+        except OSError:
+            return None
+
+    def study_instances(self, study_uid: str) -> list[dict]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/tools/find", method="POST",
+            data=json.dumps({"Level": "Instance", "Expand": True,
+                             "Query": {"StudyInstanceUID": study_uid}}).encode())
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
+
+
+@pytest.fixture
+def orthanc_for(tmp_path: Path) -> Iterator:
+    started: list[Orthanc] = []
+
+    def start(node_port: int) -> Orthanc:
+        started.append(Orthanc(tmp_path / "orthanc", node_port))
+        return started[-1]
+
+    yield start
+    for orthanc in started:
+        orthanc.stop()
+
+
+def test_results_come_back_to_orthanc_and_rerouting_is_harmless(
+        tmp_path: Path, sqlite_url: str, test_bundle: Path, start_node, orthanc_for) -> None:
+    node_port = free_port()  # Orthanc must know where to route before the node starts
+    orthanc = orthanc_for(node_port)
+    start_node(sqlite_url, port=node_port, env={
+        "SPINENODE_BUNDLE": str(test_bundle),
+        "SPINENODE_DESTINATIONS": f"ORTHANC@127.0.0.1:{orthanc.dicom_port}/sr+sc+gsps",
+        "SPINENODE_ROUTE_MODALITIES": "CR,DX,OT",  # so the returned SC is a real loop test
+    })
+    source = make_radiograph(tmp_path / "spine.dcm")
+    study_uid = str(dcmread(source, stop_before_pixels=True).StudyInstanceUID)
+    result = storescu(orthanc.dicom_port, [source], called_ae="ORTHANC")
+    assert result.returncode == 0, result.stderr
+
+    def four_in_study() -> list[dict] | None:
+        found = orthanc.study_instances(study_uid)
+        return found if len(found) >= 4 else None
+
+    found = wait_for(four_in_study, 180, interval=1, what="SR, SC and GSPS in Orthanc")
+    modalities = sorted(orthanc.get(f"/instances/{i['ID']}/simplified-tags")["Modality"]
+                        for i in found)
+    assert modalities == ["DX", "OT", "PR", "SR"]
+    # Orthanc sent our three objects back to the node as well: stored, skipped, not analysed.
+    rows = wait_until_settled(sqlite_url, 4, timeout=120)
+    assert sorted(row.status for row in rows) == ["done", "skipped", "skipped", "skipped"]
+    assert all("loop guard" in row.reason for row in rows if row.status == "skipped")
+    with session_factory(sqlite_url)() as session:
+        assert session.scalar(select(func.count(Analysis.id))) == 1
