@@ -4,9 +4,6 @@ back in the same study. Orthanc routes those to the node too: they are never ana
 
 from __future__ import annotations
 
-import json
-import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,59 +14,8 @@ from sqlalchemy import func, select
 from dicom_node.db.models import Analysis
 from dicom_node.db.session import session_factory
 from tests.conftest import free_port, storescu, wait_for, wait_until_settled
+from tests.orthanc import Orthanc
 from tests.samples import make_radiograph
-
-ROUTE_EVERYTHING = """
-function OnStoredInstance(instanceId, tags, metadata, origin)
-  SendToModality(instanceId, 'spinenode')
-end
-"""
-
-class Orthanc:
-    def __init__(self, folder: Path, node_port: int):
-        folder.mkdir(parents=True)
-        self.http_port, self.dicom_port = free_port(), free_port()
-        (folder / "route.lua").write_text(ROUTE_EVERYTHING)
-        config = {
-            "Name": "test-pacs", "StorageDirectory": str(folder / "storage"),
-            "IndexDirectory": str(folder / "storage"), "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "HttpServerEnabled": True, "Plugins": [],
-            "LuaScripts": [str(folder / "route.lua")],
-            "DicomModalities": {"spinenode": ["SPINENODE", "127.0.0.1", node_port]},
-            "DicomAlwaysAllowStore": True, "UnknownSopClassAccepted": True,
-        }
-        (folder / "orthanc.json").write_text(json.dumps(config))
-        self.log = open(folder / "orthanc.log", "wb")
-        self.process = subprocess.Popen(["Orthanc", str(folder / "orthanc.json")],
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self._alive() and self.get("/system"), 60, what="Orthanc to start")
-
-    def _alive(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"Orthanc exited with {self.process.returncode}")
-        return True
-
-    def get(self, path: str) -> object:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}",
-                                        timeout=10) as response:
-                return json.load(response)
-        except OSError:
-            return None
-
-    def study_instances(self, study_uid: str) -> list[dict]:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}/tools/find", method="POST",
-            data=json.dumps({"Level": "Instance", "Expand": True,
-                             "Query": {"StudyInstanceUID": study_uid}}).encode())
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
-        self.log.close()
 
 
 @pytest.fixture
