@@ -157,3 +157,18 @@ def test_bad_destination_objects_are_refused(text: str) -> None:
 
     with pytest.raises(SettingsError, match="SPINENODE_DESTINATIONS"):
         load_settings(destinations=text)
+
+
+def test_reply_to_the_calling_ae_and_backoff() -> None:
+    from dicom_node.config import load_settings
+    from dicom_node.outbox import backoff_seconds, destinations_for
+
+    settings = load_settings(destinations="PACS@10.0.0.5:104",
+                             reply_to_calling_ae="CT1@10.0.0.7:104/sr,PACS@10.0.0.5:104",
+                             delivery_retry_seconds=30, delivery_max_backoff_seconds=3600)
+    assert [str(d) for d in destinations_for(settings, "CT1")] == ["PACS@10.0.0.5:104",
+                                                                    "CT1@10.0.0.7:104/sr"]
+    assert [str(d) for d in destinations_for(settings, "CR2")] == ["PACS@10.0.0.5:104"]
+    # The PACS is not sent the same object twice because it also asked for replies.
+    assert len(destinations_for(settings, "PACS")) == 1
+    assert [backoff_seconds(settings, n) for n in (1, 2, 3, 4, 10)] == [30, 60, 120, 240, 3600]
