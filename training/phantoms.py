@@ -1,0 +1,234 @@
+"""Synthetic spine radiograph phantoms, written in exactly VinDr-SpineXR's layout (DICOM + CSV).
+
+Each image: soft tissue, a column of vertebral bodies with discs between them, noise. About half
+the images are normal; the others carry 1-3 lesions drawn with a distinct visual sign each, with
+class frequencies following the paper's imbalance:
+
+- Osteophytes: a bright spur at a vertebral corner
+- Surgical implant: a metal-bright rod with screw heads across two or three vertebrae
+- Spondylolysthesis: a vertebra slipped sideways over the one below
+- Foraminal stenosis: a bright bony overgrowth beside a disc
+- Disc space narrowing: a disc much thinner than its neighbours
+- Vertebral collapse: a vertebra of about half the normal height
+- Other lesions: a dark round lytic spot inside a vertebra
+
+Deterministic by seed; image size and counts are parameters.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
+)
+
+from training.vindr import COLUMNS, NO_FINDING, csv_path, image_path
+from workers.bundle import VINDR_CLASSES
+
+# Relative lesion frequencies (VinDr-SpineXR's training boxes, rounded): osteophytes dominate,
+# other lesions are rare.
+CLASS_FREQUENCIES = {
+    "Osteophytes": 0.45,
+    "Disc space narrowing": 0.17,
+    "Surgical implant": 0.12,
+    "Foraminal stenosis": 0.10,
+    "Spondylolysthesis": 0.07,
+    "Vertebral collapse": 0.06,
+    "Other lesions": 0.03,
+}
+BITS = 12
+TOP = 2**BITS - 1
+
+
+@dataclass
+class Vertebra:
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+@dataclass(frozen=True)
+class PhantomBox:
+    class_name: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+def _fill_rect(image: np.ndarray, x0: float, y0: float, x1: float, y1: float,
+               value: float) -> None:
+    h, w = image.shape
+    r0, r1 = int(max(0, round(y0))), int(min(h, round(y1)))
+    c0, c1 = int(max(0, round(x0))), int(min(w, round(x1)))
+    image[r0:r1, c0:c1] = value
+
+
+def _disc(image: np.ndarray, cx: float, cy: float, radius: float, value: float) -> None:
+    h, w = image.shape
+    y, x = np.ogrid[:h, :w]
+    image[(x - cx) ** 2 + (y - cy) ** 2 <= radius**2] = value
+
+
+def _clip_box(box: PhantomBox, width: int, height: int) -> PhantomBox:
+    return PhantomBox(box.class_name, max(0.0, box.x0), max(0.0, box.y0),
+                      min(float(width), box.x1), min(float(height), box.y1))
+
+
+def draw_phantom(rng: np.random.Generator, height: int, width: int,
+                 lesions: list[str]) -> tuple[np.ndarray, list[PhantomBox]]:
+    """A [0, 1] image (bright bone) and the boxes of the lesions drawn on it."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    centre = width / 2 + rng.uniform(-0.05, 0.05) * width
+    image = 0.15 + 0.25 * np.exp(-(((x - centre) / (width * 0.3)) ** 2))
+    count = 5
+    body_h = height * 0.8 / (count * 1.35)
+    gap = body_h * 0.35
+    body_w = width * rng.uniform(0.2, 0.26)
+    top = height * 0.1
+    vertebrae = []
+    for index in range(count):
+        y0 = top + index * (body_h + gap)
+        vertebrae.append(Vertebra(centre - body_w / 2, y0, centre + body_w / 2, y0 + body_h))
+    boxes: list[PhantomBox] = []
+    # Geometric lesions first: they move or reshape the vertebrae before drawing.
+    for lesion in lesions:
+        k = int(rng.integers(1, count - 1))
+        v, below = vertebrae[k], vertebrae[k + 1]
+        if lesion == "Spondylolysthesis":
+            shift = body_w * rng.uniform(0.2, 0.3) * rng.choice([-1, 1])
+            v.x0 += shift
+            v.x1 += shift
+            boxes.append(PhantomBox(lesion, min(v.x0, below.x0), v.y0, max(v.x1, below.x1),
+                                    below.y1))
+        elif lesion == "Vertebral collapse":
+            v.y0 = v.y1 - body_h * rng.uniform(0.4, 0.55)
+            boxes.append(PhantomBox(lesion, v.x0, v.y0, v.x1, v.y1))
+        elif lesion == "Disc space narrowing":
+            below.y0 = v.y1 + gap * rng.uniform(0.1, 0.25)
+            boxes.append(PhantomBox(lesion, v.x0, v.y1 - body_h * 0.15, v.x1,
+                                    below.y0 + body_h * 0.15))
+    for v in vertebrae:
+        _fill_rect(image, v.x0, v.y0, v.x1, v.y1, 0.72)
+        _fill_rect(image, v.x0 + 3, v.y0 + 3, v.x1 - 3, v.y1 - 3, 0.62)  # cortex brighter
+    for lesion in lesions:
+        k = int(rng.integers(0, count))
+        v = vertebrae[k]
+        if lesion == "Osteophytes":
+            side = rng.choice([-1, 1])
+            edge = v.x0 if side < 0 else v.x1
+            corner = v.y0 if rng.random() < 0.5 else v.y1
+            size = body_w * rng.uniform(0.12, 0.2)
+            for step in range(int(size)):  # a triangle pointing outwards
+                half = (size - step) * 0.5
+                _fill_rect(image, edge + side * step - 1, corner - half, edge + side * step + 1,
+                           corner + half, 0.85)
+            x_lo, x_hi = sorted((edge, edge + side * size))
+            boxes.append(PhantomBox(lesion, x_lo - 2, corner - size / 2 - 2, x_hi + 2,
+                                    corner + size / 2 + 2))
+        elif lesion == "Surgical implant":
+            span = int(rng.integers(2, 4))
+            first = vertebrae[min(k, count - span)]
+            last = vertebrae[min(k, count - span) + span - 1]
+            rod_x = first.x0 + (first.x1 - first.x0) * rng.uniform(0.25, 0.75)
+            rod_w = body_w * 0.06
+            _fill_rect(image, rod_x - rod_w, first.y0, rod_x + rod_w, last.y1, 1.0)
+            for vv in vertebrae[vertebrae.index(first):vertebrae.index(last) + 1]:
+                cy = (vv.y0 + vv.y1) / 2
+                _fill_rect(image, rod_x - rod_w * 4, cy - rod_w, rod_x + rod_w * 4, cy + rod_w,
+                           1.0)
+            boxes.append(PhantomBox(lesion, rod_x - rod_w * 4 - 2, first.y0 - 2,
+                                    rod_x + rod_w * 4 + 2, last.y1 + 2))
+        elif lesion == "Foraminal stenosis":
+            k = min(k, count - 2)
+            cy = (vertebrae[k].y1 + vertebrae[k + 1].y0) / 2
+            cx = vertebrae[k].x1 + body_w * 0.15
+            radius = gap * rng.uniform(0.6, 0.9)
+            _disc(image, cx, cy, radius, 0.8)
+            boxes.append(PhantomBox(lesion, cx - radius - 2, cy - radius - 2, cx + radius + 2,
+                                    cy + radius + 2))
+        elif lesion == "Other lesions":
+            cx, cy = (v.x0 + v.x1) / 2, (v.y0 + v.y1) / 2
+            radius = min(v.x1 - v.x0, v.y1 - v.y0) * rng.uniform(0.15, 0.25)
+            _disc(image, cx, cy, radius, 0.2)
+            boxes.append(PhantomBox(lesion, cx - radius - 2, cy - radius - 2, cx + radius + 2,
+                                    cy + radius + 2))
+    image = image + rng.normal(0, 0.015, image.shape)
+    return np.clip(image, 0, 1).astype(np.float32), [_clip_box(b, width, height) for b in boxes]
+
+
+def _uid(seed: int, *parts: object) -> str:
+    return generate_uid(entropy_srcs=["spinenode-phantom", str(seed), *map(str, parts)])
+
+
+def write_dicom(path: Path, image: np.ndarray, ids: tuple[str, str, str], monochrome1: bool,
+                compress: bool, seed: int) -> None:
+    study_id, series_id, image_id = ids
+    stored = np.round((1 - image if monochrome1 else image) * TOP).astype(np.uint16)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ComputedRadiographyImageStorage  # like VinDr: CR, no Modality tag
+    ds.SOPInstanceUID = _uid(seed, image_id)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = _uid(seed, study_id)
+    ds.SeriesInstanceUID = _uid(seed, series_id)
+    ds.PatientID = f"PHANTOM-{study_id[:8]}"
+    ds.PatientName = "Phantom^Spine"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, BITS, BITS - 1, 0
+    ds.PixelData = stored.tobytes()
+    if compress:
+        ds.compress(JPEG2000Lossless)  # VinDr's own transfer syntax
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def generate(root: Path, *, train: int = 40, test: int = 20, height: int = 512,
+             width: int = 384, seed: int = 0, normal_fraction: float = 0.5,
+             compress: bool = False) -> Path:
+    """Write a phantom data set in VinDr-SpineXR's layout under ``root``."""
+    rng = np.random.default_rng(seed)
+    classes = list(CLASS_FREQUENCIES)
+    weights = np.array(list(CLASS_FREQUENCIES.values()))
+    weights /= weights.sum()
+    assert set(classes) == set(VINDR_CLASSES)
+    for split, count in (("train", train), ("test", test)):
+        rows = []
+        for index in range(count):
+            ids = tuple(f"{part}{rng.integers(0, 2**48):012x}" for part in ("st", "se", "im"))
+            abnormal = rng.random() >= normal_fraction
+            lesions = ([str(c) for c in rng.choice(classes, size=int(rng.integers(1, 4)),
+                                                   p=weights)] if abnormal else [])
+            image, boxes = draw_phantom(rng, height, width, lesions)
+            write_dicom(image_path(root, split, ids[2]), image, ids,
+                        monochrome1=bool(rng.random() < 0.5), compress=compress,
+                        seed=seed)
+            base = {"study_id": ids[0], "series_id": ids[1], "image_id": ids[2],
+                    "rad_id": f"R{index % 3 + 1}"}
+            if not boxes:
+                rows.append({**base, "lesion_type": NO_FINDING, "xmin": "", "ymin": "",
+                             "xmax": "", "ymax": ""})
+            rows += [{**base, "lesion_type": b.class_name, "xmin": f"{b.x0:.1f}",
+                      "ymin": f"{b.y0:.1f}", "xmax": f"{b.x1:.1f}", "ymax": f"{b.y1:.1f}"}
+                     for b in boxes]
+        path = csv_path(root, split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
