@@ -303,6 +303,24 @@ def cmd_deliveries(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    """Training lives in its own package; the node never imports it except for this command."""
+    from training.config import ConfigError, load_config
+    from training.prepare import prepare
+    from training.vindr import DatasetError
+
+    try:
+        config = load_config(args.train_config)
+        dataset = prepare(args.data, args.out, config)
+    except (ConfigError, DatasetError) as error:
+        raise Fatal(str(error)) from None
+    images = dataset["images"]
+    abnormal = sum(image["abnormal"] for image in images)
+    print(f"prepared {len(images)} images ({abnormal} abnormal) in {args.out}; "
+          f"data fingerprint {dataset['fingerprint'][:16]}")
+    return 0
+
+
 def parse_since(text: str) -> datetime:
     """ISO date/time, or an age such as 30m, 12h, 7d."""
     match = re.fullmatch(r"(\d+)([smhd])", text.strip())
@@ -410,6 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("id", type=int, nargs="?")
     retry.add_argument("--all-failed", action="store_true")
     _add_settings_flags(retry)
+
+    train = commands.add_parser("train", help="train a model bundle (VinDr-SpineXR layout)")
+    train_commands = train.add_subparsers(dest="train_command", required=True)
+    prepare = train_commands.add_parser(
+        "prepare", help="read the data set, cache normalised images, YOLO export, folds")
+    prepare.add_argument("--data", type=Path, required=True, help="VinDr-SpineXR folder")
+    prepare.add_argument("--out", type=Path, required=True, help="run folder")
+    prepare.add_argument("--config", dest="train_config", default="paper",
+                         help="paper, smoke or a YAML file (default paper)")
+    train.set_defaults(handler=cmd_train)
 
     status = commands.add_parser("status", help="instances per status and queue depth")
     _add_settings_flags(status)

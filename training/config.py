@@ -1,0 +1,42 @@
+"""Training configuration: ``paper`` (the paper's settings), ``smoke`` (minutes on a CPU) or a
+YAML file of the same shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+class DataConfig(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    cache_size: int = Field(1024, ge=32)
+    folds: int = Field(5, ge=2)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+
+
+class TrainingConfig(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line."""
+
+
+def load_config(name_or_path: str) -> TrainingConfig:
+    path = CONFIGS / f"{name_or_path}.yaml" if name_or_path in ("paper", "smoke") \
+        else Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"no training config {name_or_path!r} (use paper, smoke or a file)")
+    try:
+        return TrainingConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except (yaml.YAMLError, ValidationError) as error:
+        first = str(error).splitlines()
+        raise ConfigError(f"{path}: {' '.join(first[:3])}") from None
