@@ -26,19 +26,24 @@ class Classification:
     abnormal: bool
 
 
-def classifier_input(pixels: np.ndarray, spec: ClassifierSpec) -> torch.Tensor:
+def classifier_input(pixels: np.ndarray | torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:
     """[0, 1] grey image (H, W) -> normalised (3, S, S) tensor, S = the bundle's input size.
 
     The one preprocessing for the classifiers; training builds its inputs with it too.
     """
-    image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
-    size = spec.input_size
+    return resize_and_normalise(pixels, spec.input_size, spec.mean, spec.std)
+
+
+def resize_and_normalise(pixels: np.ndarray | torch.Tensor, size: int,
+                         mean: tuple[float, float, float],
+                         std: tuple[float, float, float]) -> torch.Tensor:
+    if isinstance(pixels, np.ndarray):
+        pixels = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    image = pixels.float().reshape(1, 1, *pixels.shape[-2:])
     image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True,
                           align_corners=False)[0]
     image = image.clamp(0, 1).expand(3, size, size)
-    mean = torch.tensor(spec.mean).view(3, 1, 1)
-    std = torch.tensor(spec.std).view(3, 1, 1)
-    return (image - mean) / std
+    return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
 def _zoom(batch: torch.Tensor, factor: float) -> torch.Tensor:
