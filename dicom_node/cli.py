@@ -306,18 +306,35 @@ def cmd_deliveries(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     """Training lives in its own package; the node never imports it except for this command."""
     from training.config import ConfigError, load_config
-    from training.prepare import prepare
     from training.vindr import DatasetError
 
     try:
         config = load_config(args.train_config)
-        dataset = prepare(args.data, args.out, config)
+        if args.train_command == "prepare":
+            from training.prepare import prepare
+
+            dataset = prepare(args.data, args.out, config)
+            images = dataset["images"]
+            abnormal = sum(image["abnormal"] for image in images)
+            print(f"prepared {len(images)} images ({abnormal} abnormal) in {args.out}; "
+                  f"data fingerprint {dataset['fingerprint'][:16]}")
+            return 0
+        if not (args.out / "dataset.json").is_file():
+            raise Fatal(f"{args.out} is not a prepared run: run 'spinenode train prepare' first")
+        from training.classify import cross_validate, fit_ensemble
+
+        if args.train_command == "classify":
+            for name, result in cross_validate(args.out, config).items():
+                aurocs = ", ".join(f"{f['val_auroc']:.3f}" for f in result["folds"])
+                print(f"{name}: validation AUROC per fold {aurocs}; best fold "
+                      f"{result['best_fold']}")
+        else:
+            summary = fit_ensemble(args.out, config)
+            weights = ", ".join(f"{k} {v:.2f}" for k, v in summary["weights"].items())
+            print(f"ensemble weights {weights}; threshold {summary['threshold']:.3f}; "
+                  f"out-of-fold AUROC {summary['oof_auroc']:.3f}")
     except (ConfigError, DatasetError) as error:
         raise Fatal(str(error)) from None
-    images = dataset["images"]
-    abnormal = sum(image["abnormal"] for image in images)
-    print(f"prepared {len(images)} images ({abnormal} abnormal) in {args.out}; "
-          f"data fingerprint {dataset['fingerprint'][:16]}")
     return 0
 
 
@@ -437,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", type=Path, required=True, help="run folder")
     prepare.add_argument("--config", dest="train_config", default="paper",
                          help="paper, smoke or a YAML file (default paper)")
+    for name, text in (("classify", "train the DERNet members, 5-fold cross-validation"),
+                       ("ensemble", "ensemble weights and threshold from the folds")):
+        step = train_commands.add_parser(name, help=text)
+        step.add_argument("--out", type=Path, required=True, help="the prepared run folder")
+        step.add_argument("--config", dest="train_config", default="paper")
     train.set_defaults(handler=cmd_train)
 
     status = commands.add_parser("status", help="instances per status and queue depth")

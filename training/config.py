@@ -20,10 +20,31 @@ class DataConfig(BaseModel):
     seed: int = 0
 
 
+class ClassifyConfig(BaseModel):
+    """DERNet training: AdamW, cosine, BCE with logits, early stopping on validation AUROC."""
+
+    model_config = {"extra": "forbid"}
+
+    members: list[str] = Field(default_factory=lambda: ["densenet121", "tf_efficientnetv2_s",
+                                                        "resnet50"])
+    input_size: int = Field(384, ge=32)
+    epochs: int = Field(60, ge=1)
+    patience: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    batch_size_efficientnet: int = Field(24, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    # EfficientNetV2-S is trained at growing sizes, the epochs split evenly between them.
+    progressive_sizes: list[int] = Field(default_factory=lambda: [128, 256, 384])
+    weight_step: float = Field(0.05, gt=0, le=0.5)  # ensemble weight grid
+    seed: int = 0
+
+
 class TrainingConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
     data: DataConfig = Field(default_factory=DataConfig)
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
 
 
 class ConfigError(ValueError):

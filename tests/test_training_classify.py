@@ -1,0 +1,95 @@
+"""DERNet cross-validation and ensemble fitting, smoke-sized, on phantoms."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import SPINENODE
+from training.config import load_config
+from training.metrics import youden_threshold
+from training.phantoms import generate
+from workers.dernet import build_member
+
+TINY = {
+    "data": {"cache_size": 96, "folds": 2, "val_fraction": 0.5, "seed": 0},
+    "classify": {"members": ["resnet50", "tf_efficientnetv2_s"], "input_size": 32, "epochs": 2,
+                 "patience": 2, "batch_size": 8, "batch_size_efficientnet": 8, "lr": 1e-3,
+                 "weight_decay": 1e-4, "progressive_sizes": [32, 32], "weight_step": 0.05,
+                 "seed": 0},
+}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SPINENODE, "train", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("classify")
+    data = generate(folder / "data", train=24, test=4, height=128, width=96, seed=5)
+    config = folder / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    run = folder / "run"
+    for step in (["prepare", "--data", str(data)], ["classify"], ["ensemble"]):
+        result = _cli(*step, "--out", str(run), "--config", str(config))
+        assert result.returncode == 0, result.stderr[-2000:]
+    return run, config
+
+
+def test_cross_validation_covers_every_training_image_once(trained) -> None:
+    run, _ = trained
+    images = json.loads((run / "dataset.json").read_text())["images"]
+    train_ids = {image["image_id"] for image in images if image["split"] == "train"}
+    for member in TINY["classify"]["members"]:
+        cv = json.loads((run / "classify" / member / "cv.json").read_text())
+        assert set(cv["oof"]) == train_ids
+        assert [fold["fold"] for fold in cv["folds"]] == [0, 1]
+        model = build_member(member)
+        model.load_state_dict(torch.load(run / "classify" / member / f"fold{cv['best_fold']}.pt",
+                                         weights_only=True))
+
+
+def test_ensemble_weights_and_threshold_come_from_validation(trained) -> None:
+    run, _ = trained
+    summary = json.loads((run / "ensemble.json").read_text())
+    weights = summary["weights"]
+    assert sum(weights.values()) == pytest.approx(1)
+    assert all(round(w / 0.05, 6).is_integer() for w in weights.values())
+    images = [i for i in json.loads((run / "dataset.json").read_text())["images"]
+              if i["split"] == "train"]
+    labels = np.array([image["abnormal"] for image in images])
+    combined = sum(
+        weight * np.array([json.loads((run / "classify" / name / "cv.json").read_text())
+                           ["oof"][image["image_id"]] for image in images])
+        for name, weight in weights.items())
+    assert summary["threshold"] == pytest.approx(youden_threshold(labels, combined))
+
+
+def test_classify_resumes_without_retraining(trained) -> None:
+    run, config = trained
+    summary = run / "classify" / "resnet50" / "cv.json"
+    before = summary.stat().st_mtime_ns
+    result = _cli("classify", "--out", str(run), "--config", str(config))
+    assert result.returncode == 0
+    assert summary.stat().st_mtime_ns == before
+
+
+def test_classify_needs_a_prepared_run(tmp_path: Path) -> None:
+    result = _cli("classify", "--out", str(tmp_path), "--config", "smoke")
+    assert result.returncode == 2
+    assert "is not a prepared run" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_paper_config_holds_the_papers_settings() -> None:
+    config = load_config("paper").classify
+    assert (config.lr, config.weight_decay, config.epochs, config.patience) == (1e-4, 1e-4, 60, 10)
+    assert (config.batch_size, config.batch_size_efficientnet) == (32, 24)
+    assert config.progressive_sizes == [128, 256, 384] and config.input_size == 384

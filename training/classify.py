@@ -1,0 +1,151 @@
+"""DERNet training: each member, 5-fold stratified cross-validation on the prepared run, then
+the ensemble's weights (grid search on out-of-fold AUROC) and threshold (Youden's J on the same
+out-of-fold predictions: validation only, never test).
+
+RUN/classify/<member>/fold<k>.pt   best state per fold (by validation AUROC)
+RUN/classify/<member>/cv.json      per fold: best epoch and AUROC; out-of-fold probabilities
+RUN/ensemble.json                  weights, threshold, out-of-fold AUROC per member and ensemble
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from training.augment import augment
+from training.config import ClassifyConfig, TrainingConfig
+from training.metrics import auroc, ensemble_weight_search, youden_threshold
+from workers.bundle import IMAGENET_MEAN, IMAGENET_STD, TTA_NAMES
+from workers.dernet import build_member, resize_and_normalise, tta_views
+
+
+class CachedImages(Dataset):
+    def __init__(self, run: Path, items: list[dict], size: int, train: bool, seed: int):
+        self.run, self.items, self.size, self.train = run, items, size, train
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.items[index]
+        cached = np.load(self.run / "cache" / f"{item['image_id']}.npy").astype(np.float32)
+        image = torch.from_numpy(cached)[None]
+        if self.train:
+            image = augment(image, self.generator)
+        inputs = resize_and_normalise(image, self.size, IMAGENET_MEAN, IMAGENET_STD)
+        return inputs, torch.tensor(float(item["abnormal"]))
+
+
+def _size_at(config: ClassifyConfig, architecture: str, epoch: int) -> int:
+    if architecture != "tf_efficientnetv2_s":
+        return config.input_size
+    stages = config.progressive_sizes
+    return stages[min(epoch * len(stages) // config.epochs, len(stages) - 1)]
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, run: Path, items: list[dict], size: int,
+            tta: list[str]) -> np.ndarray:
+    """Probabilities, mean over the TTA views (as the workers compute them)."""
+    model.eval()
+    loader = DataLoader(CachedImages(run, items, size, train=False, seed=0), batch_size=8)
+    out = []
+    for inputs, _ in loader:
+        logits = model(tta_views(inputs, tta)).view(len(inputs), len(tta))
+        out.append(torch.sigmoid(logits).mean(dim=1))
+    return torch.cat(out).numpy()
+
+
+def train_fold(run: Path, architecture: str, train_items: list[dict], val_items: list[dict],
+               config: ClassifyConfig, seed: int) -> tuple[dict, dict]:
+    torch.manual_seed(seed)
+    model = build_member(architecture)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    batch = (config.batch_size_efficientnet if architecture == "tf_efficientnetv2_s"
+             else config.batch_size)
+    labels = np.array([item["abnormal"] for item in val_items])
+    best = {"auroc": -math.inf, "epoch": -1, "state": None}
+    for epoch in range(config.epochs):
+        model.train()
+        loader = DataLoader(CachedImages(run, train_items, _size_at(config, architecture, epoch),
+                                         train=True, seed=seed * 1000 + epoch),
+                            batch_size=batch, shuffle=True, drop_last=len(train_items) > batch,
+                            generator=torch.Generator().manual_seed(seed + epoch))
+        for inputs, targets in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(inputs).view(-1), targets)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        probabilities = predict(model, run, val_items, config.input_size, ["identity"])
+        score = auroc(labels, probabilities) if 0 < labels.sum() < len(labels) else 0.5
+        if score > best["auroc"]:
+            best = {"auroc": score, "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        elif epoch - best["epoch"] >= config.patience:
+            break  # early stopping
+    model.load_state_dict(best["state"])
+    return best["state"], {"best_epoch": best["epoch"], "val_auroc": best["auroc"]}
+
+
+def cross_validate(run: Path, config: TrainingConfig) -> dict[str, dict]:
+    images = json.loads((run / "dataset.json").read_text())["images"]
+    train = [image for image in images if image["split"] == "train"]
+    folds = sorted({image["fold"] for image in train})
+    results = {}
+    for architecture in config.classify.members:
+        folder = run / "classify" / architecture
+        folder.mkdir(parents=True, exist_ok=True)
+        summary_path = folder / "cv.json"
+        if summary_path.exists():  # resumable: a finished member is not trained again
+            results[architecture] = json.loads(summary_path.read_text())
+            continue
+        oof: dict[str, float] = {}
+        per_fold = []
+        for fold in tqdm(folds, desc=architecture, unit="fold"):
+            train_items = [i for i in train if i["fold"] != fold]
+            val_items = [i for i in train if i["fold"] == fold]
+            state, info = train_fold(run, architecture, train_items, val_items,
+                                     config.classify, seed=config.classify.seed + fold)
+            torch.save(state, folder / f"fold{fold}.pt")
+            model = build_member(architecture)
+            model.load_state_dict(state)
+            probabilities = predict(model, run, val_items, config.classify.input_size,
+                                    list(TTA_NAMES))
+            oof.update(zip((i["image_id"] for i in val_items), map(float, probabilities),
+                           strict=True))
+            per_fold.append({"fold": fold, **info})
+        best_fold = max(per_fold, key=lambda f: f["val_auroc"])["fold"]
+        results[architecture] = {"folds": per_fold, "best_fold": best_fold, "oof": oof}
+        summary_path.write_text(json.dumps(results[architecture], indent=1))
+    return results
+
+
+def fit_ensemble(run: Path, config: TrainingConfig) -> dict:
+    results = {name: json.loads((run / "classify" / name / "cv.json").read_text())
+               for name in config.classify.members}
+    images = json.loads((run / "dataset.json").read_text())["images"]
+    train = [image for image in images if image["split"] == "train"]
+    labels = np.array([image["abnormal"] for image in train])
+    scores = {name: np.array([result["oof"][image["image_id"]] for image in train])
+              for name, result in results.items()}
+    weights, ensemble_auroc = ensemble_weight_search(labels, scores, config.classify.weight_step)
+    combined = sum(weights[name] * scores[name] for name in scores)
+    threshold = youden_threshold(labels, combined)
+    summary = {
+        "weights": weights, "threshold": threshold, "oof_auroc": ensemble_auroc,
+        "member_oof_auroc": {name: auroc(labels, s) for name, s in scores.items()},
+        "best_folds": {name: result["best_fold"] for name, result in results.items()},
+    }
+    (run / "ensemble.json").write_text(json.dumps(summary, indent=1))
+    return summary
