@@ -323,7 +323,12 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
             raise Fatal(f"{args.out} is not a prepared run: run 'spinenode train prepare' first")
         from training.classify import cross_validate, fit_ensemble
 
-        if args.train_command == "classify":
+        if args.train_command == "detect":
+            from training.detect import train_detector
+
+            best = train_detector(args.out, config.detect, device=args.device)
+            print(f"detector trained: {best}")
+        elif args.train_command == "classify":
             for name, result in cross_validate(args.out, config).items():
                 aurocs = ", ".join(f"{f['val_auroc']:.3f}" for f in result["folds"])
                 print(f"{name}: validation AUROC per fold {aurocs}; best fold "
@@ -455,10 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--config", dest="train_config", default="paper",
                          help="paper, smoke or a YAML file (default paper)")
     for name, text in (("classify", "train the DERNet members, 5-fold cross-validation"),
-                       ("ensemble", "ensemble weights and threshold from the folds")):
+                       ("ensemble", "ensemble weights and threshold from the folds"),
+                       ("detect", "train YOLO11 with focal loss, copy-paste, balanced sampling")):
         step = train_commands.add_parser(name, help=text)
         step.add_argument("--out", type=Path, required=True, help="the prepared run folder")
         step.add_argument("--config", dest="train_config", default="paper")
+        step.add_argument("--device", default="cpu", help="cpu, or 0 for the first GPU")
     train.set_defaults(handler=cmd_train)
 
     status = commands.add_parser("status", help="instances per status and queue depth")

@@ -40,11 +40,41 @@ class ClassifyConfig(BaseModel):
     seed: int = 0
 
 
+class DetectConfig(BaseModel):
+    """YOLO11 training (the paper's settings by default) and our additions."""
+
+    model_config = {"extra": "forbid"}
+
+    scale: str = "l"
+    image_size: int = Field(640, ge=32)
+    epochs: int = Field(35, ge=1)
+    batch: int = Field(12, ge=1)
+    nominal_batch: int = Field(48, ge=1)  # batch 12 x 4 accumulation
+    lr0: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 3.0
+    box: float = 7.5
+    cls: float = 0.5
+    dfl: float = 1.5
+    mosaic: float = 0.5
+    hsv: tuple[float, float, float] = (0.015, 0.7, 0.4)
+    fliplr: float = 0.5
+    focal_gamma: float | None = 2.0  # None: plain BCE
+    focal_alpha: float = 0.25
+    balanced_sampling: bool = True
+    scales: list[int] = Field(default_factory=lambda: [480, 576, 640, 704, 768])
+    copy_paste: float = Field(0.2, ge=0, le=1)
+    copy_paste_below: float = Field(0.05, ge=0, le=1)
+    seed: int = 0
+
+
 class TrainingConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
     data: DataConfig = Field(default_factory=DataConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    detect: DetectConfig = Field(default_factory=DetectConfig)
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,198 @@
+"""YOLO11 training through ultralytics with the paper's additions, each switchable:
+
+- focal loss (gamma, alpha) for the classification term, in place of plain BCE;
+- copy-paste of minority-class boxes into other training images (stock copy-paste needs masks);
+- class-balanced image sampling, weight 1/sqrt(frequency) of the rarest category on the image;
+- multi-scale training over a fixed set of sizes (the paper's {480, ..., 768}).
+
+Fully offline: ultralytics comes through ``workers.offline``; the model is built from its YAML.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import WeightedRandomSampler
+
+from training.config import DetectConfig
+from workers.offline import prepare_offline, ultralytics_modules
+
+
+class FocalBCE(nn.Module):
+    """Element-wise focal loss on logits: alpha_t * (1 - p_t)^gamma * BCE (no reduction), the
+    drop-in for ultralytics' ``nn.BCEWithLogitsLoss(reduction="none")``."""
+
+    def __init__(self, gamma: float = 2.0, alpha: float = 0.25):
+        super().__init__()
+        self.gamma, self.alpha = gamma, alpha
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        p = torch.sigmoid(logits)
+        p_t = targets * p + (1 - targets) * (1 - p)
+        alpha_t = targets * self.alpha + (1 - targets) * (1 - self.alpha)
+        return alpha_t * (1 - p_t) ** self.gamma * bce
+
+
+def balanced_weights(image_classes: list[set[int]]) -> np.ndarray:
+    """Per image: 1/sqrt(frequency) of its rarest category (a class, or "normal" when it has
+    no box), frequencies counted over images."""
+    count = len(image_classes)
+    categories: dict[int, int] = {}
+    for classes in image_classes:
+        for category in classes or {-1}:
+            categories[category] = categories.get(category, 0) + 1
+    return np.array([max((count / categories[c]) ** 0.5 for c in classes or {-1})
+                     for classes in image_classes])
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    focal: tuple[float, float] | None = (2.0, 0.25)  # (gamma, alpha); None = plain BCE
+    balanced_sampling: bool = True
+    scales: tuple[int, ...] = (480, 576, 640, 704, 768)  # empty = the fixed image size
+    copy_paste: float = 0.2  # probability per image; 0 = off
+    copy_paste_below: float = 0.05  # classes under this box frequency are pasted
+    seed: int = 0
+
+
+class MinorityCopyPaste:
+    """Paste a box of a rare class, cut from another training image, onto this one."""
+
+    def __init__(self, dataset, probability: float, below: float, seed: int):  # noqa: ANN001
+        self.dataset, self.probability = dataset, probability
+        classes = np.concatenate([label["cls"].reshape(-1) for label in dataset.labels] or
+                                 [np.zeros(0)]).astype(int)
+        frequency = np.bincount(classes, minlength=1) / max(len(classes), 1)
+        rare = {c for c, f in enumerate(frequency) if 0 < f < below}
+        self.donors = [(i, j) for i, label in enumerate(dataset.labels)
+                       for j, c in enumerate(label["cls"].reshape(-1)) if int(c) in rare]
+        self.rng = random.Random(seed)
+
+    def __call__(self, label: dict) -> dict:
+        if not self.donors or self.rng.random() >= self.probability:
+            return label
+        donor, box_index = self.rng.choice(self.donors)
+        donor_image = self.dataset.load_image(donor)[0]
+        dh, dw = donor_image.shape[:2]
+        cx, cy, bw, bh = self.dataset.labels[donor]["bboxes"][box_index]
+        x0, y0 = max(0, round((cx - bw / 2) * dw)), max(0, round((cy - bh / 2) * dh))
+        x1, y1 = min(dw, round((cx + bw / 2) * dw)), min(dh, round((cy + bh / 2) * dh))
+        crop = donor_image[y0:y1, x0:x1]
+        image = label["img"]
+        h, w = image.shape[:2]
+        ch, cw = crop.shape[:2]
+        if ch == 0 or cw == 0 or ch >= h or cw >= w:
+            return label
+        px, py = self.rng.randrange(0, w - cw), self.rng.randrange(0, h - ch)
+        image[py:py + ch, px:px + cw] = crop
+        instances = label["instances"]
+        instances.convert_bbox("xywh")
+        if not instances.normalized:
+            instances.normalize(w, h)
+        pasted = np.array([[(px + cw / 2) / w, (py + ch / 2) / h, cw / w, ch / h]],
+                          dtype=np.float32)
+        Instances = type(instances)
+        label["instances"] = Instances(np.concatenate([instances.bboxes, pasted]),
+                                       bbox_format="xywh", normalized=True)
+        donor_class = self.dataset.labels[donor]["cls"].reshape(-1)[box_index]
+        label["cls"] = np.concatenate([label["cls"].reshape(-1, 1),
+                                       np.array([[donor_class]], dtype=label["cls"].dtype)])
+        return label
+
+
+def rescale_batch(batch: dict, scales: tuple[int, ...], rng: random.Random) -> dict:
+    """Multi-scale training: the whole batch at one size drawn from ``scales`` (square, as the
+    letterboxed inputs are); labels are normalised, so only the pixels change."""
+    if scales:
+        size = rng.choice(scales)
+        batch["img"] = F.interpolate(batch["img"], size=(size, size), mode="bilinear",
+                                     align_corners=False)
+    return batch
+
+
+def make_trainer(options: DetectOptions) -> type:
+    """An ultralytics DetectionTrainer with our additions, configured by ``options``."""
+    ultralytics_modules()  # offline set-up before the first ultralytics import
+    from ultralytics.data.build import InfiniteDataLoader
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    scale_rng = random.Random(options.seed)
+
+    def use_focal_loss(trainer) -> None:  # noqa: ANN001
+        # Set on the training model only: the EMA copy that checkpoints save stays a plain
+        # ultralytics DetectionModel, which the workers load without this package.
+        criterion = trainer.model.init_criterion()
+        criterion.bce = FocalBCE(*options.focal)
+        trainer.model.criterion = criterion
+
+    class SpineTrainer(DetectionTrainer):
+        def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            if options.focal is not None:
+                self.add_callback("on_train_start", use_focal_loss)
+
+        def build_dataset(self, img_path, mode="train", batch=None):  # noqa: ANN001, ANN202
+            dataset = super().build_dataset(img_path, mode, batch)
+            if mode == "train" and options.copy_paste > 0:
+                paste = MinorityCopyPaste(dataset, options.copy_paste,
+                                          options.copy_paste_below, options.seed)
+                load = dataset.get_image_and_label
+                dataset.get_image_and_label = lambda index: paste(load(index))
+            return dataset
+
+        def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):  # noqa: ANN001, ANN202
+            if mode != "train" or not options.balanced_sampling:
+                return super().get_dataloader(dataset_path, batch_size, rank, mode)
+            dataset = self.build_dataset(dataset_path, mode, batch_size)
+            classes = [set(label["cls"].reshape(-1).astype(int).tolist())
+                       for label in dataset.labels]
+            weights = torch.as_tensor(balanced_weights(classes), dtype=torch.double)
+            sampler = WeightedRandomSampler(
+                weights, num_samples=len(dataset), replacement=True,
+                generator=torch.Generator().manual_seed(options.seed))
+            return InfiniteDataLoader(dataset=dataset, batch_size=min(batch_size, len(dataset)),
+                                      sampler=sampler, num_workers=0,
+                                      collate_fn=dataset.collate_fn)
+
+        def preprocess_batch(self, batch: dict) -> dict:
+            return rescale_batch(super().preprocess_batch(batch), options.scales, scale_rng)
+
+    return SpineTrainer
+
+
+def options_from(config: DetectConfig) -> DetectOptions:
+    return DetectOptions(
+        focal=None if config.focal_gamma is None else (config.focal_gamma, config.focal_alpha),
+        balanced_sampling=config.balanced_sampling, scales=tuple(config.scales),
+        copy_paste=config.copy_paste, copy_paste_below=config.copy_paste_below,
+        seed=config.seed)
+
+
+def train_detector(run: Path, training: DetectConfig, device: str = "cpu") -> Path:
+    """Train on RUN/yolo/data.yaml; return the best checkpoint."""
+    options = options_from(training)
+    prepare_offline(run / "ultralytics")
+    ultralytics_modules()
+    from ultralytics import YOLO
+
+    model = YOLO(f"yolo11{training.scale}.yaml")
+    model.train(
+        trainer=make_trainer(options), data=str(run / "yolo" / "data.yaml"),
+        epochs=training.epochs, imgsz=training.image_size, batch=training.batch,
+        nbs=training.nominal_batch, optimizer="SGD", lr0=training.lr0, cos_lr=True,
+        momentum=training.momentum, weight_decay=training.weight_decay,
+        warmup_epochs=training.warmup_epochs, box=training.box, cls=training.cls,
+        dfl=training.dfl, mosaic=training.mosaic, hsv_h=training.hsv[0],
+        hsv_s=training.hsv[1], hsv_v=training.hsv[2], fliplr=training.fliplr,
+        copy_paste=0.0, device=device, amp=device != "cpu", workers=0,
+        project=str(run / "detect"), name="train", exist_ok=True, plots=False,
+        seed=options.seed, deterministic=True, verbose=False,
+    )
+    return run / "detect" / "train" / "weights" / "best.pt"
