@@ -323,7 +323,13 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
             raise Fatal(f"{args.out} is not a prepared run: run 'spinenode train prepare' first")
         from training.classify import cross_validate, fit_ensemble
 
-        if args.train_command == "detect":
+        if args.train_command == "export":
+            from training.export import export_bundle
+
+            target = export_bundle(args.out, config, args.bundle or args.out / "bundle",
+                                   args.name, args.version)
+            print(f"bundle written to {target}")
+        elif args.train_command == "detect":
             from training.detect import train_detector
 
             best = train_detector(args.out, config.detect, device=args.device)
@@ -466,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
         step.add_argument("--out", type=Path, required=True, help="the prepared run folder")
         step.add_argument("--config", dest="train_config", default="paper")
         step.add_argument("--device", default="cpu", help="cpu, or 0 for the first GPU")
+    export = train_commands.add_parser("export", help="write the model bundle from a run")
+    export.add_argument("--out", type=Path, required=True, help="the trained run folder")
+    export.add_argument("--config", dest="train_config", default="paper")
+    export.add_argument("--bundle", type=Path, help="where (default RUN/bundle)")
+    export.add_argument("--name", default="spinenode-dernet-yolo11")
+    export.add_argument("--version", default="0.1.0")
     train.set_defaults(handler=cmd_train)
 
     status = commands.add_parser("status", help="instances per status and queue depth")

@@ -1,4 +1,4 @@
-"""DERNet cross-validation and ensemble fitting, smoke-sized, on phantoms."""
+"""DERNet cross-validation, ensemble fitting and bundle export, smoke-sized, on phantoms."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ TINY = {
                  "patience": 2, "batch_size": 8, "batch_size_efficientnet": 8, "lr": 1e-3,
                  "weight_decay": 1e-4, "progressive_sizes": [32, 32], "weight_step": 0.05,
                  "seed": 0},
+    "detect": {"scale": "n", "image_size": 64, "epochs": 1, "batch": 8, "nominal_batch": 8,
+               "warmup_epochs": 0, "scales": [64]},
 }
 
 
@@ -38,7 +40,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     config = folder / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     run = folder / "run"
-    for step in (["prepare", "--data", str(data)], ["classify"], ["ensemble"]):
+    for step in (["prepare", "--data", str(data)], ["classify"], ["ensemble"], ["detect"],
+                 ["export", "--version", "0.0.1-smoke"]):
         result = _cli(*step, "--out", str(run), "--config", str(config))
         assert result.returncode == 0, result.stderr[-2000:]
     return run, config
@@ -93,3 +96,28 @@ def test_paper_config_holds_the_papers_settings() -> None:
     assert (config.lr, config.weight_decay, config.epochs, config.patience) == (1e-4, 1e-4, 60, 10)
     assert (config.batch_size, config.batch_size_efficientnet) == (32, 24)
     assert config.progressive_sizes == [128, 256, 384] and config.input_size == 384
+
+
+def test_exported_bundle_serves(trained, tmp_path: Path) -> None:
+    from dicom_node.config import load_settings
+    from workers.bundle import load_bundle
+    from workers.runtime import runtime_for
+
+    run, _ = trained
+    bundle = load_bundle(run / "bundle")  # checksums verified
+    manifest = bundle.manifest
+    assert manifest.version == "0.0.1-smoke" and manifest.clinical_use is False
+    summary = json.loads((run / "ensemble.json").read_text())
+    assert {m.architecture: m.ensemble_weight for m in manifest.classifier.members} == \
+        summary["weights"]
+    assert manifest.classifier.threshold == summary["threshold"]
+    assert manifest.provenance["data_fingerprint"] == json.loads(
+        (run / "dataset.json").read_text())["fingerprint"]
+    assert manifest.metrics["classification_oof_auroc"] == summary["oof_auroc"]
+    check = manifest.metrics.get("precision_check")
+    if check is not None:  # measured where the CPU has bfloat16
+        assert ("bfloat16" in manifest.validated_precisions) == check["passed"]
+    runtime = runtime_for(load_settings(data_dir=tmp_path, bundle=run / "bundle"))
+    image = np.load(next((run / "cache").glob("*.npy"))).astype(np.float32)
+    (result,) = runtime.analyse([image])
+    assert 0 <= result.classification.probability <= 1

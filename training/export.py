@@ -1,0 +1,94 @@
+"""``spinenode train export``: a trained run -> a model bundle in the workers' format.
+
+Members: each architecture's best fold (by validation AUROC); ensemble weights and threshold
+from RUN/ensemble.json; the detector's best checkpoint. Reduced precision is listed as validated
+only after it was measured here against float32 on the run's validation images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dicom_node import __version__
+from training.config import TrainingConfig
+from workers.bundle import Manifest, load_bundle, write_manifest
+from workers.bundle_writer import BundleContents, ClassifierMember, save_bundle
+from workers.dernet import DERNet, build_member
+from workers.detector import Detector, letterbox, load_detection_model
+from workers.offline import prepare_offline
+from workers.runtime import cpu_has_native_bfloat16
+
+PRECISION_TOLERANCE = {"probability": 0.01, "box_px": 0.5, "score": 0.01}
+
+
+def _validation_images(run: Path, limit: int = 32) -> list[np.ndarray]:
+    images = json.loads((run / "dataset.json").read_text())["images"]
+    chosen = [i for i in images if i["split"] == "train"][:limit]
+    return [np.load(run / "cache" / f"{i['image_id']}.npy").astype(np.float32) for i in chosen]
+
+
+def check_precision(bundle_path: Path, images: list[np.ndarray],
+                    dtype: torch.dtype) -> dict[str, float]:
+    """Largest differences between float32 and ``dtype`` on these images, serving code paths."""
+    from workers.dernet import autocast
+
+    bundle = load_bundle(bundle_path)
+    cpu = torch.device("cpu")
+    exact = DERNet(bundle, cpu).classify(images)
+    reduced = DERNet(bundle, cpu, dtype).classify(images)
+    probability = max(abs(a.member_probabilities[n] - b.member_probabilities[n])
+                      for a, b in zip(exact, reduced, strict=True)
+                      for n in a.member_probabilities)
+    size = bundle.manifest.detector.image_size
+    batch = torch.stack([letterbox(image, size)[0] for image in images])
+    full = Detector(bundle, cpu).raw_predictions(batch)
+    detector = Detector(bundle, cpu, dtype)
+    with autocast(cpu, dtype):
+        approximate = detector.raw_predictions(batch)
+    return {"probability": float(probability),
+            "box_px": float((full[:, :4] - approximate[:, :4]).abs().max()),
+            "score": float((full[:, 4:] - approximate[:, 4:]).abs().max())}
+
+
+def export_bundle(run: Path, config: TrainingConfig, target: Path, name: str,
+                  version: str) -> Path:
+    ensemble = json.loads((run / "ensemble.json").read_text())
+    dataset = json.loads((run / "dataset.json").read_text())
+    members = []
+    for architecture, weight in ensemble["weights"].items():
+        model = build_member(architecture)
+        fold = ensemble["best_folds"][architecture]
+        model.load_state_dict(torch.load(run / "classify" / architecture / f"fold{fold}.pt",
+                                         weights_only=True))
+        members.append(ClassifierMember(architecture, model, weight))
+    prepare_offline(run / "ultralytics")
+    detector = load_detection_model(str(run / "detect" / "train" / "weights" / "best.pt"))
+    metrics = {"classification_oof_auroc": ensemble["oof_auroc"],
+               "member_oof_auroc": ensemble["member_oof_auroc"]}
+    evaluation = run / "evaluation.json"
+    if evaluation.exists():
+        metrics["test"] = json.loads(evaluation.read_text())
+    save_bundle(target, BundleContents(
+        name=name, version=version, members=members, threshold=ensemble["threshold"],
+        detector=detector, detector_scale=config.detect.scale,
+        input_size=config.classify.input_size, image_size=config.detect.image_size,
+        clinical_use=False,  # only a validated, approved process may say otherwise
+        provenance={"data_fingerprint": dataset["fingerprint"], "data_source": dataset["source"],
+                    "config": config.model_dump(), "spinenode": __version__},
+        metrics=metrics,
+    ))
+    if cpu_has_native_bfloat16():
+        differences = check_precision(target, _validation_images(run), torch.bfloat16)
+        passed = all(differences[k] <= PRECISION_TOLERANCE[k] for k in differences)
+        manifest: Manifest = load_bundle(target).manifest
+        write_manifest(target, manifest.model_copy(update={
+            "validated_precisions": ["float32", "bfloat16"] if passed else ["float32"],
+            "metrics": {**manifest.metrics, "precision_check": {
+                "bfloat16": differences, "tolerance": PRECISION_TOLERANCE, "passed": passed}},
+        }))
+    load_bundle(target)
+    return target
