@@ -323,7 +323,16 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
             raise Fatal(f"{args.out} is not a prepared run: run 'spinenode train prepare' first")
         from training.classify import cross_validate, fit_ensemble
 
-        if args.train_command == "export":
+        if args.train_command == "evaluate":
+            from training.evaluate import evaluate
+
+            result = evaluate(args.out, args.data, args.bundle or args.out / "bundle")
+            c, d = result["classification"], result["detection"]
+            print(f"test: AUROC {c['auroc']:.4f} (95% CI {c['auroc_ci'][0]:.4f}-"
+                  f"{c['auroc_ci'][1]:.4f}), sensitivity {c['sensitivity']:.4f}, specificity "
+                  f"{c['specificity']:.4f}, F1 {c['f1']:.4f}; mAP@0.5 {d['map50']:.4f}, "
+                  f"mAP@0.5:0.95 {d['map50_95']:.4f}; report in {args.out / 'report'}")
+        elif args.train_command == "export":
             from training.export import export_bundle
 
             target = export_bundle(args.out, config, args.bundle or args.out / "bundle",
@@ -472,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
         step.add_argument("--out", type=Path, required=True, help="the prepared run folder")
         step.add_argument("--config", dest="train_config", default="paper")
         step.add_argument("--device", default="cpu", help="cpu, or 0 for the first GPU")
+    evaluation = train_commands.add_parser("evaluate", help="the bundle on the test split")
+    evaluation.add_argument("--out", type=Path, required=True, help="the trained run folder")
+    evaluation.add_argument("--data", type=Path, required=True, help="VinDr-SpineXR folder")
+    evaluation.add_argument("--config", dest="train_config", default="paper")
+    evaluation.add_argument("--bundle", type=Path, help="default RUN/bundle")
     export = train_commands.add_parser("export", help="write the model bundle from a run")
     export.add_argument("--out", type=Path, required=True, help="the trained run folder")
     export.add_argument("--config", dest="train_config", default="paper")

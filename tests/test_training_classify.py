@@ -41,7 +41,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     config.write_text(yaml.safe_dump(TINY))
     run = folder / "run"
     for step in (["prepare", "--data", str(data)], ["classify"], ["ensemble"], ["detect"],
-                 ["export", "--version", "0.0.1-smoke"]):
+                 ["export", "--version", "0.0.1-smoke"], ["evaluate", "--data", str(data)]):
         result = _cli(*step, "--out", str(run), "--config", str(config))
         assert result.returncode == 0, result.stderr[-2000:]
     return run, config
@@ -121,3 +121,18 @@ def test_exported_bundle_serves(trained, tmp_path: Path) -> None:
     image = np.load(next((run / "cache").glob("*.npy"))).astype(np.float32)
     (result,) = runtime.analyse([image])
     assert 0 <= result.classification.probability <= 1
+
+
+def test_evaluation_writes_the_report(trained) -> None:
+    run, _ = trained
+    result = json.loads((run / "evaluation.json").read_text())
+    assert result["images"] == 4
+    assert 0 <= result["classification"]["auroc"] <= 1
+    assert set(result["detection"]["ap50"]) == {
+        "Osteophytes", "Surgical implant", "Spondylolysthesis", "Foraminal stenosis",
+        "Disc space narrowing", "Vertebral collapse", "Other lesions"}
+    assert result["ultralytics_test_map"] is not None
+    report = (run / "report" / "report.md").read_text()
+    assert f"{result['classification']['auroc']:.4f}" in report
+    for plot in ("roc.png", "pr.png", "threshold.png"):
+        assert (run / "report" / plot).stat().st_size > 1000

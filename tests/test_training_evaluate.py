@@ -1,0 +1,40 @@
+"""Detection metrics on a fixed case worked out by hand (COCOeval underneath)."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.evaluate import coco_evaluate, precision_recall
+
+SIZES = {"a": (100, 100), "normal": (100, 100)}
+TRUTH = [{"image_id": "a", "class_index": 0, "box": [10, 10, 50, 50]},
+         {"image_id": "a", "class_index": 1, "box": [60, 60, 90, 90]}]
+FOUND = [{"image_id": "a", "class_index": 0, "score": 0.9, "box": [10, 10, 50, 50]},
+         {"image_id": "normal", "class_index": 0, "score": 0.8, "box": [5, 5, 40, 40]},
+         # IoU 690/1110 = 0.62: a hit at 0.50-0.60, a miss from 0.65 up
+         {"image_id": "a", "class_index": 1, "score": 0.7, "box": [67, 60, 97, 90]}]
+
+
+def test_map_on_a_fixed_case() -> None:
+    result = coco_evaluate(TRUTH, FOUND, SIZES)
+    # Class 0: the true box ranks first, so the false one on the normal image costs nothing
+    # under interpolated precision; class 1 counts at 3 of the 10 IoU thresholds.
+    assert result["map50"] == pytest.approx(1.0)
+    assert result["map50_95"] == pytest.approx((1.0 + 0.3) / 2)
+    assert result["ap50"]["Osteophytes"] == pytest.approx(1.0)
+    assert result["ap50"]["Surgical implant"] == pytest.approx(1.0)
+    assert result["ap50"]["Other lesions"] is None  # no ground truth: not averaged
+
+
+def test_false_positive_ranked_first_lowers_ap() -> None:
+    found = [dict(FOUND[1], score=0.95), *FOUND[:1], FOUND[2]]
+    result = coco_evaluate(TRUTH, found, SIZES)
+    assert result["ap50"]["Osteophytes"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_precision_and_recall_at_the_operating_point() -> None:
+    table = precision_recall(TRUTH, FOUND)
+    assert table["Osteophytes"] == {"precision": 0.5, "recall": 1.0}
+    assert table["Surgical implant"] == {"precision": 1.0, "recall": 1.0}
+    assert table["Vertebral collapse"] == {"precision": None, "recall": None}
+    assert precision_recall(TRUTH, FOUND, iou=0.7)["Surgical implant"]["recall"] == 0.0

@@ -1,0 +1,229 @@
+"""``spinenode train evaluate``: the exported bundle on the test split, through the workers'
+own code path (decode -> DERNet -> YOLO11), with VinDr-SpineXR's protocol for detection:
+pycocotools COCOeval over the whole test set, normal images included.
+
+Writes RUN/evaluation.json and RUN/report/ (report.md, roc.png, pr.png, threshold.png).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from dicom_node.config import load_settings
+from training.metrics import binary_report
+from training.vindr import read_split
+from workers.bundle import VINDR_CLASSES
+from workers.imaging import decode
+from workers.runtime import runtime_for
+
+
+def coco_evaluate(ground_truth: list[dict], detections: list[dict],
+                  sizes: dict[str, tuple[int, int]]) -> dict:
+    """mAP@0.5, mAP@0.5:0.95 and per-class AP@0.5 (101-point, maxDets 100) with COCOeval.
+
+    ``ground_truth``/``detections``: {"image_id", "class_index", "box": [x0, y0, x1, y1]}
+    (+ "score" for detections). Every image in ``sizes`` counts, with or without boxes.
+    """
+    ids = {image_id: index for index, image_id in enumerate(sorted(sizes), start=1)}
+    coco = COCO()
+    coco.dataset = {
+        "images": [{"id": ids[i], "height": h, "width": w} for i, (h, w) in sizes.items()],
+        "categories": [{"id": k, "name": name} for k, name in enumerate(VINDR_CLASSES)],
+        "annotations": [
+            {"id": n, "image_id": ids[g["image_id"]], "category_id": g["class_index"],
+             "bbox": _xywh(g["box"]), "area": _area(g["box"]), "iscrowd": 0}
+            for n, g in enumerate(ground_truth, start=1)],
+    }
+    coco.createIndex()
+    results = [{"image_id": ids[d["image_id"]], "category_id": d["class_index"],
+                "bbox": _xywh(d["box"]), "score": d["score"]} for d in detections]
+    found = coco.loadRes(results) if results else COCO()
+    if not results:
+        found.dataset = {"images": coco.dataset["images"], "categories":
+                         coco.dataset["categories"], "annotations": []}
+        found.createIndex()
+    evaluator = COCOeval(coco, found, iouType="bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    precision = evaluator.eval["precision"]  # [iou, recall, class, area, maxdets]
+    per_class = {}
+    for k, name in enumerate(VINDR_CLASSES):
+        curve = precision[0, :, k, 0, 2]
+        per_class[name] = float(curve[curve > -1].mean()) if (curve > -1).any() else None
+    return {"map50": float(evaluator.stats[1]), "map50_95": float(evaluator.stats[0]),
+            "ap50": per_class, "pr_curves": precision[0, :, :, 0, 2].tolist()}
+
+
+def _xywh(box: list[float]) -> list[float]:
+    return [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+
+
+def _area(box: list[float]) -> float:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / (_area(a) + _area(b) - inter) if inter else 0.0
+
+
+def precision_recall(ground_truth: list[dict], detections: list[dict],
+                     iou: float = 0.5) -> dict[str, dict[str, float | None]]:
+    """Per class at the operating point: greedy matching by score at IoU >= ``iou``."""
+    out = {}
+    for k, name in enumerate(VINDR_CLASSES):
+        truths = [g for g in ground_truth if g["class_index"] == k]
+        found = sorted((d for d in detections if d["class_index"] == k),
+                       key=lambda d: -d["score"])
+        used: set[int] = set()
+        tp = 0
+        for d in found:
+            best, best_iou = None, iou
+            for n, g in enumerate(truths):
+                if n not in used and g["image_id"] == d["image_id"]:
+                    overlap = _iou(d["box"], g["box"])
+                    if overlap >= best_iou:
+                        best, best_iou = n, overlap
+            if best is not None:
+                used.add(best)
+                tp += 1
+        out[name] = {"precision": tp / len(found) if found else None,
+                     "recall": tp / len(truths) if truths else None}
+    return out
+
+
+def evaluate(run: Path, data: Path, bundle: Path) -> dict:
+    runtime = runtime_for(load_settings(data_dir=run, bundle=bundle))
+    records = read_split(data, "test")
+    labels, probabilities, members = [], [], {}
+    ground_truth, detections, sizes = [], [], {}
+    for record in records:
+        image = decode(record.path)
+        (result,) = runtime.analyse([image.pixels])
+        labels.append(record.abnormal)
+        probabilities.append(result.classification.probability)
+        for name, p in result.classification.member_probabilities.items():
+            members.setdefault(name, []).append(p)
+        sizes[record.image_id] = (image.rows, image.columns)
+        ground_truth += [{"image_id": record.image_id, "class_index": b.class_index,
+                          "box": [b.x0, b.y0, b.x1, b.y1]} for b in record.boxes]
+        detections += [{"image_id": record.image_id, "class_index": b.class_index,
+                        "score": b.score, "box": [b.x0, b.y0, b.x1, b.y1]}
+                       for b in result.boxes]
+    labels_array, scores = np.array(labels), np.array(probabilities)
+    threshold = runtime.bundle.manifest.classifier.threshold
+    report = binary_report(labels_array, scores, threshold)
+    member_reports = {name: asdict(binary_report(labels_array, np.array(p), threshold))
+                      for name, p in members.items()}
+    coco = coco_evaluate(ground_truth, detections, sizes)
+    sweep = [asdict(binary_report(labels_array, scores, t, bootstrap=0))
+             for t in np.linspace(0.05, 0.95, 19)]
+    result = {
+        "images": len(records), "abnormal": int(labels_array.sum()),
+        "ultralytics_test_map": ultralytics_map(run, runtime.bundle.manifest.detector.image_size),
+        "classification": asdict(report), "members": member_reports,
+        "detection": {key: coco[key] for key in ("map50", "map50_95", "ap50")},
+        "detection_at_operating_point": precision_recall(ground_truth, detections),
+        "threshold_sweep": sweep,
+    }
+    (run / "evaluation.json").write_text(json.dumps(result, indent=1))
+    write_report(run / "report", result, labels_array, scores, coco["pr_curves"])
+    return result
+
+
+def ultralytics_map(run: Path, image_size: int) -> dict[str, float] | None:
+    """Ultralytics' own mAP on the same test images (its preprocessing), for comparison."""
+    weights = run / "detect" / "train" / "weights" / "best.pt"
+    if not weights.exists():
+        return None
+    from ultralytics import YOLO  # offline set-up done by runtime_for
+
+    metrics = YOLO(str(weights)).val(data=str(run / "yolo" / "data.yaml"), split="test",
+                                     imgsz=image_size, batch=8, device="cpu", plots=False,
+                                     verbose=False, project=str(run / "detect"), name="test",
+                                     exist_ok=True)
+    return {"map50": float(metrics.box.map50), "map50_95": float(metrics.box.map)}
+
+
+def write_report(folder: Path, result: dict, labels: np.ndarray, scores: np.ndarray,
+                 pr_curves: list[list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    order = np.argsort(-scores)
+    tpr = np.concatenate([[0], np.cumsum(labels[order]) / max(labels.sum(), 1)])
+    fpr = np.concatenate([[0], np.cumsum(~labels[order]) / max((~labels).sum(), 1)])
+    plt.figure(figsize=(4, 4))
+    plt.plot(fpr, tpr)
+    plt.plot([0, 1], [0, 1], ":", color="grey")
+    plt.xlabel("1 - specificity")
+    plt.ylabel("sensitivity")
+    plt.title(f"ROC, AUROC {result['classification']['auroc']:.3f}")
+    plt.tight_layout()
+    plt.savefig(folder / "roc.png", dpi=100)
+    plt.close()
+    recall = np.linspace(0, 1, 101)
+    plt.figure(figsize=(5, 4))
+    curves = np.array(pr_curves)
+    for k, name in enumerate(VINDR_CLASSES):
+        if (curves[:, k] > -1).any():
+            plt.plot(recall, np.where(curves[:, k] < 0, np.nan, curves[:, k]), label=name)
+    plt.xlabel("recall")
+    plt.ylabel("precision")
+    plt.title("PR per class, IoU 0.5")
+    plt.legend(fontsize=6)
+    plt.tight_layout()
+    plt.savefig(folder / "pr.png", dpi=100)
+    plt.close()
+    sweep = result["threshold_sweep"]
+    plt.figure(figsize=(5, 4))
+    for key in ("sensitivity", "specificity", "f1"):
+        plt.plot([row["threshold"] for row in sweep], [row[key] for row in sweep], label=key)
+    plt.xlabel("threshold")
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(folder / "threshold.png", dpi=100)
+    plt.close()
+    c = result["classification"]
+    lines = [
+        "# Evaluation on the test split (our own measured numbers)", "",
+        f"{result['images']} images, {result['abnormal']} abnormal.", "",
+        "## Classification (ensemble, threshold from validation)", "",
+        "| AUROC (95% CI) | sensitivity | specificity | F1 | threshold |", "|---|---|---|---|---|",
+        f"| {c['auroc']:.4f} ({c['auroc_ci'][0]:.4f}-{c['auroc_ci'][1]:.4f}) | "
+        f"{c['sensitivity']:.4f} | {c['specificity']:.4f} | {c['f1']:.4f} | "
+        f"{c['threshold']:.3f} |", "",
+        "## Ensemble members (same threshold)", "", "| member | AUROC | sensitivity | "
+        "specificity | F1 |", "|---|---|---|---|---|",
+        *[f"| {n} | {m['auroc']:.4f} | {m['sensitivity']:.4f} | {m['specificity']:.4f} | "
+          f"{m['f1']:.4f} |" for n, m in result["members"].items()], "",
+        "## Detection (COCOeval, whole test set incl. normal images)", "",
+        f"mAP@0.5 {result['detection']['map50']:.4f}, "
+        f"mAP@0.5:0.95 {result['detection']['map50_95']:.4f}"
+        + (f" (ultralytics' own validator on the same images: mAP@0.5 "
+           f"{result['ultralytics_test_map']['map50']:.4f}, mAP@0.5:0.95 "
+           f"{result['ultralytics_test_map']['map50_95']:.4f})"
+           if result["ultralytics_test_map"] else ""), "",
+        "| class | AP@0.5 | precision | recall |", "|---|---|---|---|",
+        *[f"| {n} | {_fmt(ap)} | {_fmt(result['detection_at_operating_point'][n]['precision'])}"
+          f" | {_fmt(result['detection_at_operating_point'][n]['recall'])} |"
+          for n, ap in result["detection"]["ap50"].items()], "",
+        "![ROC](roc.png) ![PR](pr.png) ![threshold sweep](threshold.png)", "",
+    ]
+    (folder / "report.md").write_text("\n".join(lines))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
