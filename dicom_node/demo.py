@@ -1,35 +1,50 @@
-"""``spinenode demo``: start the node on the embedded default, send it images, show the results."""
+"""``spinenode demo``: the node on the embedded default, shown working end to end.
+
+It builds (first run) or reuses a bundle trained on synthetic phantoms, starts the node with a
+local receiver as its PACS, sends held-out phantom radiographs over C-STORE, waits for the SR
+and SC to come back, and prints per image the label, probability and findings, and where the
+returned files are. The phantom bundle says NOT FOR CLINICAL USE in everything it produces.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE
-from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
 
-from dicom_node.admin import list_instances
-from dicom_node.config import Settings
+from dicom_node.config import Destination, Settings
+from dicom_node.db.models import Analysis, Instance
 from dicom_node.db.session import session_factory
-from dicom_node.synthetic import make_radiograph
+from dicom_node.outbox import list_deliveries
+from dicom_node.sop_classes import STORAGE_SOP_CLASSES
 
 DEMO_AE = "SPINEDEMO"
+RECEIVER_AE = "DEMOPACS"
 
 
-def _associate(settings: Settings, contexts: list) -> object:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _associate(settings: Settings, contexts: list):  # noqa: ANN202
     ae = AE(ae_title=DEMO_AE)
     for context in contexts:
         ae.add_requested_context(context)
     return ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title)
 
 
-def _wait_for_echo(settings: Settings, node: subprocess.Popen, timeout: float = 60) -> None:
+def _wait_for_echo(settings: Settings, node: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if node.poll() is not None:
@@ -44,15 +59,51 @@ def _wait_for_echo(settings: Settings, node: subprocess.Popen, timeout: float = 
     raise RuntimeError("the node did not answer C-ECHO in time")
 
 
+def _start_receiver(folder: Path):  # noqa: ANN202
+    """A local PACS for the demo: keeps what the node sends back."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        ds.save_as(folder / f"{ds.Modality}-{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        return 0x0000
+
+    ae = AE(ae_title=RECEIVER_AE)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class)
+    port = _free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, store)])
+    return server, port
+
+
 def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> int:
+    from training.demo_bundle import demo_bundle  # the demo builds a bundle; the node never
+
+    demo_dir = settings.data_dir.resolve() / "demo"
+    bundle, phantoms = (settings.bundle, None) if settings.bundle else demo_bundle(demo_dir)
+    received = demo_dir / "received"
+    server, receiver_port = _start_receiver(received)
+    destination = Destination(ae_title=RECEIVER_AE, host="127.0.0.1", port=receiver_port)
+    settings = settings.model_copy(update={"bundle": bundle,
+                                           "destinations": [*settings.destinations,
+                                                            destination]})
     env = {**os.environ, **settings.as_environment()}
     node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve"], env=env,
                             start_new_session=True)
     try:
         _wait_for_echo(settings, node)
-        print(f"demo: C-ECHO to {settings.ae_title}@127.0.0.1:{settings.port} succeeded")
-        uids = _send_images(settings, count)
-        _show_results(settings, uids)
+        print(f"demo: node {settings.ae_title}@127.0.0.1:{settings.port} answers C-ECHO; "
+              f"results go to {destination.address} ({received})", flush=True)
+        files = sorted((phantoms / "test_images").glob("*.dicom"))[:count] if phantoms else []
+        if not files:
+            from dicom_node.synthetic import make_radiograph
+
+            files = [make_radiograph(demo_dir / f"sample-{i}.dcm", rows=1024, columns=820,
+                                     seed=i) for i in range(count)]
+        uids = _send(settings, files)
+        _show_results(settings, uids, received)
         if keep_serving:
             print(f"demo: the node keeps running; send your own images with e.g.\n"
                   f"  storescu -aec {settings.ae_title} 127.0.0.1 {settings.port} FILE.dcm\n"
@@ -68,37 +119,50 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> i
         if node.poll() is None:
             node.terminate()
             node.wait(60)
+        server.shutdown()
 
 
-def _send_images(settings: Settings, count: int) -> list[str]:
-    assoc = _associate(settings, [DigitalXRayImageStorageForPresentation])
+def _send(settings: Settings, files: list[Path]) -> list[str]:
+    datasets = [dcmread(path) for path in files]
+    assoc = _associate(settings, sorted({str(ds.SOPClassUID) for ds in datasets}))
     if not assoc.is_established:
         raise RuntimeError("the node refused the demo's association")
-    uids = []
-    with tempfile.TemporaryDirectory() as folder:
-        for index in range(count):
-            path = make_radiograph(Path(folder) / f"{index}.dcm", rows=1024, columns=820,
-                                   seed=index)
-            ds = dcmread(path)
-            status = assoc.send_c_store(ds)
-            print(f"demo: C-STORE {ds.SOPInstanceUID} ({ds.Columns}x{ds.Rows} DX, "
-                  f"{path.stat().st_size // 1024} KiB) -> status 0x{status.Status:04X}")
-            uids.append(str(ds.SOPInstanceUID))
+    for ds in datasets:
+        status = assoc.send_c_store(ds)
+        print(f"demo: C-STORE {ds.SOPInstanceUID} ({ds.Columns}x{ds.Rows}) -> status "
+              f"0x{status.Status:04X}", flush=True)
     assoc.release()
-    return uids
+    return [str(ds.SOPInstanceUID) for ds in datasets]
 
 
-def _show_results(settings: Settings, uids: list[str], timeout: float = 120) -> None:
+def _show_results(settings: Settings, uids: list[str], received: Path,
+                  timeout: float = 300) -> None:
     sessions = session_factory(settings.effective_database_url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rows = [r for r in list_instances(sessions, limit=1000) if r["sop_instance_uid"] in uids]
-        if len(rows) == len(uids) and all(r["status"] in ("done", "failed", "skipped")
-                                          for r in rows):
+        with sessions() as session:
+            rows = session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(uids)))
+            settled = [r for r in rows if r.status in ("done", "failed", "skipped",
+                                                       "waiting-for-model")]
+        deliveries = list_deliveries(sessions, limit=1000)
+        pending = [d for d in deliveries if d["status"] in ("pending", "sending")]
+        if len(settled) == len(uids) and not pending:
             break
         time.sleep(0.5)
-    print(f"demo: results in {settings.effective_database_url}")
-    for row in sorted(rows, key=lambda r: r["id"]):
-        decoded = (f"decoded {row['columns']}x{row['rows']} {row['photometric_interpretation']} "
-                   f"in {row['decode_seconds']:.3f} s" if row["decode_seconds"] else "")
-        print(f"  {row['sop_instance_uid']}: {row['status']} {decoded}{row['last_error']}")
+    print("demo: results")
+    with sessions() as session:
+        for uid in uids:
+            instance = session.scalar(select(Instance).filter_by(sop_instance_uid=uid))
+            analysis = session.scalar(select(Analysis).filter_by(instance_pk=instance.id)
+                                      if instance else select(Analysis).where(False))
+            if analysis is None:
+                status = instance.status if instance else "not stored"
+                print(f"  {uid}: {status} {instance.last_error if instance else ''}")
+                continue
+            findings = ", ".join(f"{f.class_name} {f.score:.2f}" for f in analysis.findings)
+            print(f"  {uid}: {analysis.label} (p = {analysis.probability:.2f}, threshold "
+                  f"{analysis.threshold:.2f}); findings: {findings or 'none'}")
+    delivered = [d for d in list_deliveries(sessions, limit=1000) if d["status"] == "delivered"]
+    print(f"demo: {len(delivered)} result objects delivered; returned files in {received}:")
+    for path in sorted(received.glob("*.dcm")):
+        print(f"  {path.name}")

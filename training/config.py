@@ -82,7 +82,7 @@ class ConfigError(ValueError):
 
 
 def load_config(name_or_path: str) -> TrainingConfig:
-    path = CONFIGS / f"{name_or_path}.yaml" if name_or_path in ("paper", "smoke") \
+    path = CONFIGS / f"{name_or_path}.yaml" if name_or_path in ("paper", "smoke", "demo") \
         else Path(name_or_path)
     if not path.is_file():
         raise ConfigError(f"no training config {name_or_path!r} (use paper, smoke or a file)")

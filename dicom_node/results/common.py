@@ -11,6 +11,7 @@ from pydicom.sr.codedict import codes
 
 from dicom_node import __version__
 from dicom_node.results.identity import MANUFACTURER, MODEL_NAME
+from dicom_node.routing import modality_of
 
 __all__ = ["MANUFACTURER", "MODEL_NAME"]
 
@@ -43,6 +44,8 @@ def evidence_of(source: Dataset) -> Dataset:
     for keyword in _TYPE2:
         if keyword not in evidence:
             setattr(evidence, keyword, "")
+    if not evidence.get("Modality"):  # VinDr-SpineXR's CRs have none; highdicom needs one
+        evidence.Modality = modality_of(source) or "OT"
     return evidence
 
 

@@ -80,16 +80,21 @@ def render_overlay(grey: np.ndarray, result: AnalysisResult) -> np.ndarray:
 def build_overlay(source: Dataset, grey: np.ndarray, result: AnalysisResult,
                   series_uid: str | None = None, jpeg: bool = False) -> Dataset:
     evidence = evidence_of(source)
+    known_orientation = len(source.get("PatientOrientation") or []) == 2
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=evidence, pixel_array=render_overlay(grey, result),
         photometric_interpretation="YBR_FULL_422" if jpeg else "RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=series_uid or generate_uid(),
         series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
         manufacturer=MANUFACTURER,
-        patient_orientation=tuple(source.get("PatientOrientation", ["", ""])) or ("", ""),
+        # highdicom wants an orientation; where the source has none we empty it below.
+        patient_orientation=tuple(source.PatientOrientation) if known_orientation
+        else ("L", "F"),
         transfer_syntax_uid=JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian,
         series_description=result.series_description("spine findings overlay"),
     )
+    if not known_orientation:
+        sc.PatientOrientation = ""  # type 2: unknown, as in the source
     sc.ManufacturerModelName = MODEL_NAME
     sc.SoftwareVersions = list(result.software_versions)
     sc.BurnedInAnnotation = "YES"
