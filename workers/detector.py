@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dicom_node.results.common import FindingBox
 from workers.bundle import Bundle, DetectorSpec
 from workers.dernet import autocast
 from workers.offline import ultralytics_modules
@@ -65,17 +66,6 @@ def letterbox(pixels: np.ndarray, size: int) -> tuple[torch.Tensor, Letterbox]:
     return canvas.expand(3, size, size), geometry
 
 
-@dataclass(frozen=True)
-class Box:
-    class_index: int
-    class_name: str
-    score: float
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-
-
 def load_detection_model(weights: str) -> torch.nn.Module:
     """An ultralytics checkpoint -> its DetectionModel, float32, for inference."""
     ultralytics = ultralytics_modules()
@@ -106,7 +96,7 @@ class Detector:
         return (raw[0] if isinstance(raw, (list, tuple)) else raw).float()
 
     @torch.inference_mode()
-    def detect(self, images: list[np.ndarray]) -> list[list[Box]]:
+    def detect(self, images: list[np.ndarray]) -> list[list[FindingBox]]:
         placed = [letterbox(image, self.spec.image_size) for image in images]
         batch = torch.stack([tensor for tensor, _ in placed]).to(self.device)
         with autocast(self.device, self.dtype):
@@ -120,7 +110,8 @@ class Detector:
             found = found.cpu().numpy()
             boxes = geometry.to_original(found[:, :4])
             results.append([
-                Box(int(cls), self.spec.class_names[int(cls)], float(score), *map(float, box))
+                FindingBox(self.spec.class_names[int(cls)], float(score), *map(float, box),
+                           class_index=int(cls))
                 for box, score, cls in zip(boxes, found[:, 4], found[:, 5], strict=True)
             ])
         return results

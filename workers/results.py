@@ -11,7 +11,7 @@ from pydicom import dcmread
 
 from dicom_node.config import DEFAULT_RESULT_KINDS, RESULT_KINDS, Destination, Settings
 from dicom_node.outbox import destinations_for
-from dicom_node.results.common import AnalysisResult, FindingBox
+from dicom_node.results.common import AnalysisResult
 from dicom_node.results.gsps import build_gsps
 from dicom_node.results.overlay import build_overlay
 from dicom_node.results.sr import build_sr
@@ -35,8 +35,7 @@ def summary_of(bundle: Bundle, analysis) -> AnalysisResult:  # noqa: ANN001 (Ima
         clinical_use=bundle.manifest.clinical_use, abnormal=classification.abnormal,
         probability=classification.probability, threshold=classification.threshold,
         member_probabilities=classification.member_probabilities,
-        findings=[FindingBox(b.class_name, b.score, b.x0, b.y0, b.x1, b.y1)
-                  for b in analysis.boxes],
+        findings=list(analysis.boxes),
     )
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from dicom_node.config import Settings
+from dicom_node.results.common import FindingBox
 from workers.bundle import Bundle, load_bundle
 from workers.dernet import Classification, DERNet
-from workers.detector import Box, Detector
+from workers.detector import Detector
 from workers.offline import prepare_offline
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ImageAnalysis:
     classification: Classification
-    boxes: list[Box]
+    boxes: list[FindingBox]
     classify_seconds: float  # per image (a batch's time divided among its images)
     detect_seconds: float
 

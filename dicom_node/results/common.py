@@ -82,12 +82,15 @@ def finding_code(class_name: str) -> CodedConcept:
 
 @dataclass(frozen=True)
 class FindingBox:
+    """A detected lesion, in the source image's pixels."""
+
     class_name: str
     score: float
     x0: float
     y0: float
     x1: float
     y1: float
+    class_index: int = -1  # in the bundle's class list
 
 
 @dataclass(frozen=True)
