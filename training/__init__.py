@@ -1,5 +1,7 @@
-"""Training: VinDr-SpineXR (or synthetic phantoms) to a model bundle.
+"""Training: VinDr-SpineXR (or synthetic phantoms in its layout) to a model bundle.
 
-So far: the data set reader (``vindr``) and the phantom generator (``phantoms``). Training,
-evaluation and export are still to be built (issue 5).
+``vindr`` reads the data set, ``phantoms`` writes synthetic ones, ``prepare`` caches and exports
+a run, ``classify`` trains DERNet with cross-validation, ``detect`` trains YOLO11, ``export``
+writes the bundle, ``evaluate`` measures it on the test split. Nothing in the node imports this
+package at run time; ``spinenode train`` and ``spinenode demo`` do.
 """
