@@ -101,8 +101,17 @@ def precision_recall(ground_truth: list[dict], detections: list[dict],
     return out
 
 
+# mAP integrates the whole precision-recall curve, so boxes are kept down to this score (as
+# COCO evaluations and ultralytics' validator do); the bundle's own confidence is the operating
+# point for precision and recall.
+MAP_CONFIDENCE = 0.001
+
+
 def evaluate(run: Path, data: Path, bundle: Path) -> dict:
     runtime = runtime_for(load_settings(data_dir=run, bundle=bundle))
+    operating = runtime.bundle.manifest.detector.confidence
+    spec = runtime.detector.spec
+    runtime.detector.spec = spec.model_copy(update={"confidence": MAP_CONFIDENCE})
     records = read_split(data, "test")
     labels, probabilities, members = [], [], {}
     ground_truth, detections, sizes = [], [], {}
@@ -124,6 +133,7 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
     report = binary_report(labels_array, scores, threshold)
     member_reports = {name: asdict(binary_report(labels_array, np.array(p), threshold))
                       for name, p in members.items()}
+    runtime.detector.spec = spec
     coco = coco_evaluate(ground_truth, detections, sizes)
     sweep = [asdict(binary_report(labels_array, scores, t, bootstrap=0))
              for t in np.linspace(0.05, 0.95, 19)]
@@ -132,7 +142,8 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
         "ultralytics_test_map": ultralytics_map(run, runtime.bundle.manifest.detector.image_size),
         "classification": asdict(report), "members": member_reports,
         "detection": {key: coco[key] for key in ("map50", "map50_95", "ap50")},
-        "detection_at_operating_point": precision_recall(ground_truth, detections),
+        "detection_at_operating_point": precision_recall(
+            ground_truth, [d for d in detections if d["score"] >= operating]),
         "threshold_sweep": sweep,
     }
     (run / "evaluation.json").write_text(json.dumps(result, indent=1))
