@@ -22,7 +22,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from dicom_node.config import Destination, Settings
-from dicom_node.db.models import Analysis, Instance
+from dicom_node.db.models import Instance
 from dicom_node.db.session import session_factory
 from dicom_node.outbox import list_deliveries
 from dicom_node.sop_classes import STORAGE_SOP_CLASSES
@@ -153,8 +153,7 @@ def _show_results(settings: Settings, uids: list[str], received: Path,
     with sessions() as session:
         for uid in uids:
             instance = session.scalar(select(Instance).filter_by(sop_instance_uid=uid))
-            analysis = session.scalar(select(Analysis).filter_by(instance_pk=instance.id)
-                                      if instance else select(Analysis).where(False))
+            analysis = instance.analyses[-1] if instance and instance.analyses else None
             if analysis is None:
                 status = instance.status if instance else "not stored"
                 print(f"  {uid}: {status} {instance.last_error if instance else ''}")

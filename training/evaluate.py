@@ -110,14 +110,12 @@ MAP_CONFIDENCE = 0.001
 def evaluate(run: Path, data: Path, bundle: Path) -> dict:
     runtime = runtime_for(load_settings(data_dir=run, bundle=bundle))
     operating = runtime.bundle.manifest.detector.confidence
-    spec = runtime.detector.spec
-    runtime.detector.spec = spec.model_copy(update={"confidence": MAP_CONFIDENCE})
     records = read_split(data, "test")
     labels, probabilities, members = [], [], {}
     ground_truth, detections, sizes = [], [], {}
     for record in records:
         image = decode(record.path)
-        (result,) = runtime.analyse([image.pixels])
+        (result,) = runtime.analyse([image.pixels], confidence=MAP_CONFIDENCE)
         labels.append(record.abnormal)
         probabilities.append(result.classification.probability)
         for name, p in result.classification.member_probabilities.items():
@@ -133,7 +131,6 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
     report = binary_report(labels_array, scores, threshold)
     member_reports = {name: asdict(binary_report(labels_array, np.array(p), threshold))
                       for name, p in members.items()}
-    runtime.detector.spec = spec
     coco = coco_evaluate(ground_truth, detections, sizes)
     sweep = [asdict(binary_report(labels_array, scores, t, bootstrap=0))
              for t in np.linspace(0.05, 0.95, 19)]

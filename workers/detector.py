@@ -96,14 +96,18 @@ class Detector:
         return (raw[0] if isinstance(raw, (list, tuple)) else raw).float()
 
     @torch.inference_mode()
-    def detect(self, images: list[np.ndarray]) -> list[list[FindingBox]]:
+    def detect(self, images: list[np.ndarray],
+               confidence: float | None = None) -> list[list[FindingBox]]:
+        """Boxes per image; ``confidence`` overrides the bundle's (an evaluation's mAP wants
+        the whole precision-recall curve)."""
         placed = [letterbox(image, self.spec.image_size) for image in images]
         batch = torch.stack([tensor for tensor, _ in placed]).to(self.device)
         with autocast(self.device, self.dtype):
             prediction = self.raw_predictions(batch)
         kept = ultralytics_modules().non_max_suppression(
-            prediction, conf_thres=self.spec.confidence, iou_thres=self.spec.nms_iou,
-            max_det=300,
+            prediction,
+            conf_thres=self.spec.confidence if confidence is None else confidence,
+            iou_thres=self.spec.nms_iou, max_det=300,
         )
         results = []
         for (_, geometry), found in zip(placed, kept, strict=True):

@@ -81,11 +81,13 @@ class ModelRuntime:
                  device, str(self.dtype).removeprefix("torch."), time.perf_counter() - start,
                  torch.get_num_threads())
 
-    def analyse(self, images: list[np.ndarray]) -> list[ImageAnalysis]:
+    def analyse(self, images: list[np.ndarray],
+                confidence: float | None = None) -> list[ImageAnalysis]:
+        """``confidence``: the detector's score cut-off, if not the bundle's."""
         start = time.perf_counter()
         classifications = self.classifier.classify(images)
         classified = time.perf_counter()
-        detections = self.detector.detect(images)
+        detections = self.detector.detect(images, confidence)
         detected = time.perf_counter()
         count = len(images)
         results = []
