@@ -305,7 +305,7 @@ def cmd_deliveries(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     """Training lives in its own package; the node never imports it except for this command."""
-    from training.config import ConfigError, load_config
+    from training.config import ConfigError, load_config, torch_device
     from training.vindr import DatasetError
 
     try:
@@ -332,6 +332,16 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
                   f"{c['auroc_ci'][1]:.4f}), sensitivity {c['sensitivity']:.4f}, specificity "
                   f"{c['specificity']:.4f}, F1 {c['f1']:.4f}; mAP@0.5 {d['map50']:.4f}, "
                   f"mAP@0.5:0.95 {d['map50_95']:.4f}; report in {args.out / 'report'}")
+        elif args.train_command == "ablate":
+            from training.ablation import TABLES, ablate
+
+            result = ablate(args.out, config.detect, args.bundle or args.out / "bundle",
+                            args.device, tuple(args.table or TABLES))
+            for table, rows in result["tables"].items():
+                for row in rows:
+                    print(f"{table}: {row['row']}: mAP@0.5 {row['map50']:.4f}, "
+                          f"mAP@0.5:0.95 {row['map50_95']:.4f}")
+            print(f"report in {args.out / 'report' / 'ablation.md'}")
         elif args.train_command == "export":
             from training.export import export_bundle
 
@@ -341,10 +351,12 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         elif args.train_command == "detect":
             from training.detect import train_detector
 
+            torch_device(args.device)  # a clear error where the GPU is missing
             best = train_detector(args.out, config.detect, device=args.device)
             print(f"detector trained: {best}")
         elif args.train_command == "classify":
-            for name, result in cross_validate(args.out, config).items():
+            for name, result in cross_validate(args.out, config,
+                                               torch_device(args.device)).items():
                 aurocs = ", ".join(f"{f['val_auroc']:.3f}" for f in result["folds"])
                 print(f"{name}: validation AUROC per fold {aurocs}; best fold "
                       f"{result['best_fold']}")
@@ -486,6 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--data", type=Path, required=True, help="VinDr-SpineXR folder")
     evaluation.add_argument("--config", dest="train_config", default="paper")
     evaluation.add_argument("--bundle", type=Path, help="default RUN/bundle")
+    ablation = train_commands.add_parser(
+        "ablate", help="the paper's detection ablations: retrain per row, COCOeval on test")
+    ablation.add_argument("--out", type=Path, required=True, help="the trained run folder")
+    ablation.add_argument("--config", dest="train_config", default="paper")
+    ablation.add_argument("--device", default="cpu", help="cpu, or 0 for the first GPU")
+    ablation.add_argument("--bundle", type=Path, help="its detector settings (default RUN/bundle)")
+    ablation.add_argument("--table", action="append", choices=("additions", "focal", "scales"),
+                          help="only this table (repeatable; default all)")
     export = train_commands.add_parser("export", help="write the model bundle from a run")
     export.add_argument("--out", type=Path, required=True, help="the trained run folder")
     export.add_argument("--config", dest="train_config", default="paper")

@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import SPINENODE, free_port
 
 
@@ -23,3 +25,33 @@ def test_demo_shows_results_coming_back(tmp_path: Path, test_bundle: Path) -> No
     assert "4 result objects delivered" in out
     received = sorted((tmp_path / "var" / "demo" / "received").glob("*.dcm"))
     assert [path.name[:3] for path in received] == ["OT-", "OT-", "SR-", "SR-"]
+
+
+def test_demo_reuses_its_bundle_only_under_the_same_recipe(
+        tmp_path: Path, test_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from training import demo_bundle as demo
+    from workers.bundle import load_bundle, write_manifest
+
+    folder = tmp_path / "demo"
+    shutil.copytree(test_bundle, folder / "bundle")
+    manifest = load_bundle(folder / "bundle").manifest
+    write_manifest(folder / "bundle", manifest.model_copy(update={"version": demo.DEMO_VERSION}))
+    (folder / "recipe").write_text(demo.DEMO_VERSION)
+    assert demo.demo_bundle(folder) == (folder / "bundle", folder / "phantoms")  # no training
+
+    # A bundle from an older recipe is not reused: the build starts from a clean folder.
+    write_manifest(folder / "bundle", manifest.model_copy(update={"version": "0.0.1-old"}))
+    (folder / "recipe").write_text("0.0.1-old")
+    (folder / "run").mkdir()
+    (folder / "run" / "stale").write_text("from the old recipe")
+
+    def stop(*_: object, **__: object) -> None:  # the build's first step: stop it there
+        raise RuntimeError("would train")
+
+    monkeypatch.setattr(demo, "generate", stop)
+    with pytest.raises(RuntimeError, match="would train"):
+        demo.demo_bundle(folder)
+    assert not (folder / "run").exists() and not (folder / "bundle").exists()
+    assert (folder / "recipe").read_text() == demo.DEMO_VERSION

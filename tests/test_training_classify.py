@@ -41,7 +41,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     config.write_text(yaml.safe_dump(TINY))
     run = folder / "run"
     for step in (["prepare", "--data", str(data)], ["classify"], ["ensemble"], ["detect"],
-                 ["export", "--version", "0.0.1-smoke"], ["evaluate", "--data", str(data)]):
+                 ["export", "--version", "0.0.1-smoke"], ["evaluate", "--data", str(data)],
+                 ["ablate", "--table", "scales"]):
         result = _cli(*step, "--out", str(run), "--config", str(config))
         assert result.returncode == 0, result.stderr[-2000:]
     return run, config
@@ -134,5 +135,38 @@ def test_evaluation_writes_the_report(trained) -> None:
     assert result["ultralytics_test_map"] is not None
     report = (run / "report" / "report.md").read_text()
     assert f"{result['classification']['auroc']:.4f}" in report
+    rows = {r["configuration"]: r for r in result["ensemble_ablation"]}
+    assert set(rows) == {"resnet50 only", "tf_efficientnetv2_s only", "uniform ensemble",
+                         "DERNet (searched weights), no TTA", "DERNet + TTA (5 views)"}
+    # the TTA row is the bundle itself, recomputed from the per-view probabilities
+    assert rows["DERNet + TTA (5 views)"]["auroc"] == pytest.approx(
+        result["classification"]["auroc"])
+    assert "## Ensemble ablation" in report
     for plot in ("roc.png", "pr.png", "threshold.png"):
         assert (run / "report" / plot).stat().st_size > 1000
+
+
+def test_detection_ablation_retrains_each_distinct_row_and_resumes(trained) -> None:
+    run, config = trained
+    table = json.loads((run / "ablation.json").read_text())["tables"]["scales"]
+    # TINY trains at one scale (64): "middle three" and "all" are the same settings, one run
+    assert [row["row"] for row in table] == ["fixed 64 px", "{64} px", "{64} px"]
+    assert table[1]["run"] == table[2]["run"] != table[0]["run"]
+    for row in table:
+        assert 0 <= row["map50"] <= 1 and 0 <= row["map50_95"] <= row["map50"] + 1e-9
+    weights = [run / "detect" / row["run"] / "weights" / "best.pt" for row in table[:2]]
+    before = [w.stat().st_mtime_ns for w in weights]
+    result = _cli("ablate", "--table", "scales", "--out", str(run), "--config", str(config))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [w.stat().st_mtime_ns for w in weights] == before  # resumed, nothing retrained
+    again = json.loads((run / "ablation.json").read_text())["tables"]["scales"]
+    assert [r["map50"] for r in again] == [r["map50"] for r in table]
+    assert "## Training scales" in (run / "report" / "ablation.md").read_text()
+
+
+def test_training_on_a_missing_gpu_is_one_clear_line(trained) -> None:
+    run, config = trained
+    result = _cli("classify", "--device", "7", "--out", str(run), "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"spinenode: device 7: no such CUDA GPU here ({torch.cuda.device_count()} found)"]

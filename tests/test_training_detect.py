@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from tests.conftest import SPINENODE
+from training.config import load_config
 from training.detect import FocalBCE, MinorityCopyPaste, balanced_weights, rescale_batch
 from training.phantoms import generate
 
@@ -122,3 +123,25 @@ def test_smoke_detector_training_offline(prepared_run: Path) -> None:
     # A plain ultralytics model: the workers load it without the training package.
     assert type(model).__name__ == "DetectionModel" and model.model[-1].nc == 7
     assert np.isfinite(float(checkpoint.get("best_fitness") or 0.0))
+
+
+def test_ablation_rows_switch_one_step_at_a_time() -> None:
+    from training.ablation import ablation_rows
+
+    config = load_config("paper").detect
+    rows = ablation_rows(config)
+    additions = [settings for _, settings in rows["additions"]]
+    baseline = additions[0]
+    assert (baseline.mosaic, baseline.fliplr, baseline.scales) == (0, 0, [])
+    assert baseline.hsv == (0, 0, 0)
+    assert baseline.focal_gamma is None and not baseline.balanced_sampling
+    assert baseline.copy_paste == 0
+    changed = [{k for k, v in b.model_dump().items() if a.model_dump()[k] != v}
+               for a, b in zip(additions[:-1], additions[1:], strict=True)]
+    assert changed == [{"mosaic", "fliplr", "hsv", "scales"}, {"balanced_sampling"},
+                       {"copy_paste"}, {"focal_gamma"}]
+    # the last row of each table is the method as configured
+    assert additions[-1] == config and rows["scales"][-1][1] == config
+    assert dict(rows["focal"])["gamma=2.0, alpha=0.25"] == config
+    assert [s.scales for _, s in rows["scales"]] == [[], [576, 640, 704],
+                                                    [480, 576, 640, 704, 768]]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from training.evaluate import coco_evaluate, precision_recall
+from training.evaluate import coco_evaluate, ensemble_ablation, precision_recall
+from training.metrics import auroc
 
 SIZES = {"a": (100, 100), "normal": (100, 100)}
 TRUTH = [{"image_id": "a", "class_index": 0, "box": [10, 10, 50, 50]},
@@ -24,6 +26,9 @@ def test_map_on_a_fixed_case() -> None:
     assert result["ap50"]["Osteophytes"] == pytest.approx(1.0)
     assert result["ap50"]["Surgical implant"] == pytest.approx(1.0)
     assert result["ap50"]["Other lesions"] is None  # no ground truth: not averaged
+    # COCO's area ranges: the class-1 box (30x30) is small, the class-0 one (40x40) medium
+    assert result["map_small"] == pytest.approx(0.3)
+    assert result["map_large"] is None  # no large ground truth
 
 
 def test_false_positive_ranked_first_lowers_ap() -> None:
@@ -38,3 +43,24 @@ def test_precision_and_recall_at_the_operating_point() -> None:
     assert table["Surgical implant"] == {"precision": 1.0, "recall": 1.0}
     assert table["Vertebral collapse"] == {"precision": None, "recall": None}
     assert precision_recall(TRUTH, FOUND, iou=0.7)["Surgical implant"]["recall"] == 0.0
+
+
+def test_ensemble_ablation_rows() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 20, dtype=bool)
+    # member -> (images, views [identity, hflip]); "b" is better than "a"
+    views = {"a": rng.random((40, 2)), "b": np.clip(labels[:, None] * 0.3 + rng.random((40, 2))
+                                                    * 0.7, 0, 1)}
+    rows = {r["configuration"]: r for r in ensemble_ablation(
+        labels, views, {"a": 0.25, "b": 0.75}, ["identity", "hflip"], 0.5)}
+    assert rows["a only"]["auroc"] == pytest.approx(auroc(labels, views["a"].mean(axis=1)))
+    assert rows["a only"]["weights"] == [1.0, 0.0]
+    assert rows["uniform ensemble"]["auroc"] == pytest.approx(
+        auroc(labels, views["a"].mean(axis=1) + views["b"].mean(axis=1)))
+    no_tta = 0.25 * views["a"][:, 0] + 0.75 * views["b"][:, 0]
+    assert rows["DERNet (searched weights), no TTA"]["auroc"] == pytest.approx(
+        auroc(labels, no_tta))
+    with_tta = rows["DERNet + TTA (2 views)"]
+    assert with_tta["auroc"] == pytest.approx(auroc(
+        labels, 0.25 * views["a"].mean(axis=1) + 0.75 * views["b"].mean(axis=1)))
+    assert with_tta["weights"] == [0.25, 0.75]

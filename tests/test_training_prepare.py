@@ -37,7 +37,12 @@ def test_folds_are_stratified(prepared) -> None:
         assert max(counts) - min(counts) <= 1, counts
     assert all(image["fold"] is None for image in dataset["images"] if image["split"] == "test")
     parts = Counter(image["detector_split"] for image in dataset["images"])
-    assert parts["test"] == 10 and parts["val"] > 0 and parts["train"] > parts["val"]
+    assert parts["test"] == 10
+    # smoke: val_fraction 0.2 of the training split, normal and abnormal in proportion
+    for label in (False, True):
+        group = [image for image in train if image["abnormal"] == label]
+        in_val = sum(image["detector_split"] == "val" for image in group)
+        assert in_val == round(0.2 * len(group)), (label, in_val, len(group))
 
 
 def test_cache_is_the_serving_decode(prepared) -> None:

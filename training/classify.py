@@ -22,7 +22,10 @@ from training.augment import augment
 from training.config import ClassifyConfig, TrainingConfig
 from training.metrics import auroc, ensemble_weight_search, youden_threshold
 from workers.bundle import IMAGENET_MEAN, IMAGENET_STD, TTA_NAMES
-from workers.dernet import build_member, resize_and_normalise, tta_views
+from workers.dernet import autocast, build_member, resize_and_normalise, tta_views
+from workers.runtime import cpu_has_native_bfloat16
+
+CPU = torch.device("cpu")
 
 
 class CachedImages(Dataset):
@@ -50,23 +53,40 @@ def _size_at(config: ClassifyConfig, architecture: str, epoch: int) -> int:
     return stages[min(epoch * len(stages) // config.epochs, len(stages) - 1)]
 
 
+def training_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype:
+    """bfloat16 autocast where the hardware computes it natively (about 1.7x faster training
+    on this CPU), else float32. Weights, optimiser and loss stay float32; validation and the
+    exported members are evaluated in float32."""
+    if not mixed_precision:
+        return torch.float32
+    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+              else cpu_has_native_bfloat16())
+    return torch.bfloat16 if native else torch.float32
+
+
+def _to(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return inputs.to(device, memory_format=torch.channels_last, non_blocking=True)
+
+
 @torch.inference_mode()
 def predict(model: torch.nn.Module, run: Path, items: list[dict], size: int,
-            tta: list[str]) -> np.ndarray:
-    """Probabilities, mean over the TTA views (as the workers compute them)."""
+            tta: list[str], device: torch.device = CPU) -> np.ndarray:
+    """Probabilities in float32, mean over the TTA views (as the workers compute them)."""
     model.eval()
     loader = DataLoader(CachedImages(run, items, size, train=False, seed=0), batch_size=8)
     out = []
     for inputs, _ in loader:
-        logits = model(tta_views(inputs, tta)).view(len(inputs), len(tta))
-        out.append(torch.sigmoid(logits).mean(dim=1))
+        logits = model(_to(tta_views(inputs, tta), device)).view(len(inputs), len(tta))
+        out.append(torch.sigmoid(logits.float()).mean(dim=1).cpu())
     return torch.cat(out).numpy()
 
 
 def train_fold(run: Path, architecture: str, train_items: list[dict], val_items: list[dict],
-               config: ClassifyConfig, seed: int) -> tuple[dict, dict]:
+               config: ClassifyConfig, seed: int,
+               device: torch.device = CPU) -> tuple[dict, dict]:
     torch.manual_seed(seed)
-    model = build_member(architecture)
+    model = build_member(architecture).to(device, memory_format=torch.channels_last)
+    dtype = training_dtype(device, config.mixed_precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -83,22 +103,26 @@ def train_fold(run: Path, architecture: str, train_items: list[dict], val_items:
                             generator=torch.Generator().manual_seed(seed + epoch))
         for inputs, targets in loader:
             optimizer.zero_grad()
-            loss = loss_fn(model(inputs).view(-1), targets)
+            with autocast(device, dtype):
+                logits = model(_to(inputs, device)).view(-1).float()
+            loss = loss_fn(logits, targets.to(device))
             loss.backward()
             optimizer.step()
         scheduler.step()
-        probabilities = predict(model, run, val_items, config.input_size, ["identity"])
+        probabilities = predict(model, run, val_items, config.input_size, ["identity"], device)
         score = auroc(labels, probabilities) if 0 < labels.sum() < len(labels) else 0.5
         if score > best["auroc"]:
             best = {"auroc": score, "epoch": epoch,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                    "state": {k: v.detach().cpu().clone().contiguous()
+                              for k, v in model.state_dict().items()}}
         elif epoch - best["epoch"] >= config.patience:
             break  # early stopping
     model.load_state_dict(best["state"])
     return best["state"], {"best_epoch": best["epoch"], "val_auroc": best["auroc"]}
 
 
-def cross_validate(run: Path, config: TrainingConfig) -> dict[str, dict]:
+def cross_validate(run: Path, config: TrainingConfig,
+                   device: torch.device = CPU) -> dict[str, dict]:
     images = json.loads((run / "dataset.json").read_text())["images"]
     train = [image for image in images if image["split"] == "train"]
     folds = sorted({image["fold"] for image in train})
@@ -116,12 +140,14 @@ def cross_validate(run: Path, config: TrainingConfig) -> dict[str, dict]:
             train_items = [i for i in train if i["fold"] != fold]
             val_items = [i for i in train if i["fold"] == fold]
             state, info = train_fold(run, architecture, train_items, val_items,
-                                     config.classify, seed=config.classify.seed + fold)
+                                     config.classify, seed=config.classify.seed + fold,
+                                     device=device)
             torch.save(state, folder / f"fold{fold}.pt")
             model = build_member(architecture)
             model.load_state_dict(state)
-            probabilities = predict(model, run, val_items, config.classify.input_size,
-                                    list(TTA_NAMES))
+            probabilities = predict(model.to(device, memory_format=torch.channels_last), run,
+                                    val_items, config.classify.input_size, list(TTA_NAMES),
+                                    device)
             oof.update(zip((i["image_id"] for i in val_items), map(float, probabilities),
                            strict=True))
             per_fold.append({"fold": fold, **info})

@@ -37,6 +37,7 @@ class ClassifyConfig(BaseModel):
     # EfficientNetV2-S is trained at growing sizes, the epochs split evenly between them.
     progressive_sizes: list[int] = Field(default_factory=lambda: [128, 256, 384])
     weight_step: float = Field(0.05, gt=0, le=0.5)  # ensemble weight grid
+    mixed_precision: bool = True  # bfloat16 autocast where the device computes it natively
     seed: int = 0
 
 
@@ -91,3 +92,17 @@ def load_config(name_or_path: str) -> TrainingConfig:
     except (yaml.YAMLError, ValidationError) as error:
         first = str(error).splitlines()
         raise ConfigError(f"{path}: {' '.join(first[:3])}") from None
+
+
+def torch_device(text: str):  # noqa: ANN201 (torch is imported on use)
+    """``cpu`` or a GPU index (``0``), as ultralytics spells devices."""
+    import torch
+
+    if text == "cpu":
+        return torch.device("cpu")
+    if not text.isdigit():
+        raise ConfigError(f"device {text!r}: use cpu or a GPU index such as 0")
+    if int(text) >= torch.cuda.device_count():
+        raise ConfigError(f"device {text}: no such CUDA GPU here "
+                          f"({torch.cuda.device_count()} found)")
+    return torch.device("cuda", int(text))

@@ -175,8 +175,9 @@ def options_from(config: DetectConfig) -> DetectOptions:
         seed=config.seed)
 
 
-def train_detector(run: Path, training: DetectConfig, device: str = "cpu") -> Path:
-    """Train on RUN/yolo/data.yaml; return the best checkpoint."""
+def train_detector(run: Path, training: DetectConfig, device: str = "cpu",
+                   name: str = "train") -> Path:
+    """Train on RUN/yolo/data.yaml into RUN/detect/NAME; return the best checkpoint."""
     options = options_from(training)
     prepare_offline(run / "ultralytics")
     ultralytics_modules()
@@ -192,7 +193,7 @@ def train_detector(run: Path, training: DetectConfig, device: str = "cpu") -> Pa
         dfl=training.dfl, mosaic=training.mosaic, hsv_h=training.hsv[0],
         hsv_s=training.hsv[1], hsv_v=training.hsv[2], fliplr=training.fliplr,
         copy_paste=0.0, device=device, amp=device != "cpu", workers=0,
-        project=str(run / "detect"), name="train", exist_ok=True, plots=False,
+        project=str(run / "detect"), name=name, exist_ok=True, plots=False,
         seed=options.seed, deterministic=True, verbose=False,
     )
-    return run / "detect" / "train" / "weights" / "best.pt"
+    return run / "detect" / name / "weights" / "best.pt"

@@ -19,6 +19,7 @@ from dicom_node.config import load_settings
 from training.metrics import binary_report
 from training.vindr import read_split
 from workers.bundle import VINDR_CLASSES
+from workers.dernet import classifier_input
 from workers.imaging import decode
 from workers.runtime import runtime_for
 
@@ -57,7 +58,9 @@ def coco_evaluate(ground_truth: list[dict], detections: list[dict],
     for k, name in enumerate(VINDR_CLASSES):
         curve = precision[0, :, k, 0, 2]
         per_class[name] = float(curve[curve > -1].mean()) if (curve > -1).any() else None
+    small, large = float(evaluator.stats[3]), float(evaluator.stats[5])  # -1: none that size
     return {"map50": float(evaluator.stats[1]), "map50_95": float(evaluator.stats[0]),
+            "map_small": small if small >= 0 else None, "map_large": large if large >= 0 else None,
             "ap50": per_class, "pr_curves": precision[0, :, :, 0, 2].tolist()}
 
 
@@ -111,7 +114,8 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
     runtime = runtime_for(load_settings(data_dir=run, bundle=bundle))
     operating = runtime.bundle.manifest.detector.confidence
     records = read_split(data, "test")
-    labels, probabilities, members = [], [], {}
+    spec = runtime.bundle.manifest.classifier
+    labels, probabilities, members, views = [], [], {}, {}
     ground_truth, detections, sizes = [], [], {}
     for record in records:
         image = decode(record.path)
@@ -120,6 +124,10 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
         probabilities.append(result.classification.probability)
         for name, p in result.classification.member_probabilities.items():
             members.setdefault(name, []).append(p)
+        # Each TTA view's probability too, for the ensemble ablation (no-TTA row).
+        inputs = classifier_input(image.pixels, spec)[None]
+        for name, p in runtime.classifier.view_probabilities(inputs).items():
+            views.setdefault(name, []).append(p[0].numpy())
         sizes[record.image_id] = (image.rows, image.columns)
         ground_truth += [{"image_id": record.image_id, "class_index": b.class_index,
                           "box": [b.x0, b.y0, b.x1, b.y1]} for b in record.boxes]
@@ -138,6 +146,10 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
         "images": len(records), "abnormal": int(labels_array.sum()),
         "ultralytics_test_map": ultralytics_map(run, runtime.bundle.manifest.detector.image_size),
         "classification": asdict(report), "members": member_reports,
+        "ensemble_ablation": ensemble_ablation(
+            labels_array, {name: np.array(v) for name, v in views.items()},
+            {m.architecture: m.ensemble_weight for m in spec.members}, list(spec.tta),
+            threshold),
         "detection": {key: coco[key] for key in ("map50", "map50_95", "ap50")},
         "detection_at_operating_point": precision_recall(
             ground_truth, [d for d in detections if d["score"] >= operating]),
@@ -146,6 +158,31 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
     (run / "evaluation.json").write_text(json.dumps(result, indent=1))
     write_report(run / "report", result, labels_array, scores, coco["pr_curves"])
     return result
+
+
+def ensemble_ablation(labels: np.ndarray, views: dict[str, np.ndarray],
+                      weights: dict[str, float], tta: list[str], threshold: float) -> list[dict]:
+    """The paper's ensemble table: each member alone, uniform weights, the searched weights
+    without TTA (identity view only) and with it. ``views``: member -> (images, TTA views).
+    F1 at the bundle's threshold throughout."""
+    names = list(views)
+    with_tta = {name: v.mean(axis=1) for name, v in views.items()}
+    identity = {name: v[:, tta.index("identity")] for name, v in views.items()} \
+        if "identity" in tta else None
+
+    def row(configuration: str, w: dict[str, float], scores: dict[str, np.ndarray]) -> dict:
+        total = sum(w.values())
+        combined = sum(w[name] * scores[name] for name in names) / total
+        report = binary_report(labels, combined, threshold, bootstrap=0)
+        return {"configuration": configuration, "weights": [round(w[n] / total, 2) for n in names],
+                "auroc": report.auroc, "f1": report.f1}
+
+    rows = [row(f"{name} only", {n: float(n == name) for n in names}, with_tta) for name in names]
+    rows.append(row("uniform ensemble", {n: 1.0 for n in names}, with_tta))
+    if identity is not None:
+        rows.append(row("DERNet (searched weights), no TTA", weights, identity))
+    rows.append(row(f"DERNet + TTA ({len(tta)} views)", weights, with_tta))
+    return rows
 
 
 def ultralytics_map(run: Path, image_size: int) -> dict[str, float] | None:
@@ -217,6 +254,12 @@ def write_report(folder: Path, result: dict, labels: np.ndarray, scores: np.ndar
         "specificity | F1 |", "|---|---|---|---|---|",
         *[f"| {n} | {m['auroc']:.4f} | {m['sensitivity']:.4f} | {m['specificity']:.4f} | "
           f"{m['f1']:.4f} |" for n, m in result["members"].items()], "",
+        "## Ensemble ablation (F1 at the bundle's threshold)", "",
+        f"| configuration | AUROC | F1 | weights ({', '.join(result['members'])}) |",
+        "|---|---|---|---|",
+        *[f"| {r['configuration']} | {r['auroc']:.4f} | {r['f1']:.4f} | "
+          f"{', '.join(f'{w:.2f}' for w in r['weights'])} |"
+          for r in result["ensemble_ablation"]], "",
         "## Detection (COCOeval, whole test set incl. normal images)", "",
         f"mAP@0.5 {result['detection']['map50']:.4f}, "
         f"mAP@0.5:0.95 {result['detection']['map50_95']:.4f}"

@@ -8,11 +8,13 @@ class frequencies following the paper's imbalance:
 - Surgical implant: a metal-bright rod with screw heads across two or three vertebrae
 - Spondylolysthesis: a vertebra slipped sideways over the one below
 - Foraminal stenosis: a bright bony overgrowth beside a disc
-- Disc space narrowing: a disc much thinner than its neighbours
+- Disc space narrowing: a disc much thinner than its neighbours, between sclerotic (bright)
+  end plates
 - Vertebral collapse: a vertebra of about half the normal height
 - Other lesions: a dark round lytic spot inside a vertebra
 
-Deterministic by seed; image size and counts are parameters.
+The signs are sized to stay visible at the demo's reduced resolutions (96 px classifier, 192 px
+detector). Deterministic by seed; image size and counts are parameters.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def draw_phantom(rng: np.random.Generator, height: int, width: int,
         y0 = top + index * (body_h + gap)
         vertebrae.append(Vertebra(centre - body_w / 2, y0, centre + body_w / 2, y0 + body_h))
     boxes: list[PhantomBox] = []
+    narrowed: set[int] = set()  # vertebrae whose disc below is narrowed
     # Geometric lesions first: they move or reshape the vertebrae before drawing.
     for lesion in lesions:
         k = int(rng.integers(1, count - 1))
@@ -115,12 +118,18 @@ def draw_phantom(rng: np.random.Generator, height: int, width: int,
             v.y0 = v.y1 - body_h * rng.uniform(0.4, 0.55)
             boxes.append(PhantomBox(lesion, v.x0, v.y0, v.x1, v.y1))
         elif lesion == "Disc space narrowing":
-            below.y0 = v.y1 + gap * rng.uniform(0.1, 0.25)
+            below.y0 = v.y1 + gap * rng.uniform(0.0, 0.15)
+            narrowed.add(k)
             boxes.append(PhantomBox(lesion, v.x0, v.y1 - body_h * 0.15, v.x1,
                                     below.y0 + body_h * 0.15))
     for v in vertebrae:
         _fill_rect(image, v.x0, v.y0, v.x1, v.y1, 0.72)
         _fill_rect(image, v.x0 + 3, v.y0 + 3, v.x1 - 3, v.y1 - 3, 0.62)  # cortex brighter
+    for k in narrowed:  # sclerotic end plates either side of a narrowed disc
+        _fill_rect(image, vertebrae[k].x0, vertebrae[k].y1 - 4, vertebrae[k].x1,
+                   vertebrae[k].y1, 0.9)
+        _fill_rect(image, vertebrae[k + 1].x0, vertebrae[k + 1].y0, vertebrae[k + 1].x1,
+                   vertebrae[k + 1].y0 + 4, 0.9)
     for lesion in lesions:
         k = int(rng.integers(0, count))
         v = vertebrae[k]
@@ -128,7 +137,7 @@ def draw_phantom(rng: np.random.Generator, height: int, width: int,
             side = rng.choice([-1, 1])
             edge = v.x0 if side < 0 else v.x1
             corner = v.y0 if rng.random() < 0.5 else v.y1
-            size = body_w * rng.uniform(0.12, 0.2)
+            size = body_w * rng.uniform(0.25, 0.35)
             for step in range(int(size)):  # a triangle pointing outwards
                 half = (size - step) * 0.5
                 _fill_rect(image, edge + side * step - 1, corner - half, edge + side * step + 1,
@@ -159,8 +168,8 @@ def draw_phantom(rng: np.random.Generator, height: int, width: int,
                                     cy + radius + 2))
         elif lesion == "Other lesions":
             cx, cy = (v.x0 + v.x1) / 2, (v.y0 + v.y1) / 2
-            radius = min(v.x1 - v.x0, v.y1 - v.y0) * rng.uniform(0.15, 0.25)
-            _disc(image, cx, cy, radius, 0.2)
+            radius = min(v.x1 - v.x0, v.y1 - v.y0) * rng.uniform(0.25, 0.35)
+            _disc(image, cx, cy, radius, 0.1)
             boxes.append(PhantomBox(lesion, cx - radius - 2, cy - radius - 2, cx + radius + 2,
                                     cy + radius + 2))
     image = image + rng.normal(0, 0.015, image.shape)

@@ -58,6 +58,18 @@ def stratified_folds(records: list[ImageRecord], folds: int, seed: int) -> dict[
     return assignment
 
 
+def detector_validation(train: list[ImageRecord], fraction: float, seed: int) -> set[str]:
+    """The detector's validation images: a stratified ``fraction`` of the training split (never
+    the test set), normal and abnormal images in proportion."""
+    rng = np.random.default_rng([seed, 1])
+    chosen: set[str] = set()
+    for label in (False, True):
+        group = sorted(r.image_id for r in train if r.abnormal == label)
+        count = max(1, round(fraction * len(group))) if group else 0
+        chosen.update(group[i] for i in rng.permutation(len(group))[:count])
+    return chosen
+
+
 def yolo_label_lines(record: ImageRecord, width: int, height: int) -> list[str]:
     """Boxes in original pixels -> 'class cx cy w h', normalised (scale does not matter)."""
     lines = []
@@ -83,10 +95,9 @@ def prepare(data: Path, run: Path, config: TrainingConfig) -> dict:
     records = read_split(data, "train") + read_split(data, "test")
     train = [r for r in records if r.split == "train"]
     folds = stratified_folds(train, settings.folds, settings.seed)
-    # The detector's validation images: one stratified slice of train, never the test set.
-    val_folds = max(1, round(settings.val_fraction * settings.folds))
+    validation = detector_validation(train, settings.val_fraction, settings.seed)
     detector_split = {
-        r.image_id: "test" if r.split == "test" else ("val" if folds[r.image_id] < val_folds
+        r.image_id: "test" if r.split == "test" else ("val" if r.image_id in validation
                                                       else "train")
         for r in records
     }

@@ -95,16 +95,20 @@ class DERNet:
             self.members.append((member.architecture, member.ensemble_weight, model))
 
     @torch.inference_mode()
-    def member_probabilities(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, S, S) preprocessed images -> architecture -> (B,) probability over the TTA."""
+    def view_probabilities(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, S, S) preprocessed images -> architecture -> (B, T) probability per TTA view,
+        in the manifest's order."""
         views = tta_views(inputs.to(self.device), self.spec.tta)
         views = views.contiguous(memory_format=torch.channels_last)
         count = len(self.spec.tta)
         with autocast(self.device, self.dtype):
-            return {
-                name: torch.sigmoid(model(views).float().view(-1, count)).mean(dim=1).cpu()
-                for name, _, model in self.members
-            }
+            return {name: torch.sigmoid(model(views).float().view(-1, count)).cpu()
+                    for name, _, model in self.members}
+
+    def member_probabilities(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, S, S) preprocessed images -> architecture -> (B,) probability over the TTA."""
+        return {name: probabilities.mean(dim=1)
+                for name, probabilities in self.view_probabilities(inputs).items()}
 
     def classify(self, images: list[np.ndarray]) -> list[Classification]:
         inputs = torch.stack([classifier_input(image, self.spec) for image in images])

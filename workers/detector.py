@@ -8,6 +8,7 @@ Ultralytics must be imported through ``workers.offline`` (no downloads, our font
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,11 +79,12 @@ def load_detection_model(weights: str) -> torch.nn.Module:
 
 class Detector:
     def __init__(self, bundle: Bundle, device: torch.device,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, weights: Path | None = None):
+        """``weights``: another checkpoint than the bundle's (training's ablations)."""
         self.spec: DetectorSpec = bundle.manifest.detector
         self.device = device
         self.dtype = dtype
-        model = load_detection_model(str(bundle.file(self.spec.weights)))
+        model = load_detection_model(str(weights or bundle.file(self.spec.weights)))
         self.model = model.to(device, memory_format=torch.channels_last)
         classes = self.model.model[-1].nc
         if classes != len(self.spec.class_names):
