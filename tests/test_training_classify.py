@@ -86,6 +86,23 @@ def test_classify_resumes_without_retraining(trained) -> None:
     assert summary.stat().st_mtime_ns == before
 
 
+def test_classify_resumes_an_interrupted_member_at_its_next_fold(trained) -> None:
+    run, config = trained
+    folder = run / "classify" / "resnet50"
+    before = json.loads((folder / "cv.json").read_text())
+    # As if stopped during fold 1: fold 0 is whole, fold 1 and the summary are not written.
+    for name in ("cv.json", "fold1.json", "fold1.pt"):
+        (folder / name).unlink()
+    kept = (folder / "fold0.pt").stat().st_mtime_ns
+    result = _cli("classify", "--out", str(run), "--config", str(config))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (folder / "fold0.pt").stat().st_mtime_ns == kept  # not trained again
+    assert (folder / "fold1.pt").exists()
+    after = json.loads((folder / "cv.json").read_text())
+    assert after["folds"][0] == before["folds"][0]
+    assert set(after["oof"]) == set(before["oof"])
+
+
 def test_classify_needs_a_prepared_run(tmp_path: Path) -> None:
     result = _cli("classify", "--out", str(tmp_path), "--config", "smoke")
     assert result.returncode == 2
@@ -141,7 +158,8 @@ def test_evaluation_writes_the_report(trained) -> None:
     # the TTA row is the bundle itself, recomputed from the per-view probabilities
     assert rows["DERNet + TTA (5 views)"]["auroc"] == pytest.approx(
         result["classification"]["auroc"])
-    assert "## Ensemble ablation" in report
+    assert "## Ensemble ablation" in report and "## Decision threshold" in report
+    assert sum(row["chosen"] for row in result["threshold_table"]) == 1
     for plot in ("roc.png", "pr.png", "threshold.png"):
         assert (run / "report" / plot).stat().st_size > 1000
 

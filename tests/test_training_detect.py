@@ -145,3 +145,40 @@ def test_ablation_rows_switch_one_step_at_a_time() -> None:
     assert dict(rows["focal"])["gamma=2.0, alpha=0.25"] == config
     assert [s.scales for _, s in rows["scales"]] == [[], [576, 640, 704],
                                                     [480, 576, 640, 704, 768]]
+
+
+def test_interrupted_detector_training_resumes(prepared_run: Path, tmp_path: Path) -> None:
+    import shutil
+    import time
+
+    from training.detect import training_state
+
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run, ignore=shutil.ignore_patterns("detect"))
+    config = load_config("smoke").model_dump()
+    config["detect"].update(epochs=6, image_size=64, scales=[64])
+    (tmp_path / "six.yaml").write_text(yaml.safe_dump(config))
+    command = [*SPINENODE, "train", "detect", "--out", str(run), "--config",
+               str(tmp_path / "six.yaml")]
+    weights = run / "detect" / "train" / "weights"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while training_state(weights / "last.pt") != "partial":  # an epoch is saved
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        process.kill()
+        process.wait()
+    first = (run / "detect" / "train" / "results.csv").read_text().splitlines()
+    assert 2 <= len(first) < 7  # header + the epochs done before the kill
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert training_state(weights / "last.pt") == "finished"
+    rows = (run / "detect" / "train" / "results.csv").read_text().splitlines()
+    assert rows[:len(first)] == first  # resumed: the epochs done before are kept as they were
+    assert [int(float(row.split(",")[0])) for row in rows[1:]] == [1, 2, 3, 4, 5, 6]
+    # Finished: asking again trains nothing.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0
+    assert (run / "detect" / "train" / "results.csv").read_text().splitlines() == rows

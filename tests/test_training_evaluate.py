@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.evaluate import coco_evaluate, ensemble_ablation, precision_recall
+from training.evaluate import (
+    coco_evaluate,
+    ensemble_ablation,
+    precision_recall,
+    threshold_table,
+)
 from training.metrics import auroc
 
 SIZES = {"a": (100, 100), "normal": (100, 100)}
@@ -64,3 +69,16 @@ def test_ensemble_ablation_rows() -> None:
     assert with_tta["auroc"] == pytest.approx(auroc(
         labels, 0.25 * views["a"].mean(axis=1) + 0.75 * views["b"].mean(axis=1)))
     assert with_tta["weights"] == [0.25, 0.75]
+
+
+def test_threshold_table_around_the_chosen_threshold() -> None:
+    labels = np.array([False, False, True, True])
+    rows = threshold_table(labels, np.array([0.1, 0.45, 0.35, 0.8]), 0.42)
+    assert [r["threshold"] for r in rows] == [0.3, 0.4, 0.42, 0.5, 0.6]
+    assert [r["chosen"] for r in rows] == [False, False, True, False, False]
+    by = {r["threshold"]: r for r in rows}
+    assert (by[0.3]["sensitivity"], by[0.3]["specificity"], by[0.3]["f1"]) == (1.0, 0.5, 0.8)
+    assert by[0.3]["youden_j"] == pytest.approx(0.5)
+    assert by[0.42]["youden_j"] == pytest.approx(0.0)
+    assert (by[0.5]["sensitivity"], by[0.5]["specificity"]) == (0.5, 1.0)
+    assert by[0.5]["f1"] == pytest.approx(2 / 3)

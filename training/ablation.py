@@ -9,8 +9,8 @@ test split, normal images included, boxes down to score 0.001.
 - focal loss: (gamma, alpha) = (0, .25), (1, .25), (2, .25), (3, .25), (2, .5).
 - training scales: the fixed image size, the middle three of the configured set, all of it.
 
-Rows with identical settings train once (RUN/detect/ablation-<hash>), and a row whose
-checkpoint exists is not trained again: an interrupted ablation resumes.
+Rows with identical settings train once (RUN/detect/ablation-<hash>); a finished row is not
+trained again and an interrupted one resumes, as ``train detect`` does.
 Writes RUN/ablation.json and RUN/report/ablation.md.
 """
 
@@ -110,9 +110,7 @@ def ablate(run: Path, config: DetectConfig, bundle: Path, device: str = "cpu",
         for label, settings in rows:
             key = _key(settings)
             if key not in scored:
-                weights = run / "detect" / f"ablation-{key}" / "weights" / "best.pt"
-                if not weights.exists():
-                    train_detector(run, settings, device=device, name=f"ablation-{key}")
+                weights = train_detector(run, settings, device=device, name=f"ablation-{key}")
                 coco = score_detector(run, bundle, weights, target)
                 rare_ap = [coco["ap50"][c] for c in rare if coco["ap50"][c] is not None]
                 scored[key] = {

@@ -3,6 +3,7 @@ the ensemble's weights (grid search on out-of-fold AUROC) and threshold (Youden'
 out-of-fold predictions: validation only, never test).
 
 RUN/classify/<member>/fold<k>.pt   best state per fold (by validation AUROC)
+RUN/classify/<member>/fold<k>.json that fold's result: an interrupted run resumes at the next fold
 RUN/classify/<member>/cv.json      per fold: best epoch and AUROC; out-of-fold probabilities
 RUN/ensemble.json                  weights, threshold, out-of-fold AUROC per member and ensemble
 """
@@ -137,6 +138,12 @@ def cross_validate(run: Path, config: TrainingConfig,
         oof: dict[str, float] = {}
         per_fold = []
         for fold in tqdm(folds, desc=architecture, unit="fold"):
+            done = folder / f"fold{fold}.json"  # written after its weights: the fold is whole
+            if done.exists():
+                saved = json.loads(done.read_text())
+                oof.update(saved["oof"])
+                per_fold.append(saved["info"])
+                continue
             train_items = [i for i in train if i["fold"] != fold]
             val_items = [i for i in train if i["fold"] == fold]
             state, info = train_fold(run, architecture, train_items, val_items,
@@ -148,9 +155,11 @@ def cross_validate(run: Path, config: TrainingConfig,
             probabilities = predict(model.to(device, memory_format=torch.channels_last), run,
                                     val_items, config.classify.input_size, list(TTA_NAMES),
                                     device)
-            oof.update(zip((i["image_id"] for i in val_items), map(float, probabilities),
-                           strict=True))
+            fold_oof = dict(zip((i["image_id"] for i in val_items), map(float, probabilities),
+                                strict=True))
+            oof.update(fold_oof)
             per_fold.append({"fold": fold, **info})
+            done.write_text(json.dumps({"info": per_fold[-1], "oof": fold_oof}))
         best_fold = max(per_fold, key=lambda f: f["val_auroc"])["fold"]
         results[architecture] = {"folds": per_fold, "best_fold": best_fold, "oof": oof}
         summary_path.write_text(json.dumps(results[architecture], indent=1))

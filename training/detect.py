@@ -175,17 +175,36 @@ def options_from(config: DetectConfig) -> DetectOptions:
         seed=config.seed)
 
 
+def training_state(last: Path) -> str:
+    """``none``, ``partial`` (resumable) or ``finished``: ultralytics strips the optimiser and
+    sets the epoch to -1 when a run ends."""
+    if not last.exists():
+        return "none"
+    try:
+        checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 (cut short while written: start that run again)
+        return "none"
+    return "finished" if checkpoint.get("epoch", -1) == -1 else "partial"
+
+
 def train_detector(run: Path, training: DetectConfig, device: str = "cpu",
                    name: str = "train") -> Path:
-    """Train on RUN/yolo/data.yaml into RUN/detect/NAME; return the best checkpoint."""
+    """Train on RUN/yolo/data.yaml into RUN/detect/NAME; return the best checkpoint. A finished
+    run is not trained again; an interrupted one resumes from its last epoch."""
     options = options_from(training)
     prepare_offline(run / "ultralytics")
     ultralytics_modules()
     from ultralytics import YOLO
 
-    model = YOLO(f"yolo11{training.scale}.yaml")
+    weights = run / "detect" / name / "weights"
+    state = training_state(weights / "last.pt")
+    if state == "finished":
+        return weights / "best.pt"
+    model = YOLO(str(weights / "last.pt") if state == "partial"
+                 else f"yolo11{training.scale}.yaml")
     model.train(
         trainer=make_trainer(options), data=str(run / "yolo" / "data.yaml"),
+        resume=str(weights / "last.pt") if state == "partial" else False,
         epochs=training.epochs, imgsz=training.image_size, batch=training.batch,
         nbs=training.nominal_batch, optimizer="SGD", lr0=training.lr0, cos_lr=True,
         momentum=training.momentum, weight_decay=training.weight_decay,
@@ -196,4 +215,4 @@ def train_detector(run: Path, training: DetectConfig, device: str = "cpu",
         project=str(run / "detect"), name=name, exist_ok=True, plots=False,
         seed=options.seed, deterministic=True, verbose=False,
     )
-    return run / "detect" / name / "weights" / "best.pt"
+    return weights / "best.pt"

@@ -154,6 +154,7 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
         "detection_at_operating_point": precision_recall(
             ground_truth, [d for d in detections if d["score"] >= operating]),
         "threshold_sweep": sweep,
+        "threshold_table": threshold_table(labels_array, scores, threshold),
     }
     (run / "evaluation.json").write_text(json.dumps(result, indent=1))
     write_report(run / "report", result, labels_array, scores, coco["pr_curves"])
@@ -182,6 +183,18 @@ def ensemble_ablation(labels: np.ndarray, views: dict[str, np.ndarray],
     if identity is not None:
         rows.append(row("DERNet (searched weights), no TTA", weights, identity))
     rows.append(row(f"DERNet + TTA ({len(tta)} views)", weights, with_tta))
+    return rows
+
+
+def threshold_table(labels: np.ndarray, scores: np.ndarray, chosen: float) -> list[dict]:
+    """The paper's threshold table: fixed thresholds around the bundle's own (Youden's J on
+    validation), each with sensitivity, specificity, F1 and J on the test split."""
+    rows = []
+    for threshold in sorted({0.3, 0.4, 0.5, 0.6, chosen}):
+        report = binary_report(labels, scores, threshold, bootstrap=0)
+        rows.append({"threshold": threshold, "chosen": threshold == chosen,
+                     "sensitivity": report.sensitivity, "specificity": report.specificity,
+                     "f1": report.f1, "youden_j": report.sensitivity + report.specificity - 1})
     return rows
 
 
@@ -254,6 +267,9 @@ def write_report(folder: Path, result: dict, labels: np.ndarray, scores: np.ndar
         "specificity | F1 |", "|---|---|---|---|---|",
         *[f"| {n} | {m['auroc']:.4f} | {m['sensitivity']:.4f} | {m['specificity']:.4f} | "
           f"{m['f1']:.4f} |" for n, m in result["members"].items()], "",
+        "## Decision threshold (bold: the bundle's, Youden's J on validation)", "",
+        "| threshold | sensitivity | specificity | F1 | Youden's J |", "|---|---|---|---|---|",
+        *[_threshold_row(row) for row in result["threshold_table"]], "",
         "## Ensemble ablation (F1 at the bundle's threshold)", "",
         f"| configuration | AUROC | F1 | weights ({', '.join(result['members'])}) |",
         "|---|---|---|---|",
@@ -274,6 +290,13 @@ def write_report(folder: Path, result: dict, labels: np.ndarray, scores: np.ndar
         "![ROC](roc.png) ![PR](pr.png) ![threshold sweep](threshold.png)", "",
     ]
     (folder / "report.md").write_text("\n".join(lines))
+
+
+def _threshold_row(row: dict) -> str:
+    mark = "**" if row["chosen"] else ""
+    cells = [f"{row['threshold']:.3f}"] + [f"{row[key]:.4f}" for key in
+                                           ("sensitivity", "specificity", "f1", "youden_j")]
+    return "| " + " | ".join(f"{mark}{cell}{mark}" for cell in cells) + " |"
 
 
 def _fmt(value: float | None) -> str:
