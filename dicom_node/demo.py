@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,11 @@ from dicom_node.config import Destination, Settings
 from dicom_node.db.models import Instance
 from dicom_node.db.session import session_factory
 from dicom_node.outbox import list_deliveries
+from dicom_node.ports import free_port
 from dicom_node.sop_classes import STORAGE_SOP_CLASSES
 
 DEMO_AE = "SPINEDEMO"
 RECEIVER_AE = "DEMOPACS"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _associate(settings: Settings, contexts: list):  # noqa: ANN202
@@ -72,7 +66,7 @@ def _start_receiver(folder: Path):  # noqa: ANN202
     ae = AE(ae_title=RECEIVER_AE)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class)
-    port = _free_port()
+    port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, store)])
     return server, port

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from sqlalchemy import select
 
 from dicom_node.db.models import Instance
 from dicom_node.db.session import session_factory
+from dicom_node.ports import free_port
 from tests import no_network
 
 no_network.block()  # every test in this process: only this machine is reachable
@@ -31,12 +31,6 @@ REDIS_HOST_URL = os.environ.get("SPINENODE_TEST_REDIS", "redis://127.0.0.1:6379"
 SPINENODE = [sys.executable, "-m", "dicom_node.cli"]
 # Where a routed image ends when no model bundle is configured: decoded, waiting for a model.
 DECODED = "waiting-for-model"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.2,
