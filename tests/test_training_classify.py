@@ -188,3 +188,23 @@ def test_training_on_a_missing_gpu_is_one_clear_line(trained) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"spinenode: device 7: no such CUDA GPU here ({torch.cuda.device_count()} found)"]
+
+
+def test_augmentation_does_not_depend_on_the_loader_workers(trained) -> None:
+    from torch.utils.data import DataLoader
+
+    from training.classify import CachedImages
+
+    run, _ = trained
+    items = [i for i in json.loads((run / "dataset.json").read_text())["images"]
+             if i["split"] == "train"][:8]
+
+    def batches(workers: int, seed: int) -> torch.Tensor:
+        dataset = CachedImages(run, items, 32, train=True, seed=seed)
+        return torch.cat([inputs for inputs, _ in DataLoader(dataset, batch_size=2,
+                                                             num_workers=workers)])
+
+    single = batches(0, seed=3)
+    assert torch.equal(single, batches(2, seed=3))
+    # and the augmentation is really drawn: items differ from one epoch seed to another
+    assert not torch.equal(single, batches(0, seed=4))

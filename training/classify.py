@@ -31,8 +31,7 @@ CPU = torch.device("cpu")
 
 class CachedImages(Dataset):
     def __init__(self, run: Path, items: list[dict], size: int, train: bool, seed: int):
-        self.run, self.items, self.size, self.train = run, items, size, train
-        self.generator = torch.Generator().manual_seed(seed)
+        self.run, self.items, self.size, self.train, self.seed = run, items, size, train, seed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -42,7 +41,9 @@ class CachedImages(Dataset):
         cached = np.load(self.run / "cache" / f"{item['image_id']}.npy").astype(np.float32)
         image = torch.from_numpy(cached)[None]
         if self.train:
-            image = augment(image, self.generator)
+            # Seeded per (epoch seed, item): the same augmentation whichever loader worker
+            # draws it (a generator shared at fork would repeat itself in every worker).
+            image = augment(image, torch.Generator().manual_seed(self.seed * 1_000_003 + index))
         inputs = resize_and_normalise(image, self.size, IMAGENET_MEAN, IMAGENET_STD)
         return inputs, torch.tensor(float(item["abnormal"]))
 
@@ -71,10 +72,11 @@ def _to(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, run: Path, items: list[dict], size: int,
-            tta: list[str], device: torch.device = CPU) -> np.ndarray:
+            tta: list[str], device: torch.device = CPU, workers: int = 0) -> np.ndarray:
     """Probabilities in float32, mean over the TTA views (as the workers compute them)."""
     model.eval()
-    loader = DataLoader(CachedImages(run, items, size, train=False, seed=0), batch_size=8)
+    loader = DataLoader(CachedImages(run, items, size, train=False, seed=0), batch_size=8,
+                        num_workers=workers)
     out = []
     for inputs, _ in loader:
         logits = model(_to(tta_views(inputs, tta), device)).view(len(inputs), len(tta))
@@ -101,7 +103,8 @@ def train_fold(run: Path, architecture: str, train_items: list[dict], val_items:
         loader = DataLoader(CachedImages(run, train_items, _size_at(config, architecture, epoch),
                                          train=True, seed=seed * 1000 + epoch),
                             batch_size=batch, shuffle=True, drop_last=len(train_items) > batch,
-                            generator=torch.Generator().manual_seed(seed + epoch))
+                            generator=torch.Generator().manual_seed(seed + epoch),
+                            num_workers=config.loader_workers)
         for inputs, targets in loader:
             optimizer.zero_grad()
             with autocast(device, dtype):
@@ -110,7 +113,8 @@ def train_fold(run: Path, architecture: str, train_items: list[dict], val_items:
             loss.backward()
             optimizer.step()
         scheduler.step()
-        probabilities = predict(model, run, val_items, config.input_size, ["identity"], device)
+        probabilities = predict(model, run, val_items, config.input_size, ["identity"], device,
+                                config.loader_workers)
         score = auroc(labels, probabilities) if 0 < labels.sum() < len(labels) else 0.5
         if score > best["auroc"]:
             best = {"auroc": score, "epoch": epoch,
@@ -154,7 +158,7 @@ def cross_validate(run: Path, config: TrainingConfig,
             model.load_state_dict(state)
             probabilities = predict(model.to(device, memory_format=torch.channels_last), run,
                                     val_items, config.classify.input_size, list(TTA_NAMES),
-                                    device)
+                                    device, config.classify.loader_workers)
             fold_oof = dict(zip((i["image_id"] for i in val_items), map(float, probabilities),
                                 strict=True))
             oof.update(fold_oof)

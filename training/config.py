@@ -38,6 +38,8 @@ class ClassifyConfig(BaseModel):
     progressive_sizes: list[int] = Field(default_factory=lambda: [128, 256, 384])
     weight_step: float = Field(0.05, gt=0, le=0.5)  # ensemble weight grid
     mixed_precision: bool = True  # bfloat16 autocast where the device computes it natively
+    # Processes that load and augment images; a GPU needs several to be kept busy.
+    loader_workers: int = Field(0, ge=0)
     seed: int = 0
 
 
@@ -68,6 +70,7 @@ class DetectConfig(BaseModel):
     copy_paste: float = Field(0.2, ge=0, le=1)
     copy_paste_below: float = Field(0.05, ge=0, le=1)
     seed: int = 0
+    loader_workers: int = Field(0, ge=0)  # as classify.loader_workers
 
 
 class TrainingConfig(BaseModel):

@@ -60,6 +60,7 @@ class DetectOptions:
     copy_paste: float = 0.2  # probability per image; 0 = off
     copy_paste_below: float = 0.05  # classes under this box frequency are pasted
     seed: int = 0
+    loader_workers: int = 0
 
 
 class MinorityCopyPaste:
@@ -73,12 +74,23 @@ class MinorityCopyPaste:
         rare = {c for c, f in enumerate(frequency) if 0 < f < below}
         self.donors = [(i, j) for i, label in enumerate(dataset.labels)
                        for j, c in enumerate(label["cls"].reshape(-1)) if int(c) in rare]
+        self.seed, self.worker = seed, None
         self.rng = random.Random(seed)
 
+    def _draws(self) -> random.Random:
+        """This process's generator: each loader worker gets its own stream (a generator
+        copied into every worker at fork would paste the same boxes in all of them)."""
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else None
+        if worker != self.worker:
+            self.worker, self.rng = worker, random.Random(f"{self.seed}/{worker}")
+        return self.rng
+
     def __call__(self, label: dict) -> dict:
-        if not self.donors or self.rng.random() >= self.probability:
+        rng = self._draws()
+        if not self.donors or rng.random() >= self.probability:
             return label
-        donor, box_index = self.rng.choice(self.donors)
+        donor, box_index = rng.choice(self.donors)
         donor_image = self.dataset.load_image(donor)[0]
         dh, dw = donor_image.shape[:2]
         cx, cy, bw, bh = self.dataset.labels[donor]["bboxes"][box_index]
@@ -90,7 +102,7 @@ class MinorityCopyPaste:
         ch, cw = crop.shape[:2]
         if ch == 0 or cw == 0 or ch >= h or cw >= w:
             return label
-        px, py = self.rng.randrange(0, w - cw), self.rng.randrange(0, h - ch)
+        px, py = rng.randrange(0, w - cw), rng.randrange(0, h - ch)
         image[py:py + ch, px:px + cw] = crop
         instances = label["instances"]
         instances.convert_bbox("xywh")
@@ -158,7 +170,7 @@ def make_trainer(options: DetectOptions) -> type:
                 weights, num_samples=len(dataset), replacement=True,
                 generator=torch.Generator().manual_seed(options.seed))
             return InfiniteDataLoader(dataset=dataset, batch_size=min(batch_size, len(dataset)),
-                                      sampler=sampler, num_workers=0,
+                                      sampler=sampler, num_workers=options.loader_workers,
                                       collate_fn=dataset.collate_fn)
 
         def preprocess_batch(self, batch: dict) -> dict:
@@ -172,7 +184,7 @@ def options_from(config: DetectConfig) -> DetectOptions:
         focal=None if config.focal_gamma is None else (config.focal_gamma, config.focal_alpha),
         balanced_sampling=config.balanced_sampling, scales=tuple(config.scales),
         copy_paste=config.copy_paste, copy_paste_below=config.copy_paste_below,
-        seed=config.seed)
+        seed=config.seed, loader_workers=config.loader_workers)
 
 
 def training_state(last: Path) -> str:
@@ -211,7 +223,7 @@ def train_detector(run: Path, training: DetectConfig, device: str = "cpu",
         warmup_epochs=training.warmup_epochs, box=training.box, cls=training.cls,
         dfl=training.dfl, mosaic=training.mosaic, hsv_h=training.hsv[0],
         hsv_s=training.hsv[1], hsv_v=training.hsv[2], fliplr=training.fliplr,
-        copy_paste=0.0, device=device, amp=device != "cpu", workers=0,
+        copy_paste=0.0, device=device, amp=device != "cpu", workers=training.loader_workers,
         project=str(run / "detect"), name=name, exist_ok=True, plots=False,
         seed=options.seed, deterministic=True, verbose=False,
     )
