@@ -7,6 +7,8 @@ Writes RUN/evaluation.json and RUN/report/ (report.md, roc.png, pr.png, threshol
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -41,18 +43,20 @@ def coco_evaluate(ground_truth: list[dict], detections: list[dict],
              "bbox": _xywh(g["box"]), "area": _area(g["box"]), "iscrowd": 0}
             for n, g in enumerate(ground_truth, start=1)],
     }
-    coco.createIndex()
     results = [{"image_id": ids[d["image_id"]], "category_id": d["class_index"],
                 "bbox": _xywh(d["box"]), "score": d["score"]} for d in detections]
-    found = coco.loadRes(results) if results else COCO()
-    if not results:
-        found.dataset = {"images": coco.dataset["images"], "categories":
-                         coco.dataset["categories"], "annotations": []}
-        found.createIndex()
-    evaluator = COCOeval(coco, found, iouType="bbox")
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
+    # pycocotools prints its progress and tables; the report holds what matters of them.
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+        found = coco.loadRes(results) if results else COCO()
+        if not results:
+            found.dataset = {"images": coco.dataset["images"], "categories":
+                             coco.dataset["categories"], "annotations": []}
+            found.createIndex()
+        evaluator = COCOeval(coco, found, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
     precision = evaluator.eval["precision"]  # [iou, recall, class, area, maxdets]
     per_class = {}
     for k, name in enumerate(VINDR_CLASSES):
