@@ -134,12 +134,11 @@ def write_ablation_report(path: Path, result: dict, config: DetectConfig) -> Non
              "COCOeval on the test split, normal images included. AP small/large: "
              "mAP@0.5:0.95 over COCO's area ranges (in original pixels). Rare classes (under "
              f"{config.copy_paste_below:.0%} of the training boxes): {rare}.", ""]
-    short = [name.split()[0] for name in VINDR_CLASSES]
     for table, rows in result["tables"].items():
         lines += [f"## {titles[table]}", "",
                   "| configuration | mAP@0.5 | mAP@0.5:0.95 | AP small | AP large | rare AP@0.5 | "
-                  + " | ".join(short) + " |",
-                  "|---" * (6 + len(short)) + "|"]
+                  + " | ".join(f"{name} AP@0.5" for name in VINDR_CLASSES) + " |",
+                  "|---" * (6 + len(VINDR_CLASSES)) + "|"]
         for row in rows:
             values = [row["map50"], row["map50_95"], row["map_small"], row["map_large"],
                       row["rare_ap50"], *[row["ap50"][c] for c in VINDR_CLASSES]]
