@@ -72,6 +72,19 @@ def _start_receiver(folder: Path):  # noqa: ANN202
     return server, port
 
 
+def held_out_samples(phantoms: Path, count: int) -> list[Path]:
+    """Held-out phantoms to send, abnormal and normal in turn (abnormal first), so the demo
+    shows findings as well as normal results."""
+    from training.vindr import read_split
+
+    records = sorted(read_split(phantoms, "test"), key=lambda r: r.image_id)
+    abnormal = [r.path for r in records if r.abnormal]
+    normal = [r.path for r in records if not r.abnormal]
+    mixed = [path for pair in zip(abnormal, normal, strict=False) for path in pair]
+    rest = abnormal[len(normal):] + normal[len(abnormal):]
+    return (mixed + rest)[:count]
+
+
 def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> int:
     from training.demo_bundle import demo_bundle  # the demo builds a bundle; the node never
 
@@ -90,7 +103,7 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> i
         _wait_for_echo(settings, node)
         print(f"demo: node {settings.ae_title}@127.0.0.1:{settings.port} answers C-ECHO; "
               f"results go to {destination.address} ({received})", flush=True)
-        files = sorted((phantoms / "test_images").glob("*.dicom"))[:count] if phantoms else []
+        files = held_out_samples(phantoms, count) if phantoms else []
         if not files:
             from dicom_node.synthetic import make_radiograph
 

@@ -55,3 +55,17 @@ def test_demo_reuses_its_bundle_only_under_the_same_recipe(
         demo.demo_bundle(folder)
     assert not (folder / "run").exists() and not (folder / "bundle").exists()
     assert (folder / "recipe").read_text() == demo.DEMO_VERSION
+
+
+def test_demo_sends_abnormal_and_normal_phantoms_in_turn(tmp_path: Path) -> None:
+    from dicom_node.demo import held_out_samples
+    from training.phantoms import generate
+    from training.vindr import read_split
+
+    data = generate(tmp_path / "data", train=2, test=12, height=96, width=64, seed=1)
+    abnormal = {r.path: r.abnormal for r in read_split(data, "test")}
+    assert 0 < sum(abnormal.values()) < len(abnormal)
+    chosen = held_out_samples(data, 3)
+    assert [abnormal[path] for path in chosen] == [True, False, True]
+    everything = held_out_samples(data, 100)
+    assert sorted(everything) == sorted(abnormal)  # each once

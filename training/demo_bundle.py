@@ -38,7 +38,7 @@ def demo_bundle(folder: Path) -> tuple[Path, Path]:
         recipe.write_text(DEMO_VERSION)
     start = time.monotonic()
     config = load_config("demo")
-    print("demo: training a phantom bundle (first run only, about 6 minutes on 2 cores)...",
+    print("demo: training a phantom bundle (first run only, about 5 minutes on 2 cores)...",
           flush=True)
 
     def done(step: str) -> None:
