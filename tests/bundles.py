@@ -18,7 +18,7 @@ MEMBERS = (("densenet121", 0.42), ("tf_efficientnetv2_s", 0.32), ("resnet50", 0.
 
 def make_test_bundle(folder: Path, *, version: str = "0.0.1-test", input_size: int = 64,
                      image_size: int = 64, scale: str = "n", threshold: float = 0.5,
-                     validated_precisions: tuple[str, ...] = ("float32",),
+                     validated_precisions: tuple[str, ...] | dict[str, list[str]] = ("float32",),
                      seed: int = 0) -> Path:
     prepare_offline(folder.parent / "ultralytics")
     torch.manual_seed(seed)
@@ -27,7 +27,9 @@ def make_test_bundle(folder: Path, *, version: str = "0.0.1-test", input_size: i
     contents = BundleContents(
         name="spinenode-test", version=version, members=members, threshold=threshold,
         detector=detector, detector_scale=scale, input_size=input_size, image_size=image_size,
-        clinical_use=False, validated_precisions=list(validated_precisions),
+        clinical_use=False,
+        validated_precisions=(validated_precisions if isinstance(validated_precisions, dict)
+                              else list(validated_precisions)),
         provenance={"note": "random weights made by tests/bundles.py; not for clinical use"},
     )
     return save_bundle(folder, contents)

@@ -58,7 +58,7 @@ def _bad_schema(bundle: Path) -> None:
 
 def _future_schema(bundle: Path) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["schema_version"] = 2
+    manifest["schema_version"] = 3
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -72,7 +72,7 @@ def _escape(bundle: Path) -> None:
     (_tamper, "resnet50.pt does not match its SHA-256"),
     (_drop_detector, "weight file yolo11n.pt is missing"),
     (_bad_schema, "unknown TTA"),
-    (_future_schema, "schema version 2 is not 1"),
+    (_future_schema, "schema version 3 is not one of 1, 2"),
     (_escape, "is outside the bundle"),
     (lambda bundle: (bundle / "manifest.json").unlink(), "no manifest.json"),
 ])
@@ -101,3 +101,14 @@ def test_worker_refuses_a_tampered_bundle_at_start(test_bundle: Path, tmp_path: 
     assert result.returncode == 2
     assert result.stderr.strip().endswith("does not match its SHA-256 (damaged or tampered)")
     assert result.stderr.strip().count("\n") == 0
+
+
+def test_schema_1_precisions_apply_to_both_components(test_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(test_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    manifest["validated_precisions"] = ["float32", "bfloat16"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    validated = load_bundle(bundle).manifest.validated_precisions
+    assert validated.classifier == validated.detector == ["float32", "bfloat16"]

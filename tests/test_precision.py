@@ -30,15 +30,30 @@ def bf16_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_precision_needs_validation(test_bundle: Path, bf16_bundle: Path) -> None:
     cpu = torch.device("cpu")
     float32_only = load_bundle(test_bundle)
-    assert select_precision("auto", cpu, float32_only) == torch.float32
-    with pytest.raises(ValueError, match="not validated"):
-        select_precision("bfloat16", cpu, float32_only)
+    for component in ("classifier", "detector"):
+        assert select_precision("auto", cpu, float32_only, component) == torch.float32
+        with pytest.raises(ValueError, match="not validated"):
+            select_precision("bfloat16", cpu, float32_only, component)
     validated = load_bundle(bf16_bundle)
     expected = torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
-    assert select_precision("auto", cpu, validated) == expected
-    assert select_precision("float32", cpu, validated) == torch.float32
-    with pytest.raises(ValueError, match="not validated|needs a CUDA"):
-        select_precision("float16", cpu, validated)
+    for component in ("classifier", "detector"):
+        assert select_precision("auto", cpu, validated, component) == expected
+        assert select_precision("float32", cpu, validated, component) == torch.float32
+        with pytest.raises(ValueError, match="not validated|needs a CUDA"):
+            select_precision("float16", cpu, validated, component)
+
+
+def test_each_component_gets_only_its_own_validated_precision(tmp_path: Path) -> None:
+    from workers.runtime import ModelRuntime
+
+    path = make_test_bundle(tmp_path / "bundle", validated_precisions={
+        "classifier": ["float32", "bfloat16"], "detector": ["float32"]})
+    runtime = ModelRuntime(load_bundle(path), torch.device("cpu"), 0, None)
+    expected = torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+    assert runtime.classifier.dtype == expected and runtime.detector.dtype == torch.float32
+    assert runtime.precision == ("bfloat16/float32" if cpu_has_native_bfloat16() else "float32")
+    with pytest.raises(ValueError, match="not validated for the detector"):
+        ModelRuntime(load_bundle(path), torch.device("cpu"), 0, None, "bfloat16")
 
 
 def test_bfloat16_within_tolerance_of_float32(bf16_bundle: Path) -> None:

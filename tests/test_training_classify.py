@@ -134,7 +134,12 @@ def test_exported_bundle_serves(trained, tmp_path: Path) -> None:
     assert manifest.metrics["classification_oof_auroc"] == summary["oof_auroc"]
     check = manifest.metrics.get("precision_check")
     if check is not None:  # measured where the CPU has bfloat16
-        assert ("bfloat16" in manifest.validated_precisions) == check["passed"]
+        validated = manifest.validated_precisions
+        assert ("bfloat16" in validated.classifier) == check["passed"]["classifier"] == (
+            check["bfloat16"]["probability"] <= check["tolerance"]["probability"])
+        assert ("bfloat16" in validated.detector) == check["passed"]["detector"] == (
+            check["bfloat16"]["box_px"] <= check["tolerance"]["box_px"]
+            and check["bfloat16"]["score"] <= check["tolerance"]["score"])
     runtime = runtime_for(load_settings(data_dir=tmp_path, bundle=run / "bundle"))
     image = np.load(next((run / "cache").glob("*.npy"))).astype(np.float32)
     (result,) = runtime.analyse([image])

@@ -2,7 +2,8 @@
 
 Members: each architecture's best fold (by validation AUROC); ensemble weights and threshold
 from RUN/ensemble.json; the detector's best checkpoint. Reduced precision is listed as validated
-only after it was measured here against float32 on the run's validation images.
+only after it was measured here against float32 on the run's validation images, for the
+members and for the detector apart.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from dicom_node import __version__
 from training.config import TrainingConfig
-from workers.bundle import Manifest, load_bundle, write_manifest
+from workers.bundle import Manifest, ValidatedPrecisions, load_bundle, write_manifest
 from workers.bundle_writer import BundleContents, ClassifierMember, save_bundle
 from workers.dernet import DERNet, build_member
 from workers.detector import Detector, letterbox, load_detection_model
@@ -83,10 +84,16 @@ def export_bundle(run: Path, config: TrainingConfig, target: Path, name: str,
     ))
     if cpu_has_native_bfloat16():
         differences = check_precision(target, _validation_images(run), torch.bfloat16)
-        passed = all(differences[k] <= PRECISION_TOLERANCE[k] for k in differences)
+        # Each component passes or fails on its own outputs: the members on probabilities,
+        # the detector on raw boxes and scores.
+        passed = {component: all(differences[k] <= PRECISION_TOLERANCE[k] for k in keys)
+                  for component, keys in (("classifier", ["probability"]),
+                                          ("detector", ["box_px", "score"]))}
         manifest: Manifest = load_bundle(target).manifest
         write_manifest(target, manifest.model_copy(update={
-            "validated_precisions": ["float32", "bfloat16"] if passed else ["float32"],
+            "validated_precisions": ValidatedPrecisions(**{
+                component: ["float32", "bfloat16"] if ok else ["float32"]
+                for component, ok in passed.items()}),
             "metrics": {**manifest.metrics, "precision_check": {
                 "bfloat16": differences, "tolerance": PRECISION_TOLERANCE, "passed": passed}},
         }))

@@ -16,7 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: validated precisions per component (1: one list for both)
+READABLE_SCHEMAS = (1, 2)
 # The test-time augmentations the runtime knows, by the names a manifest uses.
 TTA_NAMES = ("identity", "hflip", "rotate+10", "rotate-10", "zoom1.1")
 # VinDr-SpineXR's 7 lesion classes, spelled as in its CSV; a detector's class order is its own.
@@ -92,8 +93,17 @@ class DetectorSpec(_Strict):
 Precision = Literal["float32", "bfloat16", "float16"]
 
 
+class ValidatedPrecisions(_Strict):
+    """Per component, the precisions whose outputs training checked against float32 on
+    held-out data (within the tolerance in metrics["precision_check"]); the runtime uses no
+    other. Checked apart: one component may pass where the other does not."""
+
+    classifier: list[Precision] = Field(default_factory=lambda: ["float32"])
+    detector: list[Precision] = Field(default_factory=lambda: ["float32"])
+
+
 class Manifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     name: str = Field(min_length=1, max_length=64)
     version: str = Field(min_length=1, max_length=64)
     created: datetime
@@ -101,11 +111,15 @@ class Manifest(_Strict):
     clinical_use: bool = False
     classifier: ClassifierSpec
     detector: DetectorSpec
-    # Precisions whose outputs training checked against float32 on held-out data (within the
-    # tolerance in metrics["precision_check"]); the runtime uses no other.
-    validated_precisions: list[Precision] = Field(default_factory=lambda: ["float32"])
+    validated_precisions: ValidatedPrecisions = Field(default_factory=ValidatedPrecisions)
     provenance: dict = Field(default_factory=dict)  # data fingerprint, config, code version
     metrics: dict = Field(default_factory=dict)  # measured on held-out data
+
+    @field_validator("validated_precisions", mode="before")
+    @classmethod
+    def _schema_1_list(cls, value: object) -> object:
+        """Schema 1 held one list for both components."""
+        return {"classifier": value, "detector": value} if isinstance(value, list) else value
 
     def weight_files(self) -> dict[str, str]:
         """File name -> expected SHA-256, for every weight file."""
@@ -144,9 +158,10 @@ def load_bundle(path: Path, verify_checksums: bool = True) -> Bundle:
         raw = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as error:
         raise BundleError(f"bundle {path}: {MANIFEST} is not readable JSON: {error}") from None
-    if isinstance(raw, dict) and raw.get("schema_version") not in (None, SCHEMA_VERSION):
+    if isinstance(raw, dict) and raw.get("schema_version") not in (None, *READABLE_SCHEMAS):
         raise BundleError(f"bundle {path}: schema version {raw.get('schema_version')} is not "
-                          f"{SCHEMA_VERSION}; this node cannot serve it")
+                          f"one of {', '.join(map(str, READABLE_SCHEMAS))}; this node cannot "
+                          "serve it")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as error:

@@ -41,7 +41,9 @@ class BundleContents:
     image_size: int = 640
     tta: list[str] | None = None
     clinical_use: bool = False
-    validated_precisions: list[str] = field(default_factory=lambda: ["float32"])
+    # {"classifier": [...], "detector": [...]}, or one list for both
+    validated_precisions: dict[str, list[str]] | list[str] = field(
+        default_factory=lambda: ["float32"])
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 

@@ -297,7 +297,7 @@ def _record_analysis(session: Session, instance: Instance, runtime: ModelRuntime
         label="abnormal" if classification.abnormal else "normal",
         decode_seconds=image.decode_seconds, classify_seconds=result.classify_seconds,
         detect_seconds=result.detect_seconds,
-        device=f"{runtime.device} {str(runtime.dtype).removeprefix('torch.')}",
+        device=f"{runtime.device} {runtime.precision}",
     )
     session.add(analysis)
     session.add_all(

@@ -45,13 +45,15 @@ def cpu_has_native_bfloat16() -> bool:
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def select_precision(requested: str, device: torch.device, bundle: Bundle) -> torch.dtype:
-    """The compute precision: a reduced one only where the bundle validated it."""
-    validated = bundle.manifest.validated_precisions
+def select_precision(requested: str, device: torch.device, bundle: Bundle,
+                     component: str) -> torch.dtype:
+    """The compute precision of one component ("classifier" or "detector"): a reduced one only
+    where the bundle validated it for that component."""
+    validated = getattr(bundle.manifest.validated_precisions, component)
     if requested != "auto":
         if requested not in validated:
-            raise ValueError(f"precision {requested} is not validated for bundle {bundle.label} "
-                             f"(validated: {', '.join(validated)})")
+            raise ValueError(f"precision {requested} is not validated for the {component} of "
+                             f"bundle {bundle.label} (validated: {', '.join(validated)})")
         if requested == "float16" and device.type != "cuda":
             raise ValueError("float16 needs a CUDA device")
         return _DTYPES[requested]
@@ -70,16 +72,23 @@ class ModelRuntime:
         ModelRuntime.loads += 1
         self.bundle = bundle
         self.device = device
-        self.dtype = select_precision(precision, device, bundle)
+        classifier_dtype = select_precision(precision, device, bundle, "classifier")
+        detector_dtype = select_precision(precision, device, bundle, "detector")
         self.normal_min_box_score = normal_min_box_score
         start = time.perf_counter()
-        self.detector = Detector(bundle, device, self.dtype)  # imports ultralytics first
+        self.detector = Detector(bundle, device, detector_dtype)  # imports ultralytics first
         if threads:
             torch.set_num_threads(threads)
-        self.classifier = DERNet(bundle, device, self.dtype)
+        self.classifier = DERNet(bundle, device, classifier_dtype)
         log.info("loaded bundle %s on %s, %s, in %.1f s (%d torch threads)", bundle.label,
-                 device, str(self.dtype).removeprefix("torch."), time.perf_counter() - start,
-                 torch.get_num_threads())
+                 device, self.precision, time.perf_counter() - start, torch.get_num_threads())
+
+    @property
+    def precision(self) -> str:
+        """``bfloat16``, or ``classifier/detector`` (``bfloat16/float32``) where they differ."""
+        names = [str(part.dtype).removeprefix("torch.")
+                 for part in (self.classifier, self.detector)]
+        return names[0] if names[0] == names[1] else "/".join(names)
 
     def analyse(self, images: list[np.ndarray],
                 confidence: float | None = None) -> list[ImageAnalysis]:
