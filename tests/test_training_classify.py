@@ -150,6 +150,8 @@ def test_evaluation_writes_the_report(trained) -> None:
     run, _ = trained
     result = json.loads((run / "evaluation.json").read_text())
     assert result["images"] == 4
+    assert result["runtime"].startswith("cpu ") and result["runtime"] in (
+        (run / "report" / "report.md").read_text())
     assert 0 <= result["classification"]["auroc"] <= 1
     assert set(result["detection"]["ap50"]) == {
         "Osteophytes", "Surgical implant", "Spondylolysthesis", "Foraminal stenosis",
