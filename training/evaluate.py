@@ -21,7 +21,6 @@ from dicom_node.config import load_settings
 from training.metrics import binary_report
 from training.vindr import read_split
 from workers.bundle import VINDR_CLASSES
-from workers.dernet import classifier_input
 from workers.imaging import decode
 from workers.runtime import runtime_for
 
@@ -128,10 +127,8 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
         probabilities.append(result.classification.probability)
         for name, p in result.classification.member_probabilities.items():
             members.setdefault(name, []).append(p)
-        # Each TTA view's probability too, for the ensemble ablation (no-TTA row).
-        inputs = classifier_input(image.pixels, spec)[None]
-        for name, p in runtime.classifier.view_probabilities(inputs).items():
-            views.setdefault(name, []).append(p[0].numpy())
+        for name, p in result.classification.view_probabilities.items():
+            views.setdefault(name, []).append(p)  # for the ensemble ablation's no-TTA row
         sizes[record.image_id] = (image.rows, image.columns)
         ground_truth += [{"image_id": record.image_id, "class_index": b.class_index,
                           "box": [b.x0, b.y0, b.x1, b.y1]} for b in record.boxes]

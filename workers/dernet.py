@@ -21,6 +21,8 @@ from workers.bundle import Bundle, ClassifierSpec
 @dataclass(frozen=True)
 class Classification:
     member_probabilities: dict[str, float]  # architecture -> probability (mean over TTA)
+    # architecture -> probability per TTA view, in the manifest's order (evaluation's ablation)
+    view_probabilities: dict[str, tuple[float, ...]]
     probability: float  # weighted ensemble
     threshold: float
     abnormal: bool
@@ -105,20 +107,17 @@ class DERNet:
             return {name: torch.sigmoid(model(views).float().view(-1, count)).cpu()
                     for name, _, model in self.members}
 
-    def member_probabilities(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, S, S) preprocessed images -> architecture -> (B,) probability over the TTA."""
-        return {name: probabilities.mean(dim=1)
-                for name, probabilities in self.view_probabilities(inputs).items()}
-
     def classify(self, images: list[np.ndarray]) -> list[Classification]:
         inputs = torch.stack([classifier_input(image, self.spec) for image in images])
-        per_member = self.member_probabilities(inputs)
+        per_view = self.view_probabilities(inputs)
+        per_member = {name: views.mean(dim=1) for name, views in per_view.items()}
         weights = {name: weight for name, weight, _ in self.members}
         total = sum(weights.values())
         results = []
         for index in range(len(images)):
             members = {name: float(probs[index]) for name, probs in per_member.items()}
             probability = sum(weights[name] * p for name, p in members.items()) / total
-            results.append(Classification(members, probability, self.spec.threshold,
+            views = {name: tuple(map(float, probs[index])) for name, probs in per_view.items()}
+            results.append(Classification(members, views, probability, self.spec.threshold,
                                           probability >= self.spec.threshold))
         return results
