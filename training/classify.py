@@ -86,7 +86,8 @@ def predict(model: torch.nn.Module, run: Path, items: list[dict], size: int,
 
 def train_fold(run: Path, architecture: str, train_items: list[dict], val_items: list[dict],
                config: ClassifyConfig, seed: int,
-               device: torch.device = CPU) -> tuple[dict, dict]:
+               device: torch.device = CPU) -> tuple[torch.nn.Module, dict, dict]:
+    """(the model holding its best state, that state on the CPU, best epoch and AUROC)."""
     torch.manual_seed(seed)
     model = build_member(architecture).to(device, memory_format=torch.channels_last)
     dtype = training_dtype(device, config.mixed_precision)
@@ -123,7 +124,7 @@ def train_fold(run: Path, architecture: str, train_items: list[dict], val_items:
         elif epoch - best["epoch"] >= config.patience:
             break  # early stopping
     model.load_state_dict(best["state"])
-    return best["state"], {"best_epoch": best["epoch"], "val_auroc": best["auroc"]}
+    return model, best["state"], {"best_epoch": best["epoch"], "val_auroc": best["auroc"]}
 
 
 def cross_validate(run: Path, config: TrainingConfig,
@@ -150,15 +151,12 @@ def cross_validate(run: Path, config: TrainingConfig,
                 continue
             train_items = [i for i in train if i["fold"] != fold]
             val_items = [i for i in train if i["fold"] == fold]
-            state, info = train_fold(run, architecture, train_items, val_items,
-                                     config.classify, seed=config.classify.seed + fold,
-                                     device=device)
+            model, state, info = train_fold(run, architecture, train_items, val_items,
+                                            config.classify, seed=config.classify.seed + fold,
+                                            device=device)
             torch.save(state, folder / f"fold{fold}.pt")
-            model = build_member(architecture)
-            model.load_state_dict(state)
-            probabilities = predict(model.to(device, memory_format=torch.channels_last), run,
-                                    val_items, config.classify.input_size, list(TTA_NAMES),
-                                    device, config.classify.loader_workers)
+            probabilities = predict(model, run, val_items, config.classify.input_size,
+                                    list(TTA_NAMES), device, config.classify.loader_workers)
             fold_oof = dict(zip((i["image_id"] for i in val_items), map(float, probabilities),
                                 strict=True))
             oof.update(fold_oof)
