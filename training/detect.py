@@ -11,7 +11,6 @@ Fully offline: ultralytics comes through ``workers.offline``; the model is built
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,17 +49,6 @@ def balanced_weights(image_classes: list[set[int]]) -> np.ndarray:
             categories[category] = categories.get(category, 0) + 1
     return np.array([max((count / categories[c]) ** 0.5 for c in classes or {-1})
                      for classes in image_classes])
-
-
-@dataclass(frozen=True)
-class DetectOptions:
-    focal: tuple[float, float] | None = (2.0, 0.25)  # (gamma, alpha); None = plain BCE
-    balanced_sampling: bool = True
-    scales: tuple[int, ...] = (480, 576, 640, 704, 768)  # empty = the fixed image size
-    copy_paste: float = 0.2  # probability per image; 0 = off
-    copy_paste_below: float = 0.05  # classes under this box frequency are pasted
-    seed: int = 0
-    loader_workers: int = 0
 
 
 class MinorityCopyPaste:
@@ -129,38 +117,39 @@ def rescale_batch(batch: dict, scales: tuple[int, ...], rng: random.Random) -> d
     return batch
 
 
-def make_trainer(options: DetectOptions) -> type:
-    """An ultralytics DetectionTrainer with our additions, configured by ``options``."""
+def make_trainer(config: DetectConfig) -> type:
+    """An ultralytics DetectionTrainer with our additions, as ``config`` switches them."""
     ultralytics_modules()  # offline set-up before the first ultralytics import
     from ultralytics.data.build import InfiniteDataLoader
     from ultralytics.models.yolo.detect import DetectionTrainer
 
-    scale_rng = random.Random(options.seed)
+    scale_rng = random.Random(config.seed)
+    scales = tuple(config.scales)  # empty: the fixed image size
 
     def use_focal_loss(trainer) -> None:  # noqa: ANN001
         # Set on the training model only: the EMA copy that checkpoints save stays a plain
         # ultralytics DetectionModel, which the workers load without this package.
         criterion = trainer.model.init_criterion()
-        criterion.bce = FocalBCE(*options.focal)
+        criterion.bce = FocalBCE(config.focal_gamma, config.focal_alpha)
         trainer.model.criterion = criterion
 
     class SpineTrainer(DetectionTrainer):
         def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
             super().__init__(*args, **kwargs)
-            if options.focal is not None:
+            if config.focal_gamma is not None:  # None: plain BCE
                 self.add_callback("on_train_start", use_focal_loss)
 
         def build_dataset(self, img_path, mode="train", batch=None):  # noqa: ANN001, ANN202
             dataset = super().build_dataset(img_path, mode, batch)
-            if mode == "train" and options.copy_paste > 0:
-                paste = MinorityCopyPaste(dataset, options.copy_paste,
-                                          options.copy_paste_below, options.seed)
+            if mode == "train" and config.copy_paste > 0:
+                paste = MinorityCopyPaste(dataset, config.copy_paste,
+                                          config.copy_paste_below, config.seed)
                 load = dataset.get_image_and_label
                 dataset.get_image_and_label = lambda index: paste(load(index))
             return dataset
 
         def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):  # noqa: ANN001, ANN202
-            if mode != "train" or not options.balanced_sampling:
+            if mode != "train" or not config.balanced_sampling:
                 return super().get_dataloader(dataset_path, batch_size, rank, mode)
             dataset = self.build_dataset(dataset_path, mode, batch_size)
             classes = [set(label["cls"].reshape(-1).astype(int).tolist())
@@ -168,23 +157,15 @@ def make_trainer(options: DetectOptions) -> type:
             weights = torch.as_tensor(balanced_weights(classes), dtype=torch.double)
             sampler = WeightedRandomSampler(
                 weights, num_samples=len(dataset), replacement=True,
-                generator=torch.Generator().manual_seed(options.seed))
+                generator=torch.Generator().manual_seed(config.seed))
             return InfiniteDataLoader(dataset=dataset, batch_size=min(batch_size, len(dataset)),
-                                      sampler=sampler, num_workers=options.loader_workers,
+                                      sampler=sampler, num_workers=config.loader_workers,
                                       collate_fn=dataset.collate_fn)
 
         def preprocess_batch(self, batch: dict) -> dict:
-            return rescale_batch(super().preprocess_batch(batch), options.scales, scale_rng)
+            return rescale_batch(super().preprocess_batch(batch), scales, scale_rng)
 
     return SpineTrainer
-
-
-def options_from(config: DetectConfig) -> DetectOptions:
-    return DetectOptions(
-        focal=None if config.focal_gamma is None else (config.focal_gamma, config.focal_alpha),
-        balanced_sampling=config.balanced_sampling, scales=tuple(config.scales),
-        copy_paste=config.copy_paste, copy_paste_below=config.copy_paste_below,
-        seed=config.seed, loader_workers=config.loader_workers)
 
 
 def training_state(last: Path) -> str:
@@ -203,7 +184,6 @@ def train_detector(run: Path, training: DetectConfig, device: str = "cpu",
                    name: str = "train") -> Path:
     """Train on RUN/yolo/data.yaml into RUN/detect/NAME; return the best checkpoint. A finished
     run is not trained again; an interrupted one resumes from its last epoch."""
-    options = options_from(training)
     prepare_offline(run / "ultralytics")
     ultralytics_modules()
     from ultralytics import YOLO
@@ -215,7 +195,7 @@ def train_detector(run: Path, training: DetectConfig, device: str = "cpu",
     model = YOLO(str(weights / "last.pt") if state == "partial"
                  else f"yolo11{training.scale}.yaml")
     model.train(
-        trainer=make_trainer(options), data=str(run / "yolo" / "data.yaml"),
+        trainer=make_trainer(training), data=str(run / "yolo" / "data.yaml"),
         resume=str(weights / "last.pt") if state == "partial" else False,
         epochs=training.epochs, imgsz=training.image_size, batch=training.batch,
         nbs=training.nominal_batch, optimizer="SGD", lr0=training.lr0, cos_lr=True,
@@ -225,6 +205,6 @@ def train_detector(run: Path, training: DetectConfig, device: str = "cpu",
         hsv_s=training.hsv[1], hsv_v=training.hsv[2], fliplr=training.fliplr,
         copy_paste=0.0, device=device, amp=device != "cpu", workers=training.loader_workers,
         project=str(run / "detect"), name=name, exist_ok=True, plots=False,
-        seed=options.seed, deterministic=True, verbose=False,
+        seed=training.seed, deterministic=True, verbose=False,
     )
     return weights / "best.pt"
