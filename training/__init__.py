@@ -2,6 +2,7 @@
 
 ``vindr`` reads the data set, ``phantoms`` writes synthetic ones, ``prepare`` caches and exports
 a run, ``classify`` trains DERNet with cross-validation, ``detect`` trains YOLO11, ``export``
-writes the bundle, ``evaluate`` measures it on the test split. Nothing in the node imports this
+writes the bundle, ``evaluate`` measures it on the test split, ``ablation`` retrains the detector
+per row of the paper's ablation tables. Nothing in the node imports this
 package at run time; ``spinenode train`` and ``spinenode demo`` do.
 """

@@ -2,8 +2,8 @@
 
 Members: each architecture's best fold (by validation AUROC); ensemble weights and threshold
 from RUN/ensemble.json; the detector's best checkpoint. Reduced precision is listed as validated
-only after it was measured here against float32 on the run's validation images, for the
-members and for the detector apart.
+only after it was measured here against float32 on cached images of the run's training split
+(never its test set), for the members and for the detector apart.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from workers.runtime import cpu_has_native_bfloat16
 PRECISION_TOLERANCE = {"probability": 0.01, "box_px": 0.5, "score": 0.01}
 
 
-def _validation_images(run: Path, limit: int = 32) -> list[np.ndarray]:
+def _check_images(run: Path, limit: int = 32) -> list[np.ndarray]:
+    """The first ``limit`` training-split images, as cached: inputs for the precision check."""
     images = json.loads((run / "dataset.json").read_text())["images"]
     chosen = [i for i in images if i["split"] == "train"][:limit]
     return [np.load(run / "cache" / f"{i['image_id']}.npy").astype(np.float32) for i in chosen]
@@ -83,7 +84,7 @@ def export_bundle(run: Path, config: TrainingConfig, target: Path, name: str,
         metrics=metrics,
     ))
     if cpu_has_native_bfloat16():
-        differences = check_precision(target, _validation_images(run), torch.bfloat16)
+        differences = check_precision(target, _check_images(run), torch.bfloat16)
         # Each component passes or fails on its own outputs: the members on probabilities,
         # the detector on raw boxes and scores.
         passed = {component: all(differences[k] <= PRECISION_TOLERANCE[k] for k in keys)
