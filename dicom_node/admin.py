@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db.models import Instance, InstanceStatus, Series, Study
+from dicom_node.db.models import Instance, InstanceStatus, Series, Study, utcnow
 
 
 def status_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
@@ -18,6 +18,24 @@ def status_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
     counts = {status.value: 0 for status in InstanceStatus}
     counts.update({status: count for status, count in rows})
     return counts
+
+
+WAITING = (InstanceStatus.RECEIVED, InstanceStatus.QUEUED, InstanceStatus.PROCESSING)
+
+
+def oldest_waiting(sessions: sessionmaker[Session]) -> dict | None:
+    """The instance that has waited longest for its analysis (received, queued or processing),
+    or None when nothing waits: how far behind the workers are."""
+    with sessions() as session:
+        instance = session.scalar(select(Instance).where(Instance.status.in_(WAITING))
+                                  .order_by(Instance.received_at, Instance.id).limit(1))
+    if instance is None:
+        return None
+    since = instance.received_at
+    if since.tzinfo is None:  # SQLite hands back naive UTC
+        since = since.replace(tzinfo=UTC)
+    return {"id": instance.id, "status": instance.status, "since": since.isoformat(),
+            "age_seconds": round((utcnow() - since).total_seconds(), 1)}
 
 
 def list_instances(sessions: sessionmaker[Session], status: str | None = None,

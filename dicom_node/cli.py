@@ -45,6 +45,7 @@ def _configure_logging(settings: Settings) -> None:
     # pynetdicom logs every PDU at INFO; the node logs what matters itself.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per copied module
     logging.getLogger("kombu.connection").setLevel(logging.ERROR)  # "no hostname" for files
 
 
@@ -73,7 +74,24 @@ def _prepare_database(settings: Settings, upgrade_if_sqlite: bool) -> None:
 
 
 def _redact(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+def _check_broker(settings: Settings) -> None:
+    """Refuse to start when the broker will not let us in; a broker that is merely down is said
+    once and waited for (the node keeps what it receives; the reconciler queues it later)."""
+    if settings.embedded_broker:
+        return
+    from workers.app import BrokerUnusable, check_broker
+
+    try:
+        unreachable = check_broker()
+    except BrokerUnusable as error:
+        raise Fatal(f"broker {_redact(settings.broker_url)} refused us: {error}") from None
+    if unreachable:
+        logging.getLogger(__name__).warning(
+            "broker %s unreachable (%s): images are kept and queued once it is back",
+            _redact(settings.broker_url), unreachable)
 
 
 class EmbeddedWorker:
@@ -150,7 +168,7 @@ def cmd_bundle(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from dicom_node.db.session import session_factory
-    from dicom_node.dispatch import Reconciler
+    from dicom_node.dispatch import Reconciler, remove_incoming_files
     from dicom_node.scp import StoreSCP
     from workers.app import configure, enqueue_analysis, enqueue_delivery, queue_depth
 
@@ -159,6 +177,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     _prepare_database(settings, upgrade_if_sqlite=True)
     _check_bundle(settings)
     configure(settings)
+    _check_broker(settings)
+    # Not listening yet: whatever is in incoming was left by an association that never ended.
+    remove_incoming_files(settings.incoming_dir, older_than=0)
     sessions = session_factory(settings.effective_database_url)
     scp = StoreSCP(settings, sessions, enqueue_analysis)
     worker = None if args.no_worker else EmbeddedWorker(settings)
@@ -202,6 +223,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     _prepare_database(settings, upgrade_if_sqlite=False)
     _check_bundle(settings)
     app = configure(settings)
+    _check_broker(settings)
     # A batching worker is one process that owns the models (and the GPU) and starts its own
     # decoding processes, which a prefork child (a daemon) may not; it runs tasks itself.
     pool = ["--pool", "solo"] if settings.batch_size > 1 else [
@@ -232,23 +254,28 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from dicom_node.admin import status_counts
+    from dicom_node.admin import oldest_waiting, status_counts
     from dicom_node.db.session import session_factory
     from workers.app import configure, queue_depth
 
     _prepare_database(settings, upgrade_if_sqlite=False)
-    counts = status_counts(session_factory(settings.effective_database_url))
+    sessions = session_factory(settings.effective_database_url)
+    counts = status_counts(sessions)
+    waiting = oldest_waiting(sessions)
     configure(settings)
     try:
         depth: int | str = queue_depth()
     except Exception as error:
-        depth = f"unknown ({error.__class__.__name__})"
+        depth = f"unknown ({str(error).splitlines()[0] or error.__class__.__name__})"
     if args.json:
-        print(json.dumps({"instances": counts, "queue_depth": depth}))
+        print(json.dumps({"instances": counts, "queue_depth": depth, "oldest_waiting": waiting}))
     else:
         for status, count in counts.items():
-            print(f"{status:12s} {count}")
-        print(f"{'queue depth':12s} {depth}")
+            print(f"{status:17s} {count}")
+        print(f"{'queue depth':17s} {depth}")
+        if waiting is not None:
+            print(f"{'oldest waiting':17s} instance {waiting['id']} ({waiting['status']}) since "
+                  f"{waiting['since'][:19]}, {waiting['age_seconds']:.0f} s")
     return 0
 
 

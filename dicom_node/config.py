@@ -130,12 +130,17 @@ class Settings(BaseSettings):
     # Largest image the decoder will allocate (Rows x Columns x frames x samples).
     max_pixels: int = Field(64_000_000, gt=0)
 
-    # Work left half way: a claimed task whose lease ran out is handed out again.
-    task_lease_seconds: int = Field(900, ge=1)
+    # Work left half way: a claimed task whose lease ran out is handed out again. A working
+    # worker renews its lease every third of it, so a dead worker's image waits about this long.
+    task_lease_seconds: int = Field(60, ge=3)
+    # The longest one task (a batch, or a model load plus an image) may run before it is killed.
+    task_time_limit_seconds: int = Field(900, ge=10)
     max_attempts: int = Field(3, ge=1)
     reconcile_interval_seconds: float = Field(60.0, gt=0)
     # A received/queued row younger than this is still in flight, not lost.
     reconcile_grace_seconds: float = Field(30.0, ge=0)
+    # A file in spool/incoming untouched this long is what an aborted association left behind.
+    incoming_stale_seconds: float = Field(600.0, gt=0)
     worker_concurrency: int = Field(1, ge=1)
 
     # Inference: "auto" takes CUDA when present; torch_threads 0 = torch's default (all cores).
@@ -209,8 +214,8 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _broker(cls, value: str) -> str:
-        if value != EMBEDDED_BROKER and not re.match(r"^(redis|rediss)://", value):
-            raise ValueError(f"{value!r}: use 'embedded' or a redis:// URL")
+        if value != EMBEDDED_BROKER and not re.match(r"^(redis|rediss|amqp|amqps)://", value):
+            raise ValueError(f"{value!r}: use 'embedded', a redis:// or an amqp:// (RabbitMQ) URL")
         return value
 
     @field_validator("database_url")

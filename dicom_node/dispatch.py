@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings
@@ -96,6 +98,8 @@ class ReconcileReport:
     lost_from_broker: list[int] = field(default_factory=list)
     model_now_configured: list[int] = field(default_factory=list)
     deliveries_due: list[int] = field(default_factory=list)
+    stale_files_removed: list[str] = field(default_factory=list)
+    failed_duties: list[str] = field(default_factory=list)  # each failed alone; the rest ran
 
     @property
     def total(self) -> int:
@@ -106,74 +110,126 @@ class ReconcileReport:
 def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqueue,
               queue_depth: QueueDepth, enqueue_delivery: Enqueue | None = None
               ) -> ReconcileReport:
-    """Send again every instance that a crash or a lost message left half way."""
-    now = utcnow()
-    settled = now - timedelta(seconds=settings.reconcile_grace_seconds)
+    """Send again every instance and delivery that a crash, an outage or a lost message left half
+    way. Each duty runs on its own: one that fails (broker down, database down) is logged and
+    the others still run."""
     report = ReconcileReport()
+    settled = utcnow() - timedelta(seconds=settings.reconcile_grace_seconds)
+
+    def expired_leases() -> None:
+        report.lease_expired = _release_expired_leases(sessions)
+        _send(sessions, enqueue, report.lease_expired, "lease expired", InstanceStatus.RECEIVED)
+
+    def never_queued() -> None:
+        report.never_queued = _ids(sessions, Instance.status == InstanceStatus.RECEIVED,
+                                   Instance.received_at < settled)
+        _send(sessions, enqueue, report.never_queued, "never queued", InstanceStatus.RECEIVED)
+
+    def lost_from_broker() -> None:
+        # Queued rows with an empty broker: the message was lost (a worker that consumed it met
+        # a database outage, a Redis restart, the embedded broker after a crash). A duplicate
+        # message is harmless: the worker's claim admits one.
+        queued = _ids(sessions, Instance.status == InstanceStatus.QUEUED,
+                      Instance.queued_at < settled)
+        if queued and queue_depth() == 0:
+            report.lost_from_broker = queued
+            _send(sessions, enqueue, queued, "lost from the broker", InstanceStatus.QUEUED)
+
+    def model_now_configured() -> None:
+        if settings.bundle is not None:
+            report.model_now_configured = _ids(
+                sessions, Instance.status == InstanceStatus.WAITING_FOR_MODEL)
+            _send(sessions, enqueue, report.model_now_configured, "model bundle configured",
+                  InstanceStatus.WAITING_FOR_MODEL)
+
+    def deliveries_due() -> None:
+        # Due retries and sends whose worker died; a duplicate task finds nothing to claim.
+        if enqueue_delivery is not None:
+            report.deliveries_due = due_deliveries(sessions)
+            _enqueue_each(enqueue_delivery, report.deliveries_due, "delivery")
+
+    def stale_files() -> None:
+        report.stale_files_removed = remove_incoming_files(
+            settings.incoming_dir, older_than=settings.incoming_stale_seconds)
+
+    # Lost from the broker first: it reads the queue depth before this round adds to it.
+    for name, duty in (("lost from the broker", lost_from_broker),
+                       ("lease expired", expired_leases), ("never queued", never_queued),
+                       ("model bundle configured", model_now_configured),
+                       ("deliveries due", deliveries_due), ("stale incoming files", stale_files)):
+        try:
+            duty()
+        except Exception as error:  # this duty waits for the next round; the others go on
+            report.failed_duties.append(name)
+            log.warning("reconciler: %s check failed: %s", name,
+                        f"{error.__class__.__name__}: {error}".splitlines()[0])
+    return report
+
+
+def _ids(sessions: sessionmaker[Session], *conditions: ColumnElement[bool]) -> list[int]:
+    with sessions() as session:
+        return list(session.scalars(select(Instance.id).where(*conditions)
+                                    .order_by(Instance.id)).all())
+
+
+def _release_expired_leases(sessions: sessionmaker[Session]) -> list[int]:
+    """A worker died holding these (or lost the database for longer than its lease)."""
+    now = utcnow()
+    expired_now = ((Instance.status == InstanceStatus.PROCESSING) & (Instance.lease_until < now))
     with sessions.begin() as session:
-        # A worker died holding it: its lease ran out. Back to the queue (attempts counted).
-        expired = session.scalars(
-            select(Instance.id)
-            .where(Instance.status == InstanceStatus.PROCESSING)
-            .where(Instance.lease_until < now)
-        ).all()
+        expired = list(session.scalars(select(Instance.id).where(expired_now)).all())
         if expired:
             session.execute(
-                update(Instance)
-                .where(Instance.id.in_(expired))
-                .where(Instance.status == InstanceStatus.PROCESSING)
-                .where(Instance.lease_until < now)
+                update(Instance).where(Instance.id.in_(expired)).where(expired_now)
                 .values(status=InstanceStatus.RECEIVED, claim_token=None, lease_until=None,
                         updated_at=now)
             )
             session.add_all(InstanceEvent(instance_pk=pk, event="lease-expired",
                                           detail="worker stopped before finishing")
                             for pk in expired)
-        report.lease_expired = list(expired)
-        report.never_queued = list(session.scalars(
-            select(Instance.id)
-            .where(Instance.status == InstanceStatus.RECEIVED)
-            .where(Instance.received_at < settled)
-            .where(Instance.id.not_in(expired) if expired else True)
-        ).all())
-        # Queued rows with an empty broker: the message was lost (embedded broker after a crash,
-        # a flushed Redis). A duplicate message is harmless: the worker's claim admits one.
-        queued_rows = session.scalars(
-            select(Instance.id)
-            .where(Instance.status == InstanceStatus.QUEUED)
-            .where(Instance.queued_at < settled)
-        ).all()
-        if settings.bundle is not None:
-            report.model_now_configured = list(session.scalars(
-                select(Instance.id).where(Instance.status == InstanceStatus.WAITING_FOR_MODEL)
-            ).all())
-    if queued_rows and queue_depth() == 0:
-        report.lost_from_broker = list(queued_rows)
-    for reason, ids, from_status in (
-        ("lease expired", report.lease_expired, InstanceStatus.RECEIVED),
-        ("never queued", report.never_queued, InstanceStatus.RECEIVED),
-        ("lost from the broker", report.lost_from_broker, InstanceStatus.QUEUED),
-        ("model bundle configured", report.model_now_configured,
-         InstanceStatus.WAITING_FOR_MODEL),
-    ):
-        # Marked first: should sending fail, the lost-from-the-broker rule sends them later.
-        mark_queued(sessions, ids, reason=reason, from_status=from_status)
-        for instance_id in ids:
-            try:
-                enqueue(instance_id)
-            except Exception as error:
-                log.warning("reconciler could not queue instance %d: %s", instance_id, error)
-        if ids:
-            log.info("reconciler re-queued %d instances (%s)", len(ids), reason)
-    if enqueue_delivery is not None:
-        # Due retries and sends whose worker died; a duplicate task finds nothing to claim.
-        report.deliveries_due = due_deliveries(sessions)
-        for delivery_id in report.deliveries_due:
-            try:
-                enqueue_delivery(delivery_id)
-            except Exception as error:
-                log.warning("reconciler could not queue delivery %d: %s", delivery_id, error)
-    return report
+    return expired
+
+
+def _send(sessions: sessionmaker[Session], enqueue: Enqueue, ids: list[int], reason: str,
+          from_status: InstanceStatus) -> None:
+    # Marked first: should sending fail, the lost-from-the-broker duty sends them later.
+    mark_queued(sessions, ids, reason=reason, from_status=from_status)
+    sent = _enqueue_each(enqueue, ids, "instance")
+    if sent:
+        log.info("reconciler re-queued %d instances (%s)", sent, reason)
+
+
+def _enqueue_each(enqueue: Enqueue, ids: list[int], what: str) -> int:
+    """Queue each id; on the first failure (the broker is down) stop and say so once."""
+    for sent, item in enumerate(ids):
+        try:
+            enqueue(item)
+        except Exception as error:
+            raise RuntimeError(f"could not queue {what} {item} ({len(ids) - sent} left for the "
+                               f"next round): {error}") from error
+    return len(ids)
+
+
+def remove_incoming_files(incoming_dir: Path, older_than: float) -> list[str]:
+    """Delete what aborted associations left in spool/incoming.
+
+    Nothing there was ever acknowledged: a received file leaves that folder (renamed into the
+    spool) before the node answers 0x0000. At start-up, before the node listens, everything
+    there goes (``older_than=0``); while it runs, only files nobody has written to for a while.
+    """
+    cutoff = time.time() - older_than
+    removed = []
+    for path in incoming_dir.glob("*"):
+        try:
+            if path.is_file() and path.stat().st_mtime <= cutoff:
+                path.unlink()
+                removed.append(path.name)
+        except FileNotFoundError:  # pynetdicom removed it itself meanwhile
+            continue
+    if removed:
+        log.info("removed %d incomplete files from %s (never acknowledged)", len(removed),
+                 incoming_dir)
+    return removed
 
 
 class Reconciler:
@@ -197,11 +253,11 @@ class Reconciler:
 
     def _run(self) -> None:
         while True:
-            try:
-                reconcile(*self._args)
-                if self._also is not None:
+            reconcile(*self._args)  # never raises: each duty guards itself
+            if self._also is not None:
+                try:
                     self._also()
-            except Exception as error:  # DB down: try again next round
-                log.warning("reconciler round failed: %s", error)
+                except Exception as error:
+                    log.warning("reconciler: %s", error)
             if self._stop.wait(self._interval):
                 return

@@ -12,6 +12,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Destination, Settings
+from dicom_node.db.leases import renewed, when_database_returns
 from dicom_node.db.models import Delivery, DeliveryStatus, Output, utcnow
 from dicom_node.sender import send_file
 
@@ -60,19 +61,43 @@ def _claim(sessions: sessionmaker[Session], delivery_id: int,
             delivery.attempts
 
 
+def _renew_lease(sessions: sessionmaker[Session], delivery_id: int, lease_seconds: int) -> None:
+    with sessions.begin() as session:
+        session.execute(
+            update(Delivery).where(Delivery.id == delivery_id)
+            .where(Delivery.status == DeliveryStatus.SENDING)
+            .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+        )
+
+
 def deliver(settings: Settings, sessions: sessionmaker[Session],
             delivery_id: int) -> DeliveryOutcome:
-    claimed = _claim(sessions, delivery_id, settings.task_lease_seconds)
+    """Send one delivery if it is due. A database that cannot be reached before the send
+    raises (the task retries); after the send, its result is written as soon as the database
+    answers, so that a peer that has the object is not sent it again."""
+    lease = settings.task_lease_seconds
+    claimed = _claim(sessions, delivery_id, lease)
     if claimed is None:
         return DeliveryOutcome("skipped", reason="not due, or delivered, or held elsewhere")
     path, destination, attempts = claimed
-    try:
-        result = send_file(path, destination, settings.ae_title, settings.max_pdu)
-    except Exception as error:  # a missing file, a network error: try again later
-        result_reason = f"{error.__class__.__name__}: {error}"
-        delivered, permanent = False, not path.exists()
-    else:
-        result_reason, delivered, permanent = result.reason, result.delivered, result.permanent
+    with renewed(lambda: _renew_lease(sessions, delivery_id, lease), lease):
+        try:
+            result = send_file(path, destination, settings.ae_title, settings.max_pdu)
+        except Exception as error:  # a missing file, a network error: try again later
+            result_reason = f"{error.__class__.__name__}: {error}"
+            delivered, permanent = False, not path.exists()
+        else:
+            result_reason, delivered, permanent = (result.reason, result.delivered,
+                                                   result.permanent)
+    return when_database_returns(
+        lambda: _record_attempt(settings, sessions, delivery_id, destination, attempts,
+                                delivered, permanent, result_reason),
+        lease, f"recording delivery {delivery_id}")
+
+
+def _record_attempt(settings: Settings, sessions: sessionmaker[Session], delivery_id: int,
+                    destination: Destination, attempts: int, delivered: bool, permanent: bool,
+                    result_reason: str) -> DeliveryOutcome:
     now = utcnow()
     with sessions.begin() as session:
         delivery = session.get(Delivery, delivery_id)

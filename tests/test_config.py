@@ -55,7 +55,7 @@ def test_destinations_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     ("SPINENODE_PORT", "70000", "SPINENODE_PORT"),
     ("SPINENODE_AE_TITLE", "A_TITLE_THAT_IS_TOO_LONG", "SPINENODE_AE_TITLE"),
     ("SPINENODE_DESTINATIONS", "PACS-without-host", "SPINENODE_DESTINATIONS"),
-    ("SPINENODE_BROKER_URL", "amqp://x", "SPINENODE_BROKER_URL"),
+    ("SPINENODE_BROKER_URL", "kafka://x", "SPINENODE_BROKER_URL"),
     ("SPINENODE_DATABASE_URL", "mysql://x", "SPINENODE_DATABASE_URL"),
     ("SPINENODE_MAX_PDU", "lots", "SPINENODE_MAX_PDU"),
 ])

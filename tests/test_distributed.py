@@ -12,7 +12,7 @@ from sqlalchemy import select
 from dicom_node.db.models import InstanceEvent
 from dicom_node.db.session import session_factory
 from tests.conftest import DECODED, NodeProcess, instances, storescu, wait_for, wait_until_settled
-from tests.samples import real_cr, with_new_uids
+from tests.samples import make_radiograph, real_cr, with_new_uids
 
 LEASE = "6"
 
@@ -70,3 +70,24 @@ def test_worker_killed_mid_task_loses_nothing(tmp_path: Path, postgres_url: str,
     assert all(claims[pk] >= 2 for pk in expired)
     time.sleep(1)
     assert "Traceback" not in node.log()
+
+
+def test_a_task_longer_than_its_lease_keeps_it(tmp_path: Path, postgres_url: str,
+                                               redis_url: str, test_bundle: Path,
+                                               start_node) -> None:
+    """The worker renews its lease while it works: a 3 s lease outlives a 10 s task."""
+    env = {"SPINENODE_TASK_LEASE_SECONDS": "3", "SPINENODE_RECONCILE_INTERVAL_SECONDS": "1",
+           "SPINENODE_BUNDLE": str(test_bundle),
+           # A batch waits this long for more images that never come: a long task.
+           "SPINENODE_BATCH_SIZE": "4", "SPINENODE_BATCH_WAIT_MS": "10000"}
+    node = start_node(postgres_url, broker_url=redis_url, args=("--no-worker",), env=env)
+    worker = NodeProcess(node.data_dir, postgres_url, broker_url=redis_url, command="worker",
+                         env=env).start()
+    try:
+        assert storescu(node.port, [make_radiograph(tmp_path / "spine.dcm")]).returncode == 0
+        rows = wait_until_settled(postgres_url, 1, timeout=120)
+    finally:
+        worker.stop()
+    assert [row.status for row in rows] == ["done"]
+    events = [event for _, event in _events(postgres_url)]
+    assert events.count("claimed") == 1 and "lease-expired" not in events

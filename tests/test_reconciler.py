@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+from kombu import Connection
 from sqlalchemy import select
 
 from dicom_node.config import load_settings
@@ -12,7 +19,9 @@ from dicom_node.db import migrate
 from dicom_node.db.models import Instance, InstanceStatus, Patient, Series, Study, utcnow
 from dicom_node.db.session import session_factory
 from dicom_node.dispatch import reconcile
-from workers.app import configure, enqueue_analysis, queue_depth
+from dicom_node.ports import free_port
+from tests.conftest import wait_for
+from workers.app import QUEUE, app, configure, enqueue_analysis, queue_depth
 
 
 def _instance(session, uid: str, status: InstanceStatus, age_seconds: float,
@@ -61,3 +70,70 @@ def test_reconcile_requeues_what_was_left_half_way(tmp_path: Path) -> None:
     # The broker now holds the queued ones: a second round sends nothing twice.
     again = reconcile(settings, sessions, enqueue_analysis, queue_depth)
     assert again.total == 0 and queue_depth() == 3
+
+
+def _broker_down_depth() -> int:
+    """The queue depth asked of a Redis that is not there (nothing listens on the port)."""
+    with Connection(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=1,
+                    transport_options={"max_retries": 0}) as connection:
+        connection.ensure_connection(max_retries=1)
+        return connection.default_channel.queue_declare(QUEUE, passive=True).message_count
+
+
+def test_each_duty_runs_when_another_fails(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path, reconcile_grace_seconds=30,
+                             incoming_stale_seconds=60)
+    settings.make_dirs()
+    url = settings.effective_database_url
+    migrate.upgrade(url)
+    configure(settings)
+    sessions = session_factory(url)
+    with sessions.begin() as session:
+        _instance(session, "1.1", InstanceStatus.RECEIVED, age_seconds=120)  # never queued
+        _instance(session, "1.3", InstanceStatus.QUEUED, age_seconds=120)  # message lost
+        _instance(session, "1.4", InstanceStatus.PROCESSING, 120, lease_in=-5)  # worker died
+    stale = settings.incoming_dir / "tmpabandoned.dcm"
+    stale.write_bytes(b"half a data set")
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    fresh = settings.incoming_dir / "tmpreceiving.dcm"
+    fresh.write_bytes(b"a transfer under way")
+
+    report = reconcile(settings, sessions, enqueue_analysis, _broker_down_depth)
+    assert report.failed_duties == ["lost from the broker"]
+    assert len(report.never_queued) == 1 and len(report.lease_expired) == 1
+    assert report.stale_files_removed == [stale.name]
+    assert fresh.exists() and not stale.exists()
+    assert queue_depth() == 2
+    # The broker answers again: the lost message is sent on the next round.
+    again = reconcile(settings, sessions, enqueue_analysis, queue_depth)
+    assert again.failed_duties == [] and queue_depth() == 2  # not empty: nothing counted lost
+
+
+@pytest.fixture
+def rabbitmq_url() -> Iterator[str]:
+    """A vhost of its own on the machine's RabbitMQ (guest/guest), deleted afterwards."""
+    vhost = f"spinenode-{uuid.uuid4().hex[:8]}"
+    ctl = ["rabbitmqctl", "-q"]
+    subprocess.run([*ctl, "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+    subprocess.run([*ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                   check=True, capture_output=True, timeout=60)
+    yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    subprocess.run([*ctl, "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis", "rabbitmq"])
+def test_an_empty_queue_is_depth_zero(tmp_path: Path, broker: str,
+                                      request: pytest.FixtureRequest) -> None:
+    url = "embedded" if broker == "embedded" else request.getfixturevalue(f"{broker}_url")
+    settings = load_settings(data_dir=tmp_path, broker_url=url)
+    settings.make_dirs()
+    configure(settings)
+    assert queue_depth() == 0  # a queue no one declared yet (Redis: no key at all)
+    enqueue_analysis(1)
+    enqueue_analysis(2)
+    assert wait_for(lambda: queue_depth() == 2, 10, what="two messages")
+    with app.connection_for_write() as connection:  # a worker takes both
+        queue = app.amqp.queues[QUEUE].bind(connection.default_channel)
+        while (message := queue.get(no_ack=False)) is not None:
+            message.ack()
+    assert queue_depth() == 0

@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings
+from dicom_node.db.leases import is_unavailable, renewed, when_database_returns
 from dicom_node.db.models import (
     CLAIMABLE,
     Analysis,
@@ -71,7 +72,7 @@ def worker_name() -> str:
 
 
 def claim(sessions: sessionmaker[Session], instance_id: int, lease_seconds: int,
-          max_attempts: int) -> Claim | None:
+          max_attempts: int, note: str = "") -> Claim | None:
     """Take the instance for this worker, or None if it is done, skipped or held by another."""
     now = utcnow()
     token = str(uuid.uuid4())
@@ -102,8 +103,9 @@ def claim(sessions: sessionmaker[Session], instance_id: int, lease_seconds: int,
             message = f"gave up after {max_attempts} attempts; last error: {instance.last_error}"
             _set_failed(session, instance, message)
             return None
+        detail = f"attempt {instance.attempts} by {worker_name()}"
         session.add(InstanceEvent(instance=instance, event="claimed",
-                                  detail=f"attempt {instance.attempts} by {worker_name()}"))
+                                  detail=f"{detail}, after {note}" if note else detail))
         return Claim(instance_id, token, instance.attempts, Path(instance.spool_path),
                      instance.sha256, instance.calling_ae)
 
@@ -126,11 +128,24 @@ def _held(session: Session, held: Claim) -> Instance | None:
 
 
 def process_instance(settings: Settings, sessions: sessionmaker[Session],
-                     instance_id: int) -> Outcome:
-    """The task for one instance; with batching on, also whatever else waits in the queue."""
-    held = claim(sessions, instance_id, settings.task_lease_seconds, settings.max_attempts)
+                     instance_id: int, note: str = "") -> Outcome:
+    """The task for one instance; with batching on, also whatever else waits in the queue.
+
+    A database that cannot be reached at the claim raises (the task retries with backoff);
+    after the claim, nothing raises: the instance is finished, failed or given back.
+    """
+    held = claim(sessions, instance_id, settings.task_lease_seconds, settings.max_attempts, note)
     if held is None:
         return Outcome("skipped", "not claimable (done, skipped, failed or held elsewhere)")
+    batch = [held]
+    # From the claim on, the lease is renewed while we work: loading the model included.
+    with renewed(lambda: _renew_leases(sessions, batch, settings.task_lease_seconds),
+                 settings.task_lease_seconds):
+        return _work_on(settings, sessions, batch)
+
+
+def _work_on(settings: Settings, sessions: sessionmaker[Session], batch: list[Claim]) -> Outcome:
+    """Analyse the claimed instance (``batch[0]``), and others claimed into ``batch`` with it."""
     runtime = None
     if settings.bundle is not None:
         from workers.runtime import runtime_for  # torch only where a bundle is configured
@@ -138,17 +153,36 @@ def process_instance(settings: Settings, sessions: sessionmaker[Session],
         try:
             runtime = runtime_for(settings)
         except Exception as error:  # a bundle that will not load: retried, then failed
-            return _release_for_retry(sessions, held, f"cannot load bundle: {error}")
-    batch = [held]
+            return _release_for_retry(settings, sessions, batch[0],
+                                      f"cannot load bundle: {error}")
     try:
         if runtime is not None and settings.batch_size > 1:
             batch += _claim_batch(settings, sessions, settings.batch_size - 1)
         return _process_claims(settings, sessions, batch, runtime)[0]
     except Exception as error:
         # Whatever went wrong, nothing stays held until its lease runs out.
-        log.exception("analysis of instances %s failed", [c.instance_id for c in batch])
-        message = f"{error.__class__.__name__}: {error}"
-        return [_release_for_retry(sessions, claimed, message) for claimed in batch][0]
+        ids = [c.instance_id for c in batch]
+        if is_unavailable(error):  # an outage, not a bug: one line, no traceback
+            message = f"database unavailable ({error.__class__.__name__})"
+            log.warning("analysis of instances %s interrupted: %s", ids, message)
+        else:
+            log.exception("analysis of instances %s failed", ids)
+            message = f"{error.__class__.__name__}: {error}"
+        return [_release_for_retry(settings, sessions, claimed, message) for claimed in batch][0]
+
+
+def _renew_leases(sessions: sessionmaker[Session], claims: list[Claim], lease_seconds: int) -> None:
+    """Push the leases we still hold forward: a live worker's claim does not run out."""
+    now = utcnow()
+    with sessions.begin() as session:
+        for held in list(claims):
+            session.execute(
+                update(Instance)
+                .where(Instance.id == held.instance_id)
+                .where(Instance.claim_token == held.token)
+                .where(Instance.status == InstanceStatus.PROCESSING)
+                .values(lease_until=now + timedelta(seconds=lease_seconds))
+            )
 
 
 def _claim_batch(settings: Settings, sessions: sessionmaker[Session], wanted: int) -> list[Claim]:
@@ -182,11 +216,11 @@ def _process_claims(settings: Settings, sessions: sessionmaker[Session], claims:
     ready: list[tuple[Claim, DecodedImage]] = []
     for held, image in zip(claims, decoded, strict=True):
         if isinstance(image, DecodeError):
-            outcomes[held.instance_id] = _finish_failed(sessions, held, str(image))
+            outcomes[held.instance_id] = _finish_failed(settings, sessions, held, str(image))
         elif isinstance(image, OSError):
             if not held.spool_path.exists():
                 outcomes[held.instance_id] = _finish_failed(
-                    sessions, held, f"spool file missing: {held.spool_path}")
+                    settings, sessions, held, f"spool file missing: {held.spool_path}")
             else:
                 outcomes[held.instance_id] = _release_for_retry(
                     sessions, held, f"cannot read spool file: {image}")
@@ -211,13 +245,13 @@ def _process_claims(settings: Settings, sessions: sessionmaker[Session], claims:
 def _finish(settings: Settings, sessions: sessionmaker[Session], held: Claim,
             image: DecodedImage, runtime: ModelRuntime | None, result: ImageAnalysis | None,
             outputs: list[BuiltOutput]) -> Outcome:
-    deliveries: list[Delivery] = []
-    try:
+    def record() -> tuple[Outcome, list[int]]:
         with sessions.begin() as session:
             instance = _held(session, held)
             if instance is None:
-                return Outcome("lost", "claim taken over after the lease ran out")
+                return Outcome("lost", "claim taken over after the lease ran out"), []
             _record_decode(session, instance, image)
+            deliveries: list[Delivery] = []
             if runtime is None:
                 instance.status = InstanceStatus.WAITING_FOR_MODEL
                 session.add(InstanceEvent(instance=instance, event="waiting-for-model",
@@ -228,15 +262,21 @@ def _finish(settings: Settings, sessions: sessionmaker[Session], held: Claim,
                     analysis = _record_analysis(session, instance, runtime, image, result)
                     deliveries = _record_outbox(session, settings, analysis, outputs,
                                                 held.calling_ae)
-            status = instance.status
+            return Outcome(instance.status), [delivery.id for delivery in deliveries]
+
+    try:
+        # The work is done: keep it through a short database outage rather than redo it.
+        outcome, delivery_ids = when_database_returns(
+            record, settings.task_lease_seconds, f"recording instance {held.instance_id}")
     except SQLAlchemyError as error:
-        return _release_for_retry(sessions, held, f"database error: {error.__class__.__name__}")
-    for delivery in deliveries:  # after the commit; the reconciler sends any this misses
+        return _release_for_retry(settings, sessions, held,
+                                  f"database error: {error.__class__.__name__}")
+    for delivery_id in delivery_ids:  # after the commit; the reconciler sends any this misses
         try:
-            enqueue_delivery(delivery.id)
+            enqueue_delivery(delivery_id)
         except Exception as error:
-            log.warning("could not queue delivery %d: %s", delivery.id, error)
-    return Outcome(status)
+            log.warning("could not queue delivery %d: %s", delivery_id, error)
+    return outcome
 
 
 def _record_outbox(session: Session, settings: Settings, analysis: Analysis,
@@ -316,19 +356,29 @@ def _record_analysis(session: Session, instance: Instance, runtime: ModelRuntime
     return analysis
 
 
-def _finish_failed(sessions: sessionmaker[Session], held: Claim, message: str) -> Outcome:
-    with sessions.begin() as session:
-        instance = _held(session, held)
-        if instance is None:
-            return Outcome("lost")
-        _set_failed(session, instance, message)
-    log.warning("instance %d failed: %s", held.instance_id, message)
-    return Outcome("failed", message)
+def _finish_failed(settings: Settings, sessions: sessionmaker[Session], held: Claim,
+                   message: str) -> Outcome:
+    def record() -> Outcome:
+        with sessions.begin() as session:
+            instance = _held(session, held)
+            if instance is None:
+                return Outcome("lost")
+            _set_failed(session, instance, message)
+            return Outcome("failed", message)
 
-
-def _release_for_retry(sessions: sessionmaker[Session], held: Claim, message: str) -> Outcome:
-    """Give the instance back to the queue; the claim step counts the attempts."""
     try:
+        outcome = when_database_returns(record, settings.task_lease_seconds,
+                                        f"recording instance {held.instance_id} as failed")
+    except SQLAlchemyError:
+        return Outcome("lost", "database unavailable; the lease runs out and it is tried again")
+    log.warning("instance %d failed: %s", held.instance_id, message)
+    return outcome
+
+
+def _release_for_retry(settings: Settings, sessions: sessionmaker[Session], held: Claim,
+                       message: str) -> Outcome:
+    """Give the instance back to the queue; the claim step counts the attempts."""
+    def record() -> Outcome:
         with sessions.begin() as session:
             instance = _held(session, held)
             if instance is None:
@@ -340,7 +390,13 @@ def _release_for_retry(sessions: sessionmaker[Session], held: Claim, message: st
             instance.queued_at = utcnow()
             instance.updated_at = utcnow()
             session.add(InstanceEvent(instance=instance, event="retry", detail=message))
+            return Outcome("retry", message)
+
+    try:
+        outcome = when_database_returns(record, settings.task_lease_seconds,
+                                        f"giving instance {held.instance_id} back")
     except SQLAlchemyError:
-        pass  # the lease runs out and the reconciler hands the instance out again
+        # Still unreachable: the lease runs out and the reconciler hands the instance out again.
+        return Outcome("lost", "database unavailable")
     log.warning("instance %d will be retried: %s", held.instance_id, message)
-    return Outcome("retry", message)
+    return outcome

@@ -1,0 +1,72 @@
+"""Holding work through database outages: leases renewed while work runs, writes retried.
+
+A worker that claims an instance or a delivery holds a lease on it. The lease is short (a dead
+worker's work is handed out again within about a minute), so a live worker renews it while it
+works. When the database goes away mid-task, the worker keeps its finished result and writes it
+as soon as the database answers again, instead of dropping it and waiting for the lease to run out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """The database could not be reached (down, restarting, connection dropped), as opposed to
+    a statement that is wrong and would fail again."""
+    return isinstance(error, OperationalError) or (
+        isinstance(error, DBAPIError) and error.connection_invalidated)
+
+
+def when_database_returns(work: Callable[[], T], within_seconds: float, what: str,
+                          first_delay: float = 0.5, max_delay: float = 5.0) -> T:
+    """Run ``work`` (one transaction); while the database is unreachable, retry with backoff for
+    at most ``within_seconds``, then raise the last error."""
+    deadline = time.monotonic() + within_seconds
+    delay = first_delay
+    while True:
+        try:
+            return work()
+        except Exception as error:
+            if not is_unavailable(error) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("database unavailable while %s (%s); retrying in %.1f s", what,
+                        error.__class__.__name__, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, max_delay)
+
+
+@contextmanager
+def renewed(renew: Callable[[], None], lease_seconds: float) -> Iterator[None]:
+    """Call ``renew`` every third of the lease while the block runs (a heartbeat thread).
+
+    A failed renewal is logged and tried again next beat: a lease that runs out meanwhile is
+    exactly what the claim checks are for.
+    """
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(max(lease_seconds / 3, 0.2)):
+            try:
+                renew()
+            except Exception as error:
+                log.warning("could not renew a lease: %s", error.__class__.__name__)
+
+    thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)

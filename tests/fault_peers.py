@@ -1,0 +1,200 @@
+"""Real services a fault test owns, so it can kill and restart them: Redis and PostgreSQL on
+free ports, DCMTK storescp as the PACS, and a modality that streams images at a steady rate.
+
+Nothing here touches the machine's own PostgreSQL or Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+from dicom_node.ports import free_port
+from tests.conftest import wait_for
+
+
+def _as_postgres_user() -> list[str]:
+    """PostgreSQL refuses to run as root; CI runs as root."""
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+def _postgres_bin(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    if not versions:
+        raise RuntimeError("PostgreSQL server binaries not found (Debian: postgresql)")
+    return str(versions[0] / name)
+
+
+class OwnPostgres:
+    """A PostgreSQL cluster of the test's own (trust auth, no fsync: speed, not durability)."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="spinenode-pg-"))
+        self.port = free_port()
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        subprocess.run([*_as_postgres_user(), _postgres_bin("initdb"), "-D", str(self.dir / "data"),
+                        "-A", "trust", "-U", "postgres", "--no-sync"],
+                       check=True, capture_output=True)
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def create_database(self, name: str) -> str:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run([*_as_postgres_user(), _postgres_bin("pg_ctl"), "-D",
+                        str(self.dir / "data"), *args], check=True, capture_output=True,
+                       timeout=60)
+
+    def start(self) -> None:
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off "
+                   "-c max_connections=200")
+        self._ctl("-w", "-o", options, "-l", str(self.dir / "log"), "start")
+
+    def stop_immediately(self) -> None:
+        """As a crash: no shutdown checkpoint, every connection cut."""
+        self._ctl("-m", "immediate", "stop")
+
+    def close(self) -> None:
+        try:
+            self._ctl("-m", "immediate", "stop")
+        except subprocess.CalledProcessError:
+            pass  # already stopped
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class OwnRedis:
+    """redis-server on a free port, keeping nothing on disk (as the machine's own)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: subprocess.run(["redis-cli", "-p", str(self.port), "ping"],
+                                        capture_output=True, text=True).stdout.strip() == "PONG",
+                 10, what="redis-server")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+
+class Pacs:
+    """DCMTK storescp; each object it receives is a file of its own (+uf), so a second copy of
+    the same object shows as a second file."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def destination(self) -> str:
+        return f"PACS@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["storescp", "+xa", "+uf", "-aet", "PACS", "-od", str(self.folder), str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def received(self) -> Counter:
+        """How often each SOP Instance UID arrived."""
+        return Counter(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+                       for path in self.folder.iterdir() if path.is_file())
+
+
+@dataclass
+class Sent:
+    path: Path
+    uid: str
+    status: int | None  # None: no answer (node down, association aborted)
+
+
+@dataclass
+class Modality:
+    """Sends images one association each, one every ``interval`` seconds, from a thread."""
+
+    files: list[Path]
+    port: int
+    interval: float
+    sent: list[Sent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Modality:
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float = 300) -> list[Sent]:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "modality still sending"
+        return self.sent
+
+    def _run(self) -> None:
+        for path in self.files:
+            started = time.monotonic()
+            uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            self.sent.append(Sent(path, uid, send(path, self.port)))
+            time.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+
+def send(path: Path, port: int) -> int | None:
+    """One C-STORE on its own association: the status, or None without an answer."""
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title="SPINENODE")
+    except Exception:
+        return None
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_store(dcmread(path))
+    except Exception:
+        status = None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return int(status.Status) if status is not None and "Status" in status else None

@@ -1,0 +1,65 @@
+"""The broker at start-up: one that refuses us stops `serve` and `worker` with one line; one
+that is merely down does not stop the node, and what it acknowledges meanwhile is queued once
+the broker is back."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SPINENODE, NodeProcess, storescu, wait_until_settled
+from tests.fault_peers import OwnRedis
+from tests.samples import make_radiograph
+
+
+class PasswordRedis(OwnRedis):
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--requirepass", "right-password"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def password_redis() -> PasswordRedis:
+    server = PasswordRedis()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_broker_that_refuses_us_stops_the_start(tmp_path: Path, sqlite_url: str, command: str,
+                                                  broker: str, password_redis: PasswordRedis
+                                                  ) -> None:
+    url = (f"redis://:wrong-password@127.0.0.1:{password_redis.port}/0" if broker == "redis"
+           else "amqp://guest:wrong-password@127.0.0.1:5672//")
+    env = NodeProcess(tmp_path / "var", sqlite_url, broker_url=url).env
+    subprocess.run([*SPINENODE, "db", "upgrade"], env=env, check=True, capture_output=True)
+    result = subprocess.run([*SPINENODE, command], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refused us" in lines[0], result.stderr
+    assert "wrong-password" not in result.stderr  # the URL is printed with its secret redacted
+
+
+def test_a_broker_down_at_start_gets_the_images_once_back(tmp_path: Path, postgres_url: str,
+                                                          start_node) -> None:
+    redis = OwnRedis()  # its port is chosen, nothing listens yet
+    node = start_node(postgres_url, broker_url=redis.url, args=("--no-worker",))
+    assert "unreachable" in node.log()
+    files = [make_radiograph(tmp_path / f"{i}.dcm", seed=i) for i in range(3)]
+    assert storescu(node.port, files).returncode == 0  # acknowledged: spooled and recorded
+    redis.start()
+    worker = NodeProcess(node.data_dir, postgres_url, broker_url=redis.url,
+                         command="worker").start()
+    try:
+        rows = wait_until_settled(postgres_url, len(files), timeout=120)
+    finally:
+        worker.stop()
+        redis.close()
+    assert [row.status for row in rows] == ["waiting-for-model"] * len(files)

@@ -1,0 +1,320 @@
+"""The fault matrix: images streamed at a steady rate while one fault strikes, against services
+the test itself starts and kills (its own Redis and PostgreSQL on free ports, DCMTK storescp as
+the PACS, the node and workers as real processes with the test bundle).
+
+For every row: each image acknowledged with 0x0000 is analysed exactly once and its SR and SC
+arrive at the PACS exactly once, within BOUND_SECONDS of the last image sent; an image refused
+during an outage is refused with 0xA7xx and leaves no row; nothing is left in spool/incoming.
+Intervals are shortened by settings (lease, reconciler, delivery backoff), not in the code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from dicom_node.db.models import Analysis, Delivery, Instance, InstanceEvent, Output
+from dicom_node.db.session import session_factory
+from tests.conftest import NodeProcess, wait_for
+from tests.fault_peers import Modality, OwnPostgres, OwnRedis, Pacs, Sent, send
+from tests.samples import make_radiograph
+
+pytestmark = pytest.mark.slow
+
+LEASE_SECONDS = 6
+BOUND_SECONDS = 120  # from the last image sent to every result delivered
+SHORT = {
+    "SPINENODE_TASK_LEASE_SECONDS": str(LEASE_SECONDS),
+    "SPINENODE_RECONCILE_INTERVAL_SECONDS": "1",
+    "SPINENODE_RECONCILE_GRACE_SECONDS": "2",
+    "SPINENODE_DELIVERY_RETRY_SECONDS": "1",
+    "SPINENODE_DELIVERY_MAX_BACKOFF_SECONDS": "4",
+    "SPINENODE_MAX_DELIVERY_ATTEMPTS": "30",
+}
+TERMINAL = {"done", "failed", "skipped", "waiting-for-model"}
+
+
+@dataclass
+class Row:
+    fault: str
+    sent: int
+    acked: int
+    refused_a7xx: int
+    no_answer: int
+    analysed_once: int
+    analysed_twice: int
+    sr_delivered: int
+    sc_delivered: int
+    stuck: int
+    settled_seconds: float
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[OwnPostgres]:
+    server = OwnPostgres()
+    server.start()
+    yield server
+    server.close()
+
+
+class Rig:
+    """One scenario's node, workers, broker, database and PACS; stopped at the end."""
+
+    def __init__(self, tmp_path: Path, bundle: Path, database_url: str, broker_url: str,
+                 pacs: Pacs, redis: OwnRedis | None, env: dict[str, str] | None = None):
+        self.tmp_path = tmp_path
+        self.redis = redis
+        self.data_dir = tmp_path / "var"
+        self.database_url = database_url
+        self.broker_url = broker_url
+        self.pacs = pacs
+        self.env = {**SHORT, "SPINENODE_BUNDLE": str(bundle),
+                    "SPINENODE_DESTINATIONS": pacs.destination, **(env or {})}
+        self.processes: list[NodeProcess] = []
+        self.port: int | None = None
+
+    def node(self, *args: str) -> NodeProcess:
+        process = NodeProcess(self.data_dir, self.database_url, broker_url=self.broker_url,
+                              args=args, env=self.env, port=self.port).start()
+        self.port = process.port
+        self.processes.append(process)
+        return process
+
+    def worker(self) -> NodeProcess:
+        process = NodeProcess(self.data_dir, self.database_url, broker_url=self.broker_url,
+                              command="worker", env=self.env).start()
+        self.processes.append(process)
+        return process
+
+    def images(self, count: int) -> list[Path]:
+        folder = self.tmp_path / "images"
+        return [make_radiograph(folder / f"{i}.dcm", seed=i) for i in range(count)]
+
+    def stream(self, count: int, interval: float = 0.5) -> Modality:
+        assert self.port is not None
+        return Modality(self.images(count), self.port, interval).start()
+
+    def count_events(self, event: str) -> int:
+        with session_factory(self.database_url)() as session:
+            return session.scalar(select(func.count()).select_from(InstanceEvent)
+                                  .where(InstanceEvent.event == event)) or 0
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.pacs.stop()
+
+
+@pytest.fixture
+def rig_for(tmp_path: Path, test_bundle: Path, own_postgres: OwnPostgres
+            ) -> Iterator[Callable[..., Rig]]:
+    """rig_for(embedded=False, env=None): PostgreSQL + own Redis, or SQLite + embedded queue."""
+    rigs: list[Rig] = []
+    brokers: list[OwnRedis] = []
+
+    def make(embedded: bool = False, env: dict[str, str] | None = None) -> Rig:
+        pacs = Pacs(tmp_path / "pacs")
+        pacs.start()
+        if embedded:
+            (tmp_path / "var").mkdir(parents=True, exist_ok=True)
+            database_url = f"sqlite:///{tmp_path / 'var' / 'spinenode.sqlite'}"
+            broker_url = "embedded"
+        else:
+            database_url = own_postgres.create_database(f"fault_{uuid.uuid4().hex[:10]}")
+            redis = OwnRedis()
+            redis.start()
+            brokers.append(redis)
+            broker_url = redis.url
+        rig = Rig(tmp_path, test_bundle, database_url, broker_url, pacs,
+                  None if embedded else brokers[-1], env)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.stop()
+    for redis in brokers:
+        redis.close()
+
+
+def settle_and_check(rig: Rig, fault: str, sent: list[Sent]) -> Row:
+    """Wait until every stored image is finished and its results delivered, then assert the
+    promises of the matrix and return the row."""
+    sessions = session_factory(rig.database_url)
+    started = time.monotonic()
+
+    def settled() -> bool:
+        with sessions() as session:
+            statuses = set(session.scalars(select(Instance.status)))
+            pending = session.scalar(select(func.count()).select_from(Delivery)
+                                     .where(Delivery.status != "delivered"))
+        return statuses <= TERMINAL and not pending
+
+    try:
+        wait_for(settled, BOUND_SECONDS, interval=0.5, what=f"{fault}: all results delivered")
+    except AssertionError:
+        logs = "\n".join(f"--- {p.command} log ---\n{p.log()[-4000:]}" for p in rig.processes)
+        raise AssertionError(f"{fault}: not settled within {BOUND_SECONDS} s\n{logs}") from None
+    settled_seconds = time.monotonic() - started
+
+    with sessions() as session:
+        rows = {row.sop_instance_uid: row for row in session.scalars(select(Instance))}
+        analyses = Counter(session.scalars(select(Analysis.instance_pk)))
+        analysed_events = Counter(session.scalars(
+            select(InstanceEvent.instance_pk).where(InstanceEvent.event == "analysed")))
+        outputs = {(pk, kind): uid for pk, kind, uid in session.execute(
+            select(Analysis.instance_pk, Output.kind, Output.sop_instance_uid)
+            .join(Output.analysis))}
+    received = rig.pacs.received()
+
+    acked = [s for s in sent if s.status == 0]
+    refused = [s for s in sent if s.status is not None and s.status != 0]
+    for item in refused:
+        assert item.status & 0xFF00 == 0xA700, f"{fault}: refused with {item.status:#06x}"
+        assert item.uid not in rows, f"{fault}: an image refused with 0xA7xx left a row"
+    missing = [s.uid for s in acked if s.uid not in rows]
+    assert not missing, f"{fault}: acknowledged images without a row: {missing}"
+    # Every stored image (acknowledged, or stored just before the node died unheard) counts.
+    stored = list(rows.values())
+    stuck = [row.sop_instance_uid for row in stored if row.status != "done"]
+    assert not stuck, f"{fault}: not analysed: {[(r, rows[r].status) for r in stuck]}"
+    assert all(analyses[row.id] == 1 == analysed_events[row.id] for row in stored), \
+        f"{fault}: analysed more than once: {analyses}"
+    for row in stored:
+        for kind in ("sr", "sc"):
+            uid = outputs.get((row.id, kind))
+            assert uid is not None, f"{fault}: no {kind} for {row.sop_instance_uid}"
+            assert received[uid] == 1, f"{fault}: {kind} of {row.id} arrived {received[uid]}x"
+    assert sum(received.values()) == len(outputs), f"{fault}: the PACS got extra objects"
+    leftovers = list((rig.data_dir / "spool" / "incoming").iterdir())
+    assert not leftovers, f"{fault}: partial files left: {leftovers}"
+    for process in rig.processes:
+        assert "Traceback" not in process.log(), f"{fault}: {process.command}:\n{process.log()}"
+
+    row = Row(fault=fault, sent=len(sent), acked=len(acked),
+              refused_a7xx=len(refused), no_answer=sum(s.status is None for s in sent),
+              analysed_once=sum(analyses[r.id] == 1 for r in stored),
+              analysed_twice=sum(analyses[r.id] > 1 for r in stored),
+              sr_delivered=sum(received[outputs[(r.id, "sr")]] for r in stored),
+              sc_delivered=sum(received[outputs[(r.id, "sc")]] for r in stored),
+              stuck=len(stuck), settled_seconds=round(settled_seconds, 1))
+    print(json.dumps(asdict(row)))
+    report = os.environ.get("SPINENODE_FAULT_REPORT")
+    if report:
+        with open(report, "a") as handle:
+            handle.write(json.dumps(asdict(row)) + "\n")
+    return row
+
+
+def test_redis_killed_and_restarted(rig_for) -> None:
+    rig = rig_for()
+    rig.node("--no-worker")
+    rig.worker()
+    modality = rig.stream(16)
+    time.sleep(3)
+    assert rig.redis is not None
+    rig.redis.kill()
+    time.sleep(6)
+    rig.redis.start()
+    row = settle_and_check(rig, "Redis SIGKILL, back after 6 s", modality.join())
+    assert row.acked == row.sent  # the node keeps taking images while the queue is gone
+
+
+@pytest.mark.parametrize("worker", ["cold", "warm"])
+def test_postgres_stopped_and_restarted(rig_for, own_postgres: OwnPostgres, worker: str) -> None:
+    rig = rig_for()
+    rig.node("--no-worker")
+    if worker == "cold":
+        # A backlog waits; the worker has claimed its first image and is still loading the
+        # model when the database goes: every queued task meets the outage.
+        modality = rig.stream(20)
+        wait_for(lambda: rig.count_events("requeued") + rig.count_events("received") >= 6, 30,
+                 what="a backlog")
+        rig.worker()
+        wait_for(lambda: rig.count_events("claimed") >= 1, 60, interval=0.05,
+                 what="the first claim")
+    else:
+        rig.worker()
+        modality = rig.stream(20)
+        wait_for(lambda: rig.count_events("analysed") >= 3, 90, interval=0.1,
+                 what="a warm worker")
+    own_postgres.stop_immediately()
+    time.sleep(8)
+    own_postgres.start()
+    row = settle_and_check(rig, f"PostgreSQL stopped (immediate), back after 8 s, {worker} "
+                                "worker", modality.join())
+    assert row.refused_a7xx >= 1  # images sent during the outage are refused, not lost
+
+
+def test_worker_killed_mid_batch(rig_for) -> None:
+    rig = rig_for(env={"SPINENODE_BATCH_SIZE": "4", "SPINENODE_BATCH_WAIT_MS": "500"})
+    rig.node("--no-worker")
+    modality = rig.stream(16, interval=0.25)
+    wait_for(lambda: rig.count_events("requeued") + rig.count_events("received") >= 8, 30,
+             what="a backlog")
+    worker = rig.worker()
+    wait_for(lambda: rig.count_events("claimed") >= 2, 60, interval=0.02, what="a batch claimed")
+    worker.kill()
+    time.sleep(5)
+    rig.worker()
+    row = settle_and_check(rig, "worker SIGKILL mid-batch, new one after 5 s", modality.join())
+    assert rig.count_events("lease-expired") >= 1  # the dead worker's claims were handed out
+    assert row.acked == row.sent
+
+
+def test_pacs_down_longer_than_two_backoff_steps(rig_for) -> None:
+    rig = rig_for()
+    rig.node("--no-worker")
+    rig.worker()
+    modality = rig.stream(16)
+    time.sleep(3)
+    rig.pacs.stop()
+    time.sleep(9)  # backoff 1, 2, 4 s: three steps pass while it is down
+    rig.pacs.start()
+    row = settle_and_check(rig, "PACS down 9 s", modality.join())
+    with session_factory(rig.database_url)() as session:
+        retried = session.scalar(select(func.count()).select_from(Delivery)
+                                 .where(Delivery.attempts >= 3))
+    assert retried, "some deliveries met the PACS down more than twice"
+    assert row.acked == row.sent
+
+
+def _kill_node_mid_association(rig: Rig, node: NodeProcess, big: Path) -> None:
+    """Start a large C-STORE, SIGKILL the node while its file is half written."""
+    incoming = rig.data_dir / "spool" / "incoming"
+    sender = threading.Thread(target=send, args=(big, node.port), daemon=True)
+    sender.start()
+    wait_for(lambda: any(incoming.iterdir()), 30, interval=0.01, what="a transfer under way")
+    node.kill()
+    sender.join(60)
+    assert any(incoming.iterdir()), "the half-written file is there before the restart"
+
+
+@pytest.mark.parametrize("mode", ["distributed", "embedded"])
+def test_node_killed_mid_association(rig_for, mode: str) -> None:
+    # Small PDUs make the large transfer last long enough to be cut in the middle.
+    rig = rig_for(embedded=mode == "embedded", env={"SPINENODE_MAX_PDU": "16384"})
+    node = rig.node() if mode == "embedded" else rig.node("--no-worker")
+    if mode == "distributed":
+        rig.worker()
+    big = make_radiograph(rig.tmp_path / "big.dcm", rows=3000, columns=3000, seed=99)
+    modality = rig.stream(30)
+    time.sleep(3)
+    _kill_node_mid_association(rig, node, big)
+    acked_before = sum(s.status == 0 for s in modality.sent)
+    time.sleep(3)
+    rig.node() if mode == "embedded" else rig.node("--no-worker")
+    row = settle_and_check(rig, f"node SIGKILL mid-association, back after 3 s ({mode})",
+                           modality.join())
+    assert row.no_answer >= 1, "some images met the node down"
+    assert row.acked > acked_before, "the restarted node took images again"
