@@ -247,6 +247,12 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'spinenode.sqlite').resolve()}"
 
     @property
+    def outage_patience_seconds(self) -> float:
+        """How long a worker holding finished work waits for the database to come back before
+        it gives the work up (half the task's time limit: it is killed at the limit)."""
+        return self.task_time_limit_seconds / 2
+
+    @property
     def embedded_broker(self) -> bool:
         return self.broker_url == EMBEDDED_BROKER
 

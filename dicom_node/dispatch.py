@@ -153,6 +153,7 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqu
             settings.incoming_dir, older_than=settings.incoming_stale_seconds)
 
     # Lost from the broker first: it reads the queue depth before this round adds to it.
+    failures: dict[str, list[str]] = {}  # error -> the duties that met it
     for name, duty in (("lost from the broker", lost_from_broker),
                        ("lease expired", expired_leases), ("never queued", never_queued),
                        ("model bundle configured", model_now_configured),
@@ -161,8 +162,11 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqu
             duty()
         except Exception as error:  # this duty waits for the next round; the others go on
             report.failed_duties.append(name)
-            log.warning("reconciler: %s check failed: %s", name,
-                        f"{error.__class__.__name__}: {error}".splitlines()[0])
+            message = f"{error.__class__.__name__}: {error}".splitlines()[0]
+            failures.setdefault(message, []).append(name)
+    for message, names in failures.items():  # a database outage is one line, not six
+        log.warning("reconciler: %s check%s failed: %s", ", ".join(names),
+                    "s" if len(names) > 1 else "", message)
     return report
 
 

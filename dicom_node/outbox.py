@@ -92,7 +92,7 @@ def deliver(settings: Settings, sessions: sessionmaker[Session],
     return when_database_returns(
         lambda: _record_attempt(settings, sessions, delivery_id, destination, attempts,
                                 delivered, permanent, result_reason),
-        lease, f"recording delivery {delivery_id}")
+        settings.outage_patience_seconds, f"recording delivery {delivery_id}")
 
 
 def _record_attempt(settings: Settings, sessions: sessionmaker[Session], delivery_id: int,

@@ -23,11 +23,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from dicom_node.config import load_settings
 from dicom_node.db.models import Analysis, Delivery, Instance, InstanceEvent, Output
 from dicom_node.db.session import session_factory
 from tests.conftest import NodeProcess, wait_for
 from tests.fault_peers import Modality, OwnPostgres, OwnRedis, Pacs, Sent, send
 from tests.samples import make_radiograph
+from workers.app import QUEUE, app, configure, enqueue_analysis
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +96,8 @@ class Rig:
         process = NodeProcess(self.data_dir, self.database_url, broker_url=self.broker_url,
                               command="worker", env=self.env).start()
         self.processes.append(process)
+        wait_for(lambda: process._alive() and " ready." in process.log(), 60,
+                 what="the worker to take tasks")
         return process
 
     def images(self, count: int) -> list[Path]:
@@ -232,11 +236,13 @@ def test_redis_killed_and_restarted(rig_for) -> None:
 
 @pytest.mark.parametrize("worker", ["cold", "warm"])
 def test_postgres_stopped_and_restarted(rig_for, own_postgres: OwnPostgres, worker: str) -> None:
-    rig = rig_for()
+    # Two worker processes: while one holds its finished work until the database is back, the
+    # other goes on taking tasks from the broker and meets the outage at its claim.
+    rig = rig_for(env={"SPINENODE_WORKER_CONCURRENCY": "2"})
     rig.node("--no-worker")
     if worker == "cold":
         # A backlog waits; the worker has claimed its first image and is still loading the
-        # model when the database goes: every queued task meets the outage.
+        # model when the database goes.
         modality = rig.stream(20)
         wait_for(lambda: rig.count_events("requeued") + rig.count_events("received") >= 6, 30,
                  what="a backlog")
@@ -254,6 +260,32 @@ def test_postgres_stopped_and_restarted(rig_for, own_postgres: OwnPostgres, work
     row = settle_and_check(rig, f"PostgreSQL stopped (immediate), back after 8 s, {worker} "
                                 "worker", modality.join())
     assert row.refused_a7xx >= 1  # images sent during the outage are refused, not lost
+
+
+def test_a_task_that_cannot_reach_the_database_is_retried(rig_for, own_postgres: OwnPostgres
+                                                          ) -> None:
+    """A worker takes a task while the database is down: the task comes back with backoff
+    instead of vanishing, and the claim, once it succeeds, says why it was late."""
+    rig = rig_for(env={"SPINENODE_RECONCILE_GRACE_SECONDS": "600"})  # no help from the node
+    node = rig.node("--no-worker")
+    assert send(make_radiograph(rig.tmp_path / "spine.dcm"), node.port) == 0
+    wait_for(lambda: rig.count_events("requeued") + rig.count_events("received") >= 1, 30,
+             what="the image recorded")
+    configure(load_settings(data_dir=rig.data_dir, broker_url=rig.broker_url))
+    with app.connection_for_write() as connection:  # hold its message back for now
+        app.amqp.queues[QUEUE].bind(connection.default_channel).purge()
+    with session_factory(rig.database_url)() as session:
+        instance_id = session.scalars(select(Instance.id)).one()
+    rig.worker()
+    own_postgres.stop_immediately()
+    enqueue_analysis(instance_id)  # the worker takes it at once and cannot claim it
+    time.sleep(6)  # retried after 1, 2, 4 s while the database is away
+    own_postgres.start()
+    settle_and_check(rig, "task taken while PostgreSQL is down", [])
+    with session_factory(rig.database_url)() as session:
+        claims = session.scalars(select(InstanceEvent.detail)
+                                 .where(InstanceEvent.event == "claimed")).all()
+    assert len(claims) == 1 and "after database unavailable" in claims[0], claims
 
 
 def test_worker_killed_mid_batch(rig_for) -> None:

@@ -267,7 +267,7 @@ def _finish(settings: Settings, sessions: sessionmaker[Session], held: Claim,
     try:
         # The work is done: keep it through a short database outage rather than redo it.
         outcome, delivery_ids = when_database_returns(
-            record, settings.task_lease_seconds, f"recording instance {held.instance_id}")
+            record, settings.outage_patience_seconds, f"recording instance {held.instance_id}")
     except SQLAlchemyError as error:
         return _release_for_retry(settings, sessions, held,
                                   f"database error: {error.__class__.__name__}")
@@ -367,7 +367,7 @@ def _finish_failed(settings: Settings, sessions: sessionmaker[Session], held: Cl
             return Outcome("failed", message)
 
     try:
-        outcome = when_database_returns(record, settings.task_lease_seconds,
+        outcome = when_database_returns(record, settings.outage_patience_seconds,
                                         f"recording instance {held.instance_id} as failed")
     except SQLAlchemyError:
         return Outcome("lost", "database unavailable; the lease runs out and it is tried again")
@@ -393,7 +393,7 @@ def _release_for_retry(settings: Settings, sessions: sessionmaker[Session], held
             return Outcome("retry", message)
 
     try:
-        outcome = when_database_returns(record, settings.task_lease_seconds,
+        outcome = when_database_returns(record, settings.outage_patience_seconds,
                                         f"giving instance {held.instance_id} back")
     except SQLAlchemyError:
         # Still unreachable: the lease runs out and the reconciler hands the instance out again.

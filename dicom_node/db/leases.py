@@ -8,6 +8,7 @@ as soon as the database answers again, instead of dropping it and waiting for th
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -30,21 +31,28 @@ def is_unavailable(error: BaseException) -> bool:
 
 
 def when_database_returns(work: Callable[[], T], within_seconds: float, what: str,
-                          first_delay: float = 0.5, max_delay: float = 5.0) -> T:
-    """Run ``work`` (one transaction); while the database is unreachable, retry with backoff for
-    at most ``within_seconds``, then raise the last error."""
+                          first_delay: float = 0.25, max_delay: float = 1.0) -> T:
+    """Run ``work`` (one transaction); while the database is unreachable, retry for at most
+    ``within_seconds``, then raise the last error.
+
+    The retries are frequent (at most ``max_delay`` apart): a reconnect attempt is cheap, and
+    the sooner we write once the database is back, the less likely the reconciler has handed
+    our expired lease to another worker meanwhile.
+    """
     deadline = time.monotonic() + within_seconds
     delay = first_delay
-    while True:
+    for attempt in itertools.count():
         try:
             return work()
         except Exception as error:
             if not is_unavailable(error) or time.monotonic() + delay > deadline:
                 raise
-            log.warning("database unavailable while %s (%s); retrying in %.1f s", what,
-                        error.__class__.__name__, delay)
+            if attempt % 30 == 0:  # the first failure, then about every half minute
+                log.warning("database unavailable while %s (%s); retrying until %.0f s have "
+                            "passed", what, error.__class__.__name__, within_seconds)
         time.sleep(delay)
         delay = min(delay * 2, max_delay)
+    raise AssertionError("unreachable")
 
 
 @contextmanager

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from functools import cache
+import os
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+
+_engines: dict[str, Engine] = {}
+
+
+def _forget_inherited_connections() -> None:
+    """In a forked child (a Celery prefork worker process), leave the parent's pooled
+    connections to the parent: two processes on one socket corrupt each other's transactions."""
+    for engine in _engines.values():
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
 def _normalise_url(url: str) -> str:
@@ -15,9 +27,14 @@ def _normalise_url(url: str) -> str:
     return url
 
 
-@cache
 def engine_for(url: str) -> Engine:
-    url = _normalise_url(url)
+    """One engine (one connection pool) per database URL and process."""
+    if url not in _engines:  # no lock: one that a fork inherits held would deadlock the child
+        _engines[url] = _create_engine(_normalise_url(url))
+    return _engines[url]
+
+
+def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # isolation_level=None hands transaction control to the "begin" hook below.
         engine = create_engine(url, connect_args={"timeout": 60, "isolation_level": None})

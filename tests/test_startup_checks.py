@@ -1,14 +1,16 @@
-"""The broker at start-up: one that refuses us stops `serve` and `worker` with one line; one
-that is merely down does not stop the node, and what it acknowledges meanwhile is queued once
-the broker is back."""
+"""Start-up checks. A database or broker that cannot be used stops `serve` and `worker` with one
+line; a broker that is merely down does not stop the node, and what it acknowledges meanwhile is
+queued once the broker is back."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from dicom_node.ports import free_port
 from tests.conftest import SPINENODE, NodeProcess, storescu, wait_until_settled
 from tests.fault_peers import OwnRedis
 from tests.samples import make_radiograph
@@ -47,6 +49,25 @@ def test_a_broker_that_refuses_us_stops_the_start(tmp_path: Path, sqlite_url: st
     assert "wrong-password" not in result.stderr  # the URL is printed with its secret redacted
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_database_that_cannot_be_reached_stops_the_start(tmp_path: Path, command: str) -> None:
+    url = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/spinenode"
+    env = NodeProcess(tmp_path / "var", url).env
+    result = subprocess.run([*SPINENODE, command], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot use database" in lines[0], result.stderr
+    assert "secret" not in result.stderr
+
+
+def _status(node: NodeProcess) -> dict:
+    result = subprocess.run([*SPINENODE, "status", "--json"], env=node.env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 def test_a_broker_down_at_start_gets_the_images_once_back(tmp_path: Path, postgres_url: str,
                                                           start_node) -> None:
     redis = OwnRedis()  # its port is chosen, nothing listens yet
@@ -54,12 +75,17 @@ def test_a_broker_down_at_start_gets_the_images_once_back(tmp_path: Path, postgr
     assert "unreachable" in node.log()
     files = [make_radiograph(tmp_path / f"{i}.dcm", seed=i) for i in range(3)]
     assert storescu(node.port, files).returncode == 0  # acknowledged: spooled and recorded
+    status = _status(node)
+    assert status["queue_depth"].startswith("unknown")
+    assert status["oldest_waiting"]["status"] == "received"
     redis.start()
     worker = NodeProcess(node.data_dir, postgres_url, broker_url=redis.url,
                          command="worker").start()
     try:
         rows = wait_until_settled(postgres_url, len(files), timeout=120)
+        status = _status(node)
     finally:
         worker.stop()
         redis.close()
     assert [row.status for row in rows] == ["waiting-for-model"] * len(files)
+    assert status["queue_depth"] == 0 and status["oldest_waiting"] is None  # empty Redis queue
