@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cache
 from pathlib import Path
 
 from sqlalchemy import ColumnElement, select, update
@@ -115,6 +116,7 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqu
     the others still run."""
     report = ReconcileReport()
     settled = utcnow() - timedelta(seconds=settings.reconcile_grace_seconds)
+    depth_before_round = cache(queue_depth)  # asked once, before this round adds messages
 
     def expired_leases() -> None:
         report.lease_expired = _release_expired_leases(sessions)
@@ -131,7 +133,7 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqu
         # message is harmless: the worker's claim admits one.
         queued = _ids(sessions, Instance.status == InstanceStatus.QUEUED,
                       Instance.queued_at < settled)
-        if queued and queue_depth() == 0:
+        if queued and depth_before_round() == 0:
             report.lost_from_broker = queued
             _send(sessions, enqueue, queued, "lost from the broker", InstanceStatus.QUEUED)
 
@@ -143,10 +145,14 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqu
                   InstanceStatus.WAITING_FOR_MODEL)
 
     def deliveries_due() -> None:
-        # Due retries and sends whose worker died; a duplicate task finds nothing to claim.
+        # Deliveries due for a while with an empty broker: their message was lost (a worker
+        # died holding a retry's countdown, a broker restart). A duplicate finds nothing to
+        # claim, but a slow queue is not flooded with them while their own messages wait.
         if enqueue_delivery is not None:
-            report.deliveries_due = due_deliveries(sessions)
-            _enqueue_each(enqueue_delivery, report.deliveries_due, "delivery")
+            overdue = due_deliveries(sessions, due_before=settled)
+            if overdue and depth_before_round() == 0:
+                report.deliveries_due = overdue
+                _enqueue_each(enqueue_delivery, overdue, "delivery")
 
     def stale_files() -> None:
         report.stale_files_removed = remove_incoming_files(

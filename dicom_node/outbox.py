@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import or_, select, update
@@ -124,14 +124,17 @@ def _record_attempt(settings: Settings, sessions: sessionmaker[Session], deliver
         return DeliveryOutcome("pending", retry_in=delay, reason=result_reason)
 
 
-def due_deliveries(sessions: sessionmaker[Session]) -> list[int]:
-    """Pending deliveries that are due, and sends whose worker died (lease ran out)."""
-    now = utcnow()
+def due_deliveries(sessions: sessionmaker[Session], due_before: datetime | None = None
+                   ) -> list[int]:
+    """Pending deliveries due (before ``due_before``, default now), and sends whose worker died
+    (lease ran out before ``due_before``)."""
+    before = due_before or utcnow()
     with sessions() as session:
         return list(session.scalars(
             select(Delivery.id).where(or_(
-                (Delivery.status == DeliveryStatus.PENDING) & (Delivery.next_attempt_at <= now),
-                (Delivery.status == DeliveryStatus.SENDING) & (Delivery.lease_until < now),
+                (Delivery.status == DeliveryStatus.PENDING)
+                & (Delivery.next_attempt_at <= before),
+                (Delivery.status == DeliveryStatus.SENDING) & (Delivery.lease_until < before),
             )).order_by(Delivery.id)
         ).all())
 

@@ -6,6 +6,9 @@ For every row: each image acknowledged with 0x0000 is analysed exactly once and 
 arrive at the PACS exactly once, within BOUND_SECONDS of the last image sent; an image refused
 during an outage is refused with 0xA7xx and leaves no row; nothing is left in spool/incoming.
 Intervals are shortened by settings (lease, reconciler, delivery backoff), not in the code.
+SPINENODE_FAULT_FULL=1 runs the rows at the sizes of the hand-made matrix in issue 9 (40 images
+at one a second; Redis down 10 s, PostgreSQL 15 s, worker 10 s, PACS 60 s, node 5 s), and
+SPINENODE_FAULT_BUNDLE=PATH with another bundle (the demo's, as there) instead of the tiny one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from sqlalchemy import func, select
 
 from dicom_node.config import load_settings
@@ -33,6 +37,10 @@ from workers.app import QUEUE, app, configure, enqueue_analysis
 
 pytestmark = pytest.mark.slow
 
+FULL = os.environ.get("SPINENODE_FAULT_FULL") == "1"
+IMAGES, INTERVAL = (40, 1.0) if FULL else (16, 0.5)  # images streamed, seconds apart
+DOWN = ({"redis": 10, "postgres": 15, "worker": 10, "pacs": 60, "node": 5} if FULL else
+        {"redis": 6, "postgres": 8, "worker": 5, "pacs": 9, "node": 3})  # seconds
 LEASE_SECONDS = 6
 BOUND_SECONDS = 120  # from the last image sent to every result delivered
 SHORT = {
@@ -104,7 +112,7 @@ class Rig:
         folder = self.tmp_path / "images"
         return [make_radiograph(folder / f"{i}.dcm", seed=i) for i in range(count)]
 
-    def stream(self, count: int, interval: float = 0.5) -> Modality:
+    def stream(self, count: int = IMAGES, interval: float = INTERVAL) -> Modality:
         assert self.port is not None
         return Modality(self.images(count), self.port, interval).start()
 
@@ -125,6 +133,7 @@ def rig_for(tmp_path: Path, test_bundle: Path, own_postgres: OwnPostgres
     """rig_for(embedded=False, env=None): PostgreSQL + own Redis, or SQLite + embedded queue."""
     rigs: list[Rig] = []
     brokers: list[OwnRedis] = []
+    bundle = Path(os.environ.get("SPINENODE_FAULT_BUNDLE") or test_bundle)  # e.g. the demo's
 
     def make(embedded: bool = False, env: dict[str, str] | None = None) -> Rig:
         pacs = Pacs(tmp_path / "pacs")
@@ -139,7 +148,7 @@ def rig_for(tmp_path: Path, test_bundle: Path, own_postgres: OwnPostgres
             redis.start()
             brokers.append(redis)
             broker_url = redis.url
-        rig = Rig(tmp_path, test_bundle, database_url, broker_url, pacs,
+        rig = Rig(tmp_path, bundle, database_url, broker_url, pacs,
                   None if embedded else brokers[-1], env)
         rigs.append(rig)
         return rig
@@ -224,13 +233,13 @@ def test_redis_killed_and_restarted(rig_for) -> None:
     rig = rig_for()
     rig.node("--no-worker")
     rig.worker()
-    modality = rig.stream(16)
+    modality = rig.stream()
     time.sleep(3)
     assert rig.redis is not None
     rig.redis.kill()
-    time.sleep(6)
+    time.sleep(DOWN["redis"])
     rig.redis.start()
-    row = settle_and_check(rig, "Redis SIGKILL, back after 6 s", modality.join())
+    row = settle_and_check(rig, f"Redis SIGKILL, back after {DOWN['redis']} s", modality.join())
     assert row.acked == row.sent  # the node keeps taking images while the queue is gone
 
 
@@ -243,7 +252,7 @@ def test_postgres_stopped_and_restarted(rig_for, own_postgres: OwnPostgres, work
     if worker == "cold":
         # A backlog waits; the worker has claimed its first image and is still loading the
         # model when the database goes.
-        modality = rig.stream(20)
+        modality = rig.stream(IMAGES + 4)
         wait_for(lambda: rig.count_events("requeued") + rig.count_events("received") >= 6, 30,
                  what="a backlog")
         rig.worker()
@@ -251,14 +260,14 @@ def test_postgres_stopped_and_restarted(rig_for, own_postgres: OwnPostgres, work
                  what="the first claim")
     else:
         rig.worker()
-        modality = rig.stream(20)
+        modality = rig.stream(IMAGES + 4)
         wait_for(lambda: rig.count_events("analysed") >= 3, 90, interval=0.1,
                  what="a warm worker")
     own_postgres.stop_immediately()
-    time.sleep(8)
+    time.sleep(DOWN["postgres"])
     own_postgres.start()
-    row = settle_and_check(rig, f"PostgreSQL stopped (immediate), back after 8 s, {worker} "
-                                "worker", modality.join())
+    row = settle_and_check(rig, f"PostgreSQL stopped (immediate), back after {DOWN['postgres']} "
+                                f"s, {worker} worker", modality.join())
     assert row.refused_a7xx >= 1  # images sent during the outage are refused, not lost
 
 
@@ -291,15 +300,16 @@ def test_a_task_that_cannot_reach_the_database_is_retried(rig_for, own_postgres:
 def test_worker_killed_mid_batch(rig_for) -> None:
     rig = rig_for(env={"SPINENODE_BATCH_SIZE": "4", "SPINENODE_BATCH_WAIT_MS": "500"})
     rig.node("--no-worker")
-    modality = rig.stream(16, interval=0.25)
+    modality = rig.stream(interval=INTERVAL / 2)
     wait_for(lambda: rig.count_events("requeued") + rig.count_events("received") >= 8, 30,
              what="a backlog")
     worker = rig.worker()
     wait_for(lambda: rig.count_events("claimed") >= 2, 60, interval=0.02, what="a batch claimed")
     worker.kill()
-    time.sleep(5)
+    time.sleep(DOWN["worker"])
     rig.worker()
-    row = settle_and_check(rig, "worker SIGKILL mid-batch, new one after 5 s", modality.join())
+    row = settle_and_check(rig, f"worker SIGKILL mid-batch, new one after {DOWN['worker']} s",
+                           modality.join())
     assert rig.count_events("lease-expired") >= 1  # the dead worker's claims were handed out
     assert row.acked == row.sent
 
@@ -308,12 +318,12 @@ def test_pacs_down_longer_than_two_backoff_steps(rig_for) -> None:
     rig = rig_for()
     rig.node("--no-worker")
     rig.worker()
-    modality = rig.stream(16)
+    modality = rig.stream()
     time.sleep(3)
     rig.pacs.stop()
-    time.sleep(9)  # backoff 1, 2, 4 s: three steps pass while it is down
+    time.sleep(DOWN["pacs"])  # backoff 1, 2, 4 s: three steps pass while it is down
     rig.pacs.start()
-    row = settle_and_check(rig, "PACS down 9 s", modality.join())
+    row = settle_and_check(rig, f"PACS down {DOWN['pacs']} s", modality.join())
     with session_factory(rig.database_url)() as session:
         retried = session.scalar(select(func.count()).select_from(Delivery)
                                  .where(Delivery.attempts >= 3))
@@ -340,13 +350,16 @@ def test_node_killed_mid_association(rig_for, mode: str) -> None:
     if mode == "distributed":
         rig.worker()
     big = make_radiograph(rig.tmp_path / "big.dcm", rows=3000, columns=3000, seed=99)
-    modality = rig.stream(30)
+    modality = rig.stream()
     time.sleep(3)
     _kill_node_mid_association(rig, node, big)
-    acked_before = sum(s.status == 0 for s in modality.sent)
-    time.sleep(3)
-    rig.node() if mode == "embedded" else rig.node("--no-worker")
-    row = settle_and_check(rig, f"node SIGKILL mid-association, back after 3 s ({mode})",
-                           modality.join())
+    time.sleep(DOWN["node"])
+    node = rig.node() if mode == "embedded" else rig.node("--no-worker")
+    sent = modality.join()
+    after = rig.images(IMAGES + 3)[-3:]  # the modality's next images, to the node back up
+    sent += [Sent(path, str(dcmread(path).SOPInstanceUID), send(path, node.port))
+             for path in after]
+    row = settle_and_check(rig, f"node SIGKILL mid-association, back after {DOWN['node']} s "
+                                f"({mode})", sent)
     assert row.no_answer >= 1, "some images met the node down"
-    assert row.acked > acked_before, "the restarted node took images again"
+    assert [item.status for item in sent[-3:]] == [0, 0, 0], "the restarted node takes images"
