@@ -8,7 +8,6 @@ as soon as the database answers again, instead of dropping it and waiting for th
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -41,18 +40,19 @@ def when_database_returns(work: Callable[[], T], within_seconds: float, what: st
     """
     deadline = time.monotonic() + within_seconds
     delay = first_delay
-    for attempt in itertools.count():
+    failures = 0
+    while True:
         try:
             return work()
         except Exception as error:
             if not is_unavailable(error) or time.monotonic() + delay > deadline:
                 raise
-            if attempt % 30 == 0:  # the first failure, then about every half minute
+            if failures % 30 == 0:  # the first failure, then about every half minute
                 log.warning("database unavailable while %s (%s); retrying until %.0f s have "
                             "passed", what, error.__class__.__name__, within_seconds)
+            failures += 1
         time.sleep(delay)
         delay = min(delay * 2, max_delay)
-    raise AssertionError("unreachable")
 
 
 @contextmanager
