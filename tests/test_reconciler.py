@@ -137,3 +137,16 @@ def test_an_empty_queue_is_depth_zero(tmp_path: Path, broker: str,
         while (message := queue.get(no_ack=False)) is not None:
             message.ack()
     assert queue_depth() == 0
+
+
+def test_the_embedded_queue_writes_only_under_the_data_dir(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    settings = load_settings(data_dir=tmp_path / "var")
+    settings.make_dirs()
+    configure(settings)
+    enqueue_analysis(1)
+    assert queue_depth() == 1
+    assert list(elsewhere.iterdir()) == []  # kombu's control exchange went under the data dir

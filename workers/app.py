@@ -50,6 +50,8 @@ def configure(settings: Settings) -> Celery:
             broker_transport_options={
                 "data_folder_in": folder,
                 "data_folder_out": folder,
+                # kombu's exchange table; left unset it lands in the current directory.
+                "control_folder": str((settings.queue_dir / "control").resolve()),
                 "polling_interval": 0.2,
             },
             worker_enable_remote_control=False,
