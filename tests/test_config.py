@@ -83,3 +83,16 @@ def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     missing = tmp_path / "nope.toml"
     assert result.stderr.strip() == f"spinenode: config file {missing} does not exist"
+
+
+def test_train_commands_do_not_read_the_node_settings(tmp_path: Path) -> None:
+    """A damaged SPINENODE_BUNDLE (a node setting) does not stop `spinenode train`."""
+    import os
+
+    env = {**os.environ, "SPINENODE_BUNDLE": str(tmp_path / "no-bundle"),
+           "SPINENODE_PORT": "not-a-port"}
+    result = subprocess.run([*SPINENODE, "train", "prepare", "--data", str(tmp_path / "none"),
+                             "--out", str(tmp_path / "run"), "--config", "smoke"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "SPINENODE" not in result.stderr and "VinDr-SpineXR folder" in result.stderr

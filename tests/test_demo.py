@@ -58,7 +58,7 @@ def test_demo_reuses_its_bundle_only_under_the_same_recipe(
 
 
 def test_demo_sends_abnormal_and_normal_phantoms_in_turn(tmp_path: Path) -> None:
-    from dicom_node.demo import held_out_samples
+    from dicom_node.cli.demo import held_out_samples
     from training.phantoms import generate
     from training.vindr import read_split
 

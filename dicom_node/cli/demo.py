@@ -8,6 +8,7 @@ returned files are. The phantom bundle says NOT FOR CLINICAL USE in everything i
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
+from dicom_node.cli.common import Fatal, add_settings_flags, settings_from
 from dicom_node.config import Destination, Settings
 from dicom_node.db.models import Instance
 from dicom_node.db.session import session_factory
@@ -172,3 +174,21 @@ def _show_results(settings: Settings, uids: list[str], received: Path,
     print(f"demo: {len(delivered)} result objects delivered; returned files in {received}:")
     for path in sorted(received.glob("*.dcm")):
         print(f"  {path.name}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    settings.make_dirs()
+    try:
+        return run_demo(settings, count=args.count, keep_serving=not args.exit)
+    except RuntimeError as error:
+        raise Fatal(f"demo failed: {error}") from None
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """demo"""
+    demo = commands.add_parser("demo", help="start the node, send it sample images, show results")
+    add_settings_flags(demo, server=True)
+    demo.add_argument("--count", type=int, default=3, help="images to send (default 3)")
+    demo.add_argument("--exit", action="store_true", help="stop the node after the summary")
+    demo.set_defaults(handler=cmd_demo)

@@ -1,0 +1,188 @@
+"""Admin commands: database migrations, status, instances, deliveries, C-ECHO."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from datetime import UTC, datetime, timedelta
+
+from dicom_node.cli.common import Fatal, add_settings_flags, prepare_database, redact, settings_from
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    from dicom_node.db import migrate
+
+    settings.make_dirs()
+    url = settings.effective_database_url
+    if args.db_command == "upgrade":
+        migrate.upgrade(url, args.revision)
+    elif args.db_command == "downgrade":
+        migrate.downgrade(url, args.revision)
+    print(f"database {redact(url)} at revision {migrate.current_revision(url)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    from dicom_node.admin import oldest_waiting, status_counts
+    from dicom_node.db.session import session_factory
+    from workers.app import configure, queue_depth
+
+    prepare_database(settings, upgrade_if_sqlite=False)
+    sessions = session_factory(settings.effective_database_url)
+    counts = status_counts(sessions)
+    waiting = oldest_waiting(sessions)
+    configure(settings)
+    try:
+        depth: int | str = queue_depth()
+    except Exception as error:
+        depth = f"unknown ({str(error).splitlines()[0] or error.__class__.__name__})"
+    if args.json:
+        print(json.dumps({"instances": counts, "queue_depth": depth, "oldest_waiting": waiting}))
+    else:
+        for status, count in counts.items():
+            print(f"{status:17s} {count}")
+        print(f"{'queue depth':17s} {depth}")
+        if waiting is not None:
+            print(f"{'oldest waiting':17s} instance {waiting['id']} ({waiting['status']}) since "
+                  f"{waiting['since'][:19]}, {waiting['age_seconds']:.0f} s")
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO a node (by default this one): the health check of the compose file."""
+    settings = settings_from(args)
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=args.calling_ae)
+    ae.add_requested_context(Verification)
+    host = args.host or "127.0.0.1"
+    port = args.port or settings.port
+    called = args.ae_title or settings.ae_title
+    assoc = ae.associate(host, port, ae_title=called)
+    if not assoc.is_established:
+        raise Fatal(f"no association with {called}@{host}:{port}")
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(status.Status) if "Status" in status else -1
+    print(f"C-ECHO {called}@{host}:{port}: status 0x{code:04X}")
+    return 0 if code == 0 else 1
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    from dicom_node.db.session import session_factory
+    from dicom_node.outbox import list_deliveries, retry_deliveries
+
+    prepare_database(settings, upgrade_if_sqlite=False)
+    sessions = session_factory(settings.effective_database_url)
+    if args.deliveries_command == "retry":
+        if args.all_failed == (args.id is not None):
+            raise Fatal("give a delivery ID or --all-failed")
+        retried = retry_deliveries(sessions, None if args.all_failed else [args.id])
+        if args.id is not None and not retried:
+            raise Fatal(f"delivery {args.id} is not failed (or does not exist)")
+        from workers.app import configure, enqueue_delivery
+
+        configure(settings)
+        for delivery_id in retried:
+            enqueue_delivery(delivery_id)
+        print(f"{len(retried)} deliveries queued again")
+        return 0
+    rows = list_deliveries(sessions, status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'id':>6} {'status':9} {'kind':7} {'tries':>5}  destination / last error")
+    for row in rows:
+        error = f"  ({row['last_error']})" if row["last_error"] else ""
+        print(f"{row['id']:>6} {row['status']:9} {row['kind']:7} {row['attempts']:>5}  "
+              f"{row['destination']}{error}")
+    return 0
+
+
+def parse_since(text: str) -> datetime:
+    """ISO date/time, or an age such as 30m, 12h, 7d."""
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if match:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: int(match.group(1))})
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO date/time nor an age like 30m, 12h, 7d") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def cmd_instances(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    from dicom_node.admin import list_instances
+    from dicom_node.db.session import session_factory
+
+    prepare_database(settings, upgrade_if_sqlite=False)
+    rows = list_instances(session_factory(settings.effective_database_url),
+                          status=args.status, since=args.since, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'id':>6} {'status':10} {'received':19} {'mod':3} {'size':>9} {'image':>11}  "
+          "SOP Instance UID / note")
+    for row in rows:
+        image = f"{row['columns']}x{row['rows']}" if row["rows"] else "-"
+        note = row["last_error"] or row["reason"]
+        print(f"{row['id']:>6} {row['status']:10} {row['received_at'][:19]:19} "
+              f"{row['modality']:3} {row['size_bytes']:>9} {image:>11}  {row['sop_instance_uid']}"
+              + (f"  ({note})" if note else ""))
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """db, status, instances, deliveries, echo"""
+    from dicom_node.db.models import InstanceStatus
+
+    db = commands.add_parser("db", help="database migrations")
+    add_settings_flags(db)
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_commands.add_parser("upgrade", help="migrate to the newest schema")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    downgrade = db_commands.add_parser("downgrade", help="migrate back to REVISION")
+    downgrade.add_argument("revision")
+    db_commands.add_parser("current", help="show the schema revision")
+    db.set_defaults(handler=cmd_db)
+
+    echo = commands.add_parser("echo", help="C-ECHO a DICOM node (default: this one)")
+    add_settings_flags(echo)
+    echo.add_argument("--host", help="default 127.0.0.1")
+    echo.add_argument("--port", type=int, help="default: our port")
+    echo.add_argument("--ae-title", help="called AE title (default: ours)")
+    echo.add_argument("--calling-ae", default="ECHOSCU")
+    echo.set_defaults(handler=cmd_echo)
+
+    deliveries = commands.add_parser("deliveries", help="results sent (or due) to destinations")
+    add_settings_flags(deliveries)
+    deliveries.add_argument("--status", choices=["pending", "sending", "delivered", "failed"])
+    deliveries.add_argument("--limit", type=int, default=100)
+    deliveries.add_argument("--json", action="store_true")
+    deliveries.set_defaults(handler=cmd_deliveries, deliveries_command="list")
+    delivery_commands = deliveries.add_subparsers(dest="deliveries_command")
+    retry = delivery_commands.add_parser("retry", help="send failed deliveries again")
+    retry.add_argument("id", type=int, nargs="?")
+    retry.add_argument("--all-failed", action="store_true")
+    add_settings_flags(retry)
+
+    status = commands.add_parser("status", help="instances per status and queue depth")
+    add_settings_flags(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+
+    instances = commands.add_parser("instances", help="list received instances, newest first")
+    add_settings_flags(instances)
+    instances.add_argument("--status", choices=[s.value for s in InstanceStatus])
+    instances.add_argument("--since", type=parse_since, help="ISO time or age (30m, 12h, 7d)")
+    instances.add_argument("--limit", type=int, default=100)
+    instances.add_argument("--json", action="store_true")
+    instances.set_defaults(handler=cmd_instances)

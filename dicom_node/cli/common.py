@@ -1,0 +1,100 @@
+"""What every command group shares: settings flags, logging, the one-line failure, start-up
+checks of the database, the broker and the bundle."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+
+from dicom_node.config import Settings, load_settings
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, server: bool = False) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--data-dir", type=Path, help="spool, queue and default database folder")
+    parser.add_argument("--database-url", help="sqlite:///... or postgresql://...")
+    parser.add_argument("--broker-url", help="'embedded' (default) or redis://host:6379/0")
+    if server:
+        parser.add_argument("--ae-title", help="our AE title (default SPINENODE)")
+        parser.add_argument("--bind-address", help="address to listen on (default 0.0.0.0)")
+        parser.add_argument("--port", type=int, help="port to listen on (default 11112)")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {
+        name: getattr(args, name, None)
+        for name in ("data_dir", "database_url", "broker_url", "ae_title", "bind_address", "port",
+                     "worker_concurrency")
+    }
+    return load_settings(getattr(args, "config", None), **overrides)
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom logs every PDU at INFO; the node logs what matters itself.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per copied module
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)  # "no hostname" for files
+
+
+class Fatal(Exception):
+    """Stop with this one line and exit status 2."""
+
+
+def prepare_database(settings: Settings, upgrade_if_sqlite: bool) -> None:
+    from alembic.script import ScriptDirectory
+
+    from dicom_node.db import migrate
+
+    url = settings.effective_database_url
+    try:
+        if upgrade_if_sqlite and url.startswith("sqlite"):
+            migrate.upgrade(url)
+            return
+        current = migrate.current_revision(url)
+    except Exception as error:
+        raise Fatal(f"cannot use database {redact(url)}: {error.__class__.__name__}: "
+                    f"{str(error).splitlines()[0]}") from None
+    head = ScriptDirectory.from_config(migrate.alembic_config(url)).get_current_head()
+    if current != head:
+        raise Fatal(f"database {redact(url)} is at revision {current}, not {head}: "
+                    "run 'spinenode db upgrade'")
+
+
+def redact(url: str) -> str:
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+def check_broker_or_stop(settings: Settings) -> None:
+    """Refuse to start when the broker will not let us in; a broker that is merely down is said
+    once and waited for (the node keeps what it receives; the reconciler queues it later)."""
+    if settings.embedded_broker:
+        return
+    from workers.app import BrokerUnusable, check_broker
+
+    try:
+        unreachable = check_broker()
+    except BrokerUnusable as error:
+        raise Fatal(f"broker {redact(settings.broker_url)} refused us: {error}") from None
+    if unreachable:
+        logging.getLogger(__name__).warning(
+            "broker %s unreachable (%s): images are kept and queued once it is back",
+            redact(settings.broker_url), unreachable)
+
+
+def check_bundle(settings: Settings) -> None:
+    """A configured bundle must load (schema, files, checksums) before we take any work."""
+    if settings.bundle is None:
+        return
+    from workers.bundle import BundleError, load_bundle
+
+    try:
+        load_bundle(settings.bundle)
+    except BundleError as error:
+        raise Fatal(str(error)) from None

@@ -1,0 +1,144 @@
+"""``spinenode serve`` and ``spinenode worker``: the composition root that wires the SCP, the
+queue, the reconciler and the workers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from dicom_node.cli.common import (
+    Fatal,
+    add_settings_flags,
+    check_broker_or_stop,
+    check_bundle,
+    configure_logging,
+    prepare_database,
+    redact,
+    settings_from,
+)
+from dicom_node.config import Settings
+
+
+class EmbeddedWorker:
+    """``spinenode serve`` runs one worker as a child process, restarted if it dies."""
+
+    def __init__(self, settings: Settings):
+        self._env = {**os.environ, **settings.as_environment()}
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def ensure_running(self) -> None:
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                return
+            if self._process is not None:
+                logging.getLogger(__name__).warning(
+                    "embedded worker exited with %s; restarting it", self._process.returncode)
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node.cli", "worker"], env=self._env)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                return
+            self._process.terminate()
+            try:
+                self._process.wait(30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    from dicom_node.db.session import session_factory
+    from dicom_node.dispatch import Reconciler, remove_incoming_files
+    from dicom_node.scp import StoreSCP
+    from workers.app import configure, enqueue_analysis, enqueue_delivery, queue_depth
+
+    configure_logging(settings)
+    settings.make_dirs()
+    prepare_database(settings, upgrade_if_sqlite=True)
+    check_bundle(settings)
+    configure(settings)
+    check_broker_or_stop(settings)
+    # Not listening yet: whatever is in incoming was left by an association that never ended.
+    remove_incoming_files(settings.incoming_dir, older_than=0)
+    sessions = session_factory(settings.effective_database_url)
+    scp = StoreSCP(settings, sessions, enqueue_analysis)
+    worker = None if args.no_worker else EmbeddedWorker(settings)
+    reconciler = Reconciler(settings, sessions, enqueue_analysis, queue_depth,
+                            enqueue_delivery=enqueue_delivery,
+                            also=worker.ensure_running if worker else None)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        scp.start()
+    except OSError as error:
+        raise Fatal(f"cannot listen on {settings.bind_address}:{settings.port}: "
+                    f"{error.strerror or error}") from None
+    if worker is not None:
+        worker.ensure_running()
+    reconciler.start()
+    broker = "embedded queue" if settings.embedded_broker else redact(settings.broker_url)
+    print(
+        f"spinenode: {settings.ae_title} listening on {settings.bind_address}:{settings.port}; "
+        f"database {redact(settings.effective_database_url)}; {broker}; "
+        f"spool {settings.spool_dir.resolve()}; "
+        f"worker {'embedded' if worker else 'separate (spinenode worker)'}",
+        flush=True,
+    )
+    stop.wait()
+    print("spinenode: stopping", flush=True)
+    scp.stop()
+    reconciler.stop()
+    if worker is not None:
+        worker.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    import socket
+
+    from workers.app import QUEUE, configure
+
+    configure_logging(settings)
+    prepare_database(settings, upgrade_if_sqlite=False)
+    check_bundle(settings)
+    app = configure(settings)
+    check_broker_or_stop(settings)
+    # A batching worker is one process that owns the models (and the GPU) and starts its own
+    # decoding processes, which a prefork child (a daemon) may not; it runs tasks itself.
+    pool = ["--pool", "solo"] if settings.batch_size > 1 else [
+        "--pool", "prefork", "--concurrency", str(settings.worker_concurrency)]
+    argv = [
+        "--quiet",  # no banner: the node logs what the worker does
+        "worker", "--queues", QUEUE, *pool,
+        "--hostname", f"spinenode-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
+    ]
+    if settings.embedded_broker:
+        argv.append("--without-heartbeat")  # the file broker has no fan-out exchange
+    app.worker_main(argv)
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """serve, worker"""
+    serve = commands.add_parser("serve", help="run the DICOM node (SCP, queue, reconciler)")
+    add_settings_flags(serve, server=True)
+    serve.add_argument("--no-worker", action="store_true",
+                       help="do not run an embedded worker (run 'spinenode worker' elsewhere)")
+    serve.set_defaults(handler=cmd_serve)
+
+    worker = commands.add_parser("worker", help="run a worker that analyses queued instances")
+    add_settings_flags(worker)
+    worker.add_argument("--concurrency", dest="worker_concurrency", type=int,
+                        help="worker processes (default 1)")
+    worker.set_defaults(handler=cmd_worker)

@@ -1,0 +1,115 @@
+"""``spinenode train ...``: training lives in its own package; only this command imports it.
+Training reads its own YAML config and flags, never the node's SPINENODE_* settings."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dicom_node.cli.common import Fatal
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Training lives in its own package; the node never imports it except for this command."""
+    from training.config import ConfigError, load_config, torch_device
+    from training.vindr import DatasetError
+
+    try:
+        config = load_config(args.train_config)
+        if args.train_command == "prepare":
+            from training.prepare import prepare
+
+            dataset = prepare(args.data, args.out, config)
+            images = dataset["images"]
+            abnormal = sum(image["abnormal"] for image in images)
+            print(f"prepared {len(images)} images ({abnormal} abnormal) in {args.out}; "
+                  f"data fingerprint {dataset['fingerprint'][:16]}")
+            return 0
+        if not (args.out / "dataset.json").is_file():
+            raise Fatal(f"{args.out} is not a prepared run: run 'spinenode train prepare' first")
+        from training.classify import cross_validate, fit_ensemble
+
+        if args.train_command == "evaluate":
+            from training.evaluate import evaluate
+
+            result = evaluate(args.out, args.data, args.bundle or args.out / "bundle")
+            c, d = result["classification"], result["detection"]
+            print(f"test: AUROC {c['auroc']:.4f} (95% CI {c['auroc_ci'][0]:.4f}-"
+                  f"{c['auroc_ci'][1]:.4f}), sensitivity {c['sensitivity']:.4f}, specificity "
+                  f"{c['specificity']:.4f}, F1 {c['f1']:.4f}; mAP@0.5 {d['map50']:.4f}, "
+                  f"mAP@0.5:0.95 {d['map50_95']:.4f}; report in {args.out / 'report'}")
+        elif args.train_command == "ablate":
+            from training.ablation import TABLES, ablate
+
+            result = ablate(args.out, config.detect, args.bundle or args.out / "bundle",
+                            args.device, tuple(args.table or TABLES))
+            for table, rows in result["tables"].items():
+                for row in rows:
+                    print(f"{table}: {row['row']}: mAP@0.5 {row['map50']:.4f}, "
+                          f"mAP@0.5:0.95 {row['map50_95']:.4f}")
+            print(f"report in {args.out / 'report' / 'ablation.md'}")
+        elif args.train_command == "export":
+            from training.export import export_bundle
+
+            target = export_bundle(args.out, config, args.bundle or args.out / "bundle",
+                                   args.name, args.version)
+            print(f"bundle written to {target}")
+        elif args.train_command == "detect":
+            from training.detect import train_detector
+
+            torch_device(args.device)  # a clear error where the GPU is missing
+            best = train_detector(args.out, config.detect, device=args.device)
+            print(f"detector trained: {best}")
+        elif args.train_command == "classify":
+            for name, result in cross_validate(args.out, config,
+                                               torch_device(args.device)).items():
+                aurocs = ", ".join(f"{f['val_auroc']:.3f}" for f in result["folds"])
+                print(f"{name}: validation AUROC per fold {aurocs}; best fold "
+                      f"{result['best_fold']}")
+        else:
+            summary = fit_ensemble(args.out, config)
+            weights = ", ".join(f"{k} {v:.2f}" for k, v in summary["weights"].items())
+            print(f"ensemble weights {weights}; threshold {summary['threshold']:.3f}; "
+                  f"out-of-fold AUROC {summary['oof_auroc']:.3f}")
+    except (ConfigError, DatasetError) as error:
+        raise Fatal(str(error)) from None
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """train prepare|classify|ensemble|detect|export|evaluate|ablate"""
+    train = commands.add_parser("train", help="train a model bundle (VinDr-SpineXR layout)")
+    train_commands = train.add_subparsers(dest="train_command", required=True)
+    prepare = train_commands.add_parser(
+        "prepare", help="read the data set, cache normalised images, YOLO export, folds")
+    prepare.add_argument("--data", type=Path, required=True, help="VinDr-SpineXR folder")
+    prepare.add_argument("--out", type=Path, required=True, help="run folder")
+    prepare.add_argument("--config", dest="train_config", default="paper",
+                         help="paper, smoke or a YAML file (default paper)")
+    for name, text in (("classify", "train the DERNet members, 5-fold cross-validation"),
+                       ("ensemble", "ensemble weights and threshold from the folds"),
+                       ("detect", "train YOLO11 with focal loss, copy-paste, balanced sampling")):
+        step = train_commands.add_parser(name, help=text)
+        step.add_argument("--out", type=Path, required=True, help="the prepared run folder")
+        step.add_argument("--config", dest="train_config", default="paper")
+        step.add_argument("--device", default="cpu", help="cpu, or 0 for the first GPU")
+    evaluation = train_commands.add_parser("evaluate", help="the bundle on the test split")
+    evaluation.add_argument("--out", type=Path, required=True, help="the trained run folder")
+    evaluation.add_argument("--data", type=Path, required=True, help="VinDr-SpineXR folder")
+    evaluation.add_argument("--config", dest="train_config", default="paper")
+    evaluation.add_argument("--bundle", type=Path, help="default RUN/bundle")
+    ablation = train_commands.add_parser(
+        "ablate", help="the paper's detection ablations: retrain per row, COCOeval on test")
+    ablation.add_argument("--out", type=Path, required=True, help="the trained run folder")
+    ablation.add_argument("--config", dest="train_config", default="paper")
+    ablation.add_argument("--device", default="cpu", help="cpu, or 0 for the first GPU")
+    ablation.add_argument("--bundle", type=Path, help="its detector settings (default RUN/bundle)")
+    ablation.add_argument("--table", action="append", choices=("additions", "focal", "scales"),
+                          help="only this table (repeatable; default all)")
+    export = train_commands.add_parser("export", help="write the model bundle from a run")
+    export.add_argument("--out", type=Path, required=True, help="the trained run folder")
+    export.add_argument("--config", dest="train_config", default="paper")
+    export.add_argument("--bundle", type=Path, help="where (default RUN/bundle)")
+    export.add_argument("--name", default="spinenode-dernet-yolo11")
+    export.add_argument("--version", default="0.1.0")
+    train.set_defaults(handler=cmd_train)
