@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from workers.bundle_writer import BundleContents, ClassifierMember, save_bundle
+from training.bundle_writer import BundleContents, ClassifierMember, save_bundle
 from workers.dernet import build_member
 from workers.offline import prepare_offline, ultralytics_modules
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from dicom_node import __version__
+from training.bundle_writer import BundleContents, ClassifierMember, save_bundle
 from training.config import TrainingConfig
 from workers.bundle import Manifest, ValidatedPrecisions, load_bundle, write_manifest
-from workers.bundle_writer import BundleContents, ClassifierMember, save_bundle
 from workers.dernet import DERNet, build_member
 from workers.detector import Detector, letterbox, load_detection_model
 from workers.offline import prepare_offline
