@@ -12,7 +12,7 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.sr.codedict import codes
 
-from dicom_node.results.common import AnalysisResult, FindingBox
+from dicom_node.analysis import AnalysisResult, FindingBox
 from dicom_node.results.gsps import build_gsps
 from dicom_node.results.overlay import build_overlay
 from dicom_node.results.sr import build_sr

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dicom_node.results.common import FindingBox
+from dicom_node.analysis import FindingBox
 from workers.bundle import Bundle, DetectorSpec
 from workers.dernet import autocast
 from workers.offline import ultralytics_modules

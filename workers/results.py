@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 
+from dicom_node.analysis import AnalysisResult
 from dicom_node.config import DEFAULT_RESULT_KINDS, RESULT_KINDS, Destination, Settings
 from dicom_node.outbox import destinations_for
-from dicom_node.results.common import AnalysisResult
 from dicom_node.results.gsps import build_gsps
 from dicom_node.results.overlay import build_overlay
 from dicom_node.results.sr import build_sr

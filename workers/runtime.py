@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicom_node.analysis import FindingBox
 from dicom_node.config import Settings
-from dicom_node.results.common import FindingBox
 from workers.bundle import Bundle, load_bundle
 from workers.dernet import Classification, DERNet
 from workers.detector import Detector

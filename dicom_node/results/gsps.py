@@ -8,11 +8,11 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
+from dicom_node.analysis import AnalysisResult
 from dicom_node.results.common import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     MODEL_NAME,
-    AnalysisResult,
     copy_study_attributes,
     evidence_of,
 )

@@ -13,11 +13,11 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
+from dicom_node.analysis import AnalysisResult
 from dicom_node.results.common import (
     BANNER,
     MANUFACTURER,
     MODEL_NAME,
-    AnalysisResult,
     copy_study_attributes,
     evidence_of,
 )

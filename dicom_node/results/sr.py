@@ -14,11 +14,10 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from dicom_node.analysis import AnalysisResult, FindingBox
 from dicom_node.results.common import (
     MANUFACTURER,
     MODEL_NAME,
-    AnalysisResult,
-    FindingBox,
     copy_study_attributes,
     declare_private_scheme,
     evidence_of,

@@ -1,0 +1,47 @@
+"""One analysis of one image as the node keeps and shows it: plain data, no imaging or DICOM
+libraries, shared by the workers (who make it) and the result objects (which show it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dicom_node import __version__
+
+
+@dataclass(frozen=True)
+class FindingBox:
+    """A detected lesion, in the source image's pixels."""
+
+    class_name: str
+    score: float
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    class_index: int = -1  # in the bundle's class list
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """What the objects report: one bundle's analysis of one source image."""
+
+    bundle_name: str
+    bundle_version: str
+    clinical_use: bool
+    abnormal: bool
+    probability: float
+    threshold: float
+    member_probabilities: dict[str, float]
+    findings: list[FindingBox]
+
+    @property
+    def label(self) -> str:
+        return "Abnormal" if self.abnormal else "Normal"
+
+    @property
+    def software_versions(self) -> tuple[str, str]:
+        return (f"spinenode {__version__}", f"{self.bundle_name} {self.bundle_version}")
+
+    def series_description(self, kind: str) -> str:
+        suffix = "" if self.clinical_use else " NOT FOR CLINICAL USE"
+        return f"AI {kind} (spinenode){suffix}"[:64]
