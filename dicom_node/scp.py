@@ -26,8 +26,19 @@ def _status(status: StoreStatus, comment: str) -> Dataset:
     return response
 
 
+def receive_into_spool(settings: Settings) -> None:
+    """Make pynetdicom stream each data set to a file instead of memory, in the spool's own
+    folder, so that keeping it is a rename (and it never lands in a world-readable system temp
+    dir). Both are process-wide (pynetdicom has no per-AE option): the serve command sets them
+    once, before the SCP starts."""
+    settings.make_dirs()
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    tempfile.tempdir = str(settings.incoming_dir.resolve())
+
+
 class StoreSCP:
-    """The listening node: stores what it is sent and hands it to the dispatcher."""
+    """The listening node: stores what it is sent and hands it to the dispatcher. The process
+    must have called ``receive_into_spool`` first."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], enqueue: Enqueue):
         self.settings = settings
@@ -37,11 +48,6 @@ class StoreSCP:
         self._server = None
 
     def _make_ae(self) -> AE:
-        # Stream each data set to a file instead of memory, in the spool's own folder so that
-        # keeping it is a rename (and it never lands in a world-readable system temp dir).
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        self.settings.make_dirs()
-        tempfile.tempdir = str(self.settings.incoming_dir.resolve())
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = self.settings.max_pdu
         ae.maximum_associations = self.settings.max_associations

@@ -11,9 +11,9 @@ from dicom_node.cli.common import Fatal, add_settings_flags, prepare_database, r
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
     from dicom_node.db import migrate
 
+    settings = settings_from(args)
     settings.make_dirs()
     url = settings.effective_database_url
     if args.db_command == "upgrade":
@@ -25,11 +25,11 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
     from dicom_node.admin import oldest_waiting, status_counts
     from dicom_node.db.session import session_factory
     from workers.app import configure, queue_depth
 
+    settings = settings_from(args)
     prepare_database(settings, upgrade_if_sqlite=False)
     sessions = session_factory(settings.effective_database_url)
     counts = status_counts(sessions)
@@ -53,10 +53,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     """C-ECHO a node (by default this one): the health check of the compose file."""
-    settings = settings_from(args)
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    settings = settings_from(args)
     ae = AE(ae_title=args.calling_ae)
     ae.add_requested_context(Verification)
     host = args.host or "127.0.0.1"
@@ -73,10 +73,10 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
     from dicom_node.db.session import session_factory
     from dicom_node.outbox import list_deliveries, retry_deliveries
 
+    settings = settings_from(args)
     prepare_database(settings, upgrade_if_sqlite=False)
     sessions = session_factory(settings.effective_database_url)
     if args.deliveries_command == "retry":
@@ -119,10 +119,10 @@ def parse_since(text: str) -> datetime:
 
 
 def cmd_instances(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
     from dicom_node.admin import list_instances
     from dicom_node.db.session import session_factory
 
+    settings = settings_from(args)
     prepare_database(settings, upgrade_if_sqlite=False)
     rows = list_instances(session_factory(settings.effective_database_url),
                           status=args.status, since=args.since, limit=args.limit)

@@ -54,12 +54,12 @@ class EmbeddedWorker:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
     from dicom_node.db.session import session_factory
     from dicom_node.dispatch import Reconciler, remove_incoming_files
-    from dicom_node.scp import StoreSCP
+    from dicom_node.scp import StoreSCP, receive_into_spool
     from workers.app import configure, enqueue_analysis, enqueue_delivery, queue_depth
 
+    settings = settings_from(args)
     configure_logging(settings)
     settings.make_dirs()
     prepare_database(settings, upgrade_if_sqlite=True)
@@ -69,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Not listening yet: whatever is in incoming was left by an association that never ended.
     remove_incoming_files(settings.incoming_dir, older_than=0)
     sessions = session_factory(settings.effective_database_url)
+    receive_into_spool(settings)
     scp = StoreSCP(settings, sessions, enqueue_analysis)
     worker = None if args.no_worker else EmbeddedWorker(settings)
     reconciler = Reconciler(settings, sessions, enqueue_analysis, queue_depth,
@@ -103,9 +104,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
     import socket
 
+    settings = settings_from(args)
     from workers.app import QUEUE, configure
 
     configure_logging(settings)
