@@ -8,6 +8,7 @@ Lists in the environment are comma separated (``SPINENODE_DESTINATIONS=PACS@10.0
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,18 +40,28 @@ def check_ae_title(value: str) -> str:
     return value
 
 
-RESULT_KINDS = ("sr", "sc", "sc-jpeg", "gsps")
-DEFAULT_RESULT_KINDS = ("sr", "sc")  # GSPS is off unless a destination asks for it
+class ResultKind(StrEnum):
+    """The objects we send back, in the order they are made."""
+
+    SR = "sr"  # TID 1500 Structured Report
+    SC = "sc"  # Secondary Capture overlay, uncompressed
+    SC_JPEG = "sc-jpeg"  # the same, JPEG baseline
+    GSPS = "gsps"  # Grayscale Softcopy Presentation State on the source image
 
 
-def _parse_kinds(text: str | None) -> tuple[str, ...]:
+RESULT_KINDS = tuple(ResultKind)
+DEFAULT_RESULT_KINDS = (ResultKind.SR, ResultKind.SC)  # GSPS only where a destination asks
+
+
+def _parse_kinds(text: str | None) -> tuple[ResultKind, ...]:
     if not text:
         return DEFAULT_RESULT_KINDS
-    kinds = tuple(kind.strip().lower() for kind in text.split("+") if kind.strip())
-    unknown = [kind for kind in kinds if kind not in RESULT_KINDS]
-    if unknown or not kinds:
+    names = [kind.strip().lower() for kind in text.split("+") if kind.strip()]
+    unknown = [name for name in names if name not in RESULT_KINDS]
+    if unknown or not names:
         raise ValueError(f"unknown result objects {unknown}; use {'+'.join(RESULT_KINDS)}")
-    if "sc" in kinds and "sc-jpeg" in kinds:
+    kinds = tuple(ResultKind(name) for name in names)
+    if ResultKind.SC in kinds and ResultKind.SC_JPEG in kinds:
         raise ValueError("choose sc or sc-jpeg, not both")
     return kinds
 
@@ -64,7 +75,7 @@ class Destination(BaseModel):
     ae_title: str
     host: str
     port: int
-    kinds: tuple[str, ...] = DEFAULT_RESULT_KINDS
+    kinds: tuple[ResultKind, ...] = DEFAULT_RESULT_KINDS
 
     @classmethod
     def parse(cls, text: str) -> Destination:

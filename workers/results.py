@@ -10,7 +10,13 @@ import numpy as np
 from pydicom import dcmread
 
 from dicom_node.analysis import AnalysisResult
-from dicom_node.config import DEFAULT_RESULT_KINDS, RESULT_KINDS, Destination, Settings
+from dicom_node.config import (
+    DEFAULT_RESULT_KINDS,
+    RESULT_KINDS,
+    Destination,
+    ResultKind,
+    Settings,
+)
 from dicom_node.outbox import destinations_for
 from dicom_node.results.gsps import build_gsps
 from dicom_node.results.overlay import build_overlay
@@ -21,7 +27,7 @@ from workers.imaging import DecodedImage
 
 @dataclass(frozen=True)
 class BuiltOutput:
-    kind: str
+    kind: ResultKind
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
@@ -39,7 +45,7 @@ def summary_of(bundle: Bundle, analysis) -> AnalysisResult:  # noqa: ANN001 (Ima
     )
 
 
-def kinds_for(destinations: list[Destination]) -> list[str]:
+def kinds_for(destinations: list[Destination]) -> list[ResultKind]:
     wanted = {kind for destination in destinations for kind in destination.kinds}
     return [kind for kind in RESULT_KINDS if kind in (wanted or set(DEFAULT_RESULT_KINDS))]
 
@@ -52,10 +58,10 @@ def build_outputs(settings: Settings, source_path: Path, image: DecodedImage,
     folder.mkdir(parents=True, exist_ok=True)
     built = []
     for kind in kinds_for(destinations_for(settings, calling_ae)):
-        if kind == "sr":
+        if kind is ResultKind.SR:
             ds = build_sr(source, summary)
-        elif kind in ("sc", "sc-jpeg"):
-            ds = build_overlay(source, grey, summary, jpeg=kind == "sc-jpeg")
+        elif kind in (ResultKind.SC, ResultKind.SC_JPEG):
+            ds = build_overlay(source, grey, summary, jpeg=kind is ResultKind.SC_JPEG)
         else:
             ds = build_gsps(source, summary, window=image.window)
         path = folder / f"{ds.SOPInstanceUID}.dcm"
