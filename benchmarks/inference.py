@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.bundles import make_test_bundle  # noqa: E402
+from tests.support.bundles import make_test_bundle  # noqa: E402
 from workers.bundle import ValidatedPrecisions, load_bundle, write_manifest  # noqa: E402
 from workers.dernet import build_member, classifier_input, tta_views  # noqa: E402
 from workers.detector import letterbox, load_detection_model  # noqa: E402

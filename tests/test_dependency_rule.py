@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import NodeProcess, storescu
-from tests.samples import make_radiograph
+from tests.support.node import NodeProcess, storescu
+from tests.support.samples import make_radiograph
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("dicom_node", "workers", "training")  # each may import those before it

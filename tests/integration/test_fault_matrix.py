@@ -30,9 +30,9 @@ from sqlalchemy import func, select
 from dicom_node.config import load_settings
 from dicom_node.db.models import Analysis, Delivery, Instance, InstanceEvent, Output
 from dicom_node.db.session import session_factory
-from tests.conftest import NodeProcess, wait_for
-from tests.fault_peers import Modality, OwnPostgres, OwnRedis, Pacs, Sent, send
-from tests.samples import make_radiograph
+from tests.support.fault_peers import Modality, OwnPostgres, OwnRedis, Pacs, Sent, send
+from tests.support.node import NodeProcess, wait_for
+from tests.support.samples import make_radiograph
 from workers.app import QUEUE, app, configure, enqueue_analysis
 
 pytestmark = pytest.mark.slow

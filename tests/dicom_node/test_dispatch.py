@@ -20,7 +20,7 @@ from dicom_node.db.models import Instance, InstanceStatus, Patient, Series, Stud
 from dicom_node.db.session import session_factory
 from dicom_node.dispatch import reconcile
 from dicom_node.ports import free_port
-from tests.conftest import wait_for
+from tests.support.node import wait_for
 from workers.app import QUEUE, app, configure, enqueue_analysis, queue_depth
 
 

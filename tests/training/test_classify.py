@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import SPINENODE
+from tests.support.node import SPINENODE
 from training.config import load_config
 from training.metrics import youden_threshold
 from training.phantoms import generate

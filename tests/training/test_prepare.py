@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import SPINENODE
+from tests.support.node import SPINENODE
 from training.config import load_config
 from training.phantoms import generate
 from training.prepare import prepare

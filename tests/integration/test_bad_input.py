@@ -13,8 +13,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
-from tests.conftest import echo, instances
-from tests.samples import make_radiograph
+from tests.support.node import echo, instances
+from tests.support.samples import make_radiograph
 
 DX = DigitalXRayImageStorageForPresentation
 

@@ -13,7 +13,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from dicom_node.synthetic import make_radiograph
-from tests.conftest import DECODED, SPINENODE, instances, storescu, wait_until_settled
+from tests.support.node import DECODED, SPINENODE, instances, storescu, wait_until_settled
 
 ASSOCIATIONS = 8
 PER_ASSOCIATION = 3

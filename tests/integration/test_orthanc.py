@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 
 from dicom_node.db.models import Analysis
 from dicom_node.db.session import session_factory
-from tests.conftest import free_port, storescu, wait_for, wait_until_settled
-from tests.orthanc import Orthanc
-from tests.samples import make_radiograph
+from tests.support.node import free_port, storescu, wait_for, wait_until_settled
+from tests.support.orthanc import Orthanc
+from tests.support.samples import make_radiograph
 
 
 @pytest.fixture

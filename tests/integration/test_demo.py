@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SPINENODE, free_port
+from tests.support.node import SPINENODE, free_port
 
 
 def test_demo_shows_results_coming_back(tmp_path: Path, test_bundle: Path) -> None:

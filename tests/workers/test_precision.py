@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundles import make_test_bundle
+from tests.support.bundles import make_test_bundle
 from workers.bundle import load_bundle
 from workers.dernet import DERNet, autocast
 from workers.detector import Detector, letterbox

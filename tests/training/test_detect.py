@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import SPINENODE
+from tests.support.node import SPINENODE
 from training.config import load_config
 from training.detect import FocalBCE, MinorityCopyPaste, balanced_weights, rescale_batch
 from training.phantoms import generate

@@ -17,7 +17,7 @@ from dicom_node.db.session import session_factory
 from dicom_node.dispatch import mark_queued
 from dicom_node.intake import Intake
 from dicom_node.synthetic import make_radiograph
-from tests.conftest import storescu, wait_until_settled
+from tests.support.node import storescu, wait_until_settled
 from workers import pipeline
 
 

@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from dicom_node.ports import free_port
-from tests.conftest import wait_for
+from tests.support.node import wait_for
 
 
 def _as_postgres_user() -> list[str]:

@@ -10,8 +10,8 @@ from sqlalchemy import select
 
 from dicom_node.db.models import InstanceEvent
 from dicom_node.db.session import session_factory
-from tests.conftest import DECODED, instances, storescu, wait_until_settled
-from tests.samples import CR_SOP_CLASS, make_radiograph, real_cr, transcode, with_new_uids
+from tests.support.node import DECODED, instances, storescu, wait_until_settled
+from tests.support.samples import CR_SOP_CLASS, make_radiograph, real_cr, transcode, with_new_uids
 
 # storescu proposes only uncompressed syntaxes unless told which compressed one to offer.
 PROPOSE = {"jpeg-lossless": "-xs", "jpeg-ls": "-xt", "rle": "-xr", "jpeg2000": "-xv",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import Destination, SettingsError, load_settings
-from tests.conftest import SPINENODE
+from tests.support.node import SPINENODE
 
 
 @pytest.fixture(autouse=True)

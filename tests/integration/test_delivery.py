@@ -13,8 +13,15 @@ from pydicom import Dataset, dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
 
-from tests.conftest import SPINENODE, free_port, instances, storescu, wait_for, wait_until_settled
-from tests.samples import make_radiograph
+from tests.support.node import (
+    SPINENODE,
+    free_port,
+    instances,
+    storescu,
+    wait_for,
+    wait_until_settled,
+)
+from tests.support.samples import make_radiograph
 
 FAST_RETRY = {"SPINENODE_DELIVERY_RETRY_SECONDS": "1",
               "SPINENODE_DELIVERY_MAX_BACKOFF_SECONDS": "2"}

@@ -8,7 +8,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import free_port, wait_for
+from tests.support.node import free_port, wait_for
 
 ROUTE_EVERYTHING = """
 function OnStoredInstance(instanceId, tags, metadata, origin)

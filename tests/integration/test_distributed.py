@@ -11,8 +11,15 @@ from sqlalchemy import select
 
 from dicom_node.db.models import InstanceEvent
 from dicom_node.db.session import session_factory
-from tests.conftest import DECODED, NodeProcess, instances, storescu, wait_for, wait_until_settled
-from tests.samples import make_radiograph, real_cr, with_new_uids
+from tests.support.node import (
+    DECODED,
+    NodeProcess,
+    instances,
+    storescu,
+    wait_for,
+    wait_until_settled,
+)
+from tests.support.samples import make_radiograph, real_cr, with_new_uids
 
 LEASE = "6"
 

@@ -9,7 +9,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_node.synthetic import make_radiograph
-from tests.samples import real_cr, transcode
+from tests.support.samples import real_cr, transcode
 from workers.imaging import FALLBACK_WINDOW_PERCENTILES, DecodeError, decode, normalise
 
 

@@ -12,7 +12,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from dicom_node.synthetic import make_radiograph
-from tests.conftest import DECODED, POSTGRES_ADMIN_URL, echo, instances, wait_until_settled
+from tests.support.node import DECODED, POSTGRES_ADMIN_URL, echo, instances, wait_until_settled
 
 
 def _store(port: int, path: Path) -> int:

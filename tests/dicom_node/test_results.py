@@ -17,7 +17,7 @@ from dicom_node.results.gsps import build_gsps
 from dicom_node.results.overlay import build_overlay
 from dicom_node.results.sr import build_sr
 from dicom_node.synthetic import make_radiograph
-from tests.samples import real_cr, with_new_uids
+from tests.support.samples import real_cr, with_new_uids
 from training.phantoms import generate
 from workers.bundle import VINDR_CLASSES
 from workers.imaging import decode

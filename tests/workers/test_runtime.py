@@ -21,7 +21,7 @@ from dicom_node.db.models import Analysis, Finding, Instance
 from dicom_node.db.session import session_factory
 from dicom_node.intake import Intake
 from dicom_node.synthetic import make_radiograph
-from tests.conftest import instances, storescu, wait_for, wait_until_settled
+from tests.support.node import instances, storescu, wait_for, wait_until_settled
 from workers import pipeline
 from workers.bundle import load_bundle
 from workers.dernet import DERNet, build_member, classifier_input
@@ -170,7 +170,7 @@ def test_runtime_works_with_the_network_blocked(tmp_path: Path, test_bundle: Pat
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=300, env=env, cwd=Path(__file__).parent.parent)
+                            timeout=300, env=env, cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "analysed offline" in result.stdout
     assert "blocked" not in result.stderr + result.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SPINENODE
+from tests.support.node import SPINENODE
 from workers.bundle import BundleError, load_bundle
 
 

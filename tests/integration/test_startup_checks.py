@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from dicom_node.ports import free_port
-from tests.conftest import SPINENODE, NodeProcess, storescu, wait_until_settled
-from tests.fault_peers import OwnRedis
-from tests.samples import make_radiograph
+from tests.support.fault_peers import OwnRedis
+from tests.support.node import SPINENODE, NodeProcess, storescu, wait_until_settled
+from tests.support.samples import make_radiograph
 
 
 class PasswordRedis(OwnRedis):
