@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dicom_node.ports import free_port  # noqa: E402
-from dicom_node.synthetic import make_radiograph  # noqa: E402
+from training.synthetic import make_radiograph  # noqa: E402
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/14"

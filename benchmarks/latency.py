@@ -22,10 +22,10 @@ from pydicom import dcmread
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dicom_node.ports import free_port  # noqa: E402
-from dicom_node.synthetic import make_radiograph  # noqa: E402
 from tests.support.bundles import make_test_bundle  # noqa: E402
 from tests.support.node import NodeProcess, storescu  # noqa: E402
 from tests.support.orthanc import Orthanc  # noqa: E402
+from training.synthetic import make_radiograph  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

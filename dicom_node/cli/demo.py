@@ -107,7 +107,7 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> i
               f"results go to {destination.address} ({received})", flush=True)
         files = held_out_samples(phantoms, count) if phantoms else []
         if not files:
-            from dicom_node.synthetic import make_radiograph
+            from training.synthetic import make_radiograph
 
             files = [make_radiograph(demo_dir / f"sample-{i}.dcm", rows=1024, columns=820,
                                      seed=i) for i in range(count)]

@@ -16,9 +16,9 @@ from dicom_node.analysis import AnalysisResult, FindingBox
 from dicom_node.results.gsps import build_gsps
 from dicom_node.results.overlay import build_overlay
 from dicom_node.results.sr import build_sr
-from dicom_node.synthetic import make_radiograph
 from tests.support.samples import real_cr, with_new_uids
 from training.phantoms import generate
+from training.synthetic import make_radiograph
 from workers.bundle import VINDR_CLASSES
 from workers.imaging import decode
 

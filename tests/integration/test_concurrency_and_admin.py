@@ -12,8 +12,8 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
-from dicom_node.synthetic import make_radiograph
 from tests.support.node import DECODED, SPINENODE, instances, storescu, wait_until_settled
+from training.synthetic import make_radiograph
 
 ASSOCIATIONS = 8
 PER_ASSOCIATION = 3

@@ -11,8 +11,8 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
-from dicom_node.synthetic import make_radiograph
 from tests.support.node import DECODED, POSTGRES_ADMIN_URL, echo, instances, wait_until_settled
+from training.synthetic import make_radiograph
 
 
 def _store(port: int, path: Path) -> int:

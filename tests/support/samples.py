@@ -10,7 +10,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ComputedRadiographyImageStorage, JPEG2000Lossless, generate_uid
 
-from dicom_node.synthetic import make_radiograph
+from training.synthetic import make_radiograph
 
 __all__ = ["make_radiograph", "transcode", "with_new_uids", "real_cr", "CR_SOP_CLASS"]
 

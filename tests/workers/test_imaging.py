@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from dicom_node.synthetic import make_radiograph
 from tests.support.samples import real_cr, transcode
+from training.synthetic import make_radiograph
 from workers.imaging import FALLBACK_WINDOW_PERCENTILES, DecodeError, decode, normalise
 
 

@@ -16,8 +16,8 @@ from dicom_node.db.models import Analysis, Instance
 from dicom_node.db.session import session_factory
 from dicom_node.dispatch import mark_queued
 from dicom_node.intake import Intake
-from dicom_node.synthetic import make_radiograph
 from tests.support.node import storescu, wait_until_settled
+from training.synthetic import make_radiograph
 from workers import pipeline
 
 

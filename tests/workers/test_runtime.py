@@ -20,8 +20,8 @@ from dicom_node.db import migrate
 from dicom_node.db.models import Analysis, Finding, Instance
 from dicom_node.db.session import session_factory
 from dicom_node.intake import Intake
-from dicom_node.synthetic import make_radiograph
 from tests.support.node import instances, storescu, wait_for, wait_until_settled
+from training.synthetic import make_radiograph
 from workers import pipeline
 from workers.bundle import load_bundle
 from workers.dernet import DERNet, build_member, classifier_input

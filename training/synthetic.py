@@ -1,6 +1,7 @@
 """Synthetic spine radiographs as DICOM files: for the demo, the tests and the benchmarks.
 
-Not a training phantom (that is ``training``'s job): a plain test pattern with realistic headers.
+Not a training phantom (``phantoms`` draws those, with lesions and labels): a plain test pattern
+with realistic headers.
 """
 
 from __future__ import annotations
