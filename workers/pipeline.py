@@ -13,6 +13,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -245,32 +246,27 @@ def _process_claims(settings: Settings, sessions: sessionmaker[Session], claims:
 def _finish(settings: Settings, sessions: sessionmaker[Session], held: Claim,
             image: DecodedImage, runtime: ModelRuntime | None, result: ImageAnalysis | None,
             outputs: list[BuiltOutput]) -> Outcome:
-    def record() -> tuple[Outcome, list[int]]:
-        with sessions.begin() as session:
-            instance = _held(session, held)
-            if instance is None:
-                return Outcome("lost", "claim taken over after the lease ran out"), []
-            _record_decode(session, instance, image)
-            deliveries: list[Delivery] = []
-            if runtime is None:
-                instance.status = InstanceStatus.WAITING_FOR_MODEL
-                session.add(InstanceEvent(instance=instance, event="waiting-for-model",
-                                          detail="no model bundle configured"))
-            else:
-                instance.status = InstanceStatus.DONE
-                if result is not None:
-                    analysis = _record_analysis(session, instance, runtime, image, result)
-                    deliveries = _record_outbox(session, settings, analysis, outputs,
-                                                held.calling_ae)
-            return Outcome(instance.status), [delivery.id for delivery in deliveries]
+    delivery_ids: list[int] = []
 
-    try:
-        # The work is done: keep it through a short database outage rather than redo it.
-        outcome, delivery_ids = when_database_returns(
-            record, settings.outage_patience_seconds, f"recording instance {held.instance_id}")
-    except SQLAlchemyError as error:
-        return _release_for_retry(settings, sessions, held,
-                                  f"database error: {error.__class__.__name__}")
+    def record(session: Session, instance: Instance) -> Outcome:
+        _record_decode(session, instance, image)
+        if runtime is None:
+            instance.status = InstanceStatus.WAITING_FOR_MODEL
+            session.add(InstanceEvent(instance=instance, event="waiting-for-model",
+                                      detail="no model bundle configured"))
+        else:
+            instance.status = InstanceStatus.DONE
+            if result is not None:
+                analysis = _record_analysis(session, instance, runtime, image, result)
+                deliveries = _record_outbox(session, settings, analysis, outputs,
+                                            held.calling_ae)
+                delivery_ids[:] = [delivery.id for delivery in deliveries]
+        return Outcome(instance.status)
+
+    # The work is done: kept through a database outage rather than done again.
+    outcome = _under_claim(settings, sessions, held, "recording", record)
+    if outcome.status == "lost":
+        return outcome
     for delivery_id in delivery_ids:  # after the commit; the reconciler sends any this misses
         try:
             enqueue_delivery(delivery_id)
@@ -356,47 +352,49 @@ def _record_analysis(session: Session, instance: Instance, runtime: ModelRuntime
     return analysis
 
 
-def _finish_failed(settings: Settings, sessions: sessionmaker[Session], held: Claim,
-                   message: str) -> Outcome:
+def _under_claim(settings: Settings, sessions: sessionmaker[Session], held: Claim, what: str,
+                 change: Callable[[Session, Instance], Outcome]) -> Outcome:
+    """Apply ``change`` to the instance in one transaction while our claim on it stands; wait
+    out a database outage (up to the settings' patience) instead of dropping the work."""
     def record() -> Outcome:
         with sessions.begin() as session:
             instance = _held(session, held)
             if instance is None:
-                return Outcome("lost")
-            _set_failed(session, instance, message)
-            return Outcome("failed", message)
+                return Outcome("lost", "claim taken over after the lease ran out")
+            return change(session, instance)
 
     try:
-        outcome = when_database_returns(record, settings.outage_patience_seconds,
-                                        f"recording instance {held.instance_id} as failed")
-    except SQLAlchemyError:
-        return Outcome("lost", "database unavailable; the lease runs out and it is tried again")
-    log.warning("instance %d failed: %s", held.instance_id, message)
-    return outcome
+        return when_database_returns(record, settings.outage_patience_seconds,
+                                     f"{what} instance {held.instance_id}")
+    except SQLAlchemyError as error:
+        if not is_unavailable(error):
+            raise
+        # Still unreachable: the lease runs out and the reconciler hands the instance out again.
+        return Outcome("lost", "database unavailable")
+
+
+def _finish_failed(settings: Settings, sessions: sessionmaker[Session], held: Claim,
+                   message: str) -> Outcome:
+    def record(session: Session, instance: Instance) -> Outcome:
+        _set_failed(session, instance, message)
+        log.warning("instance %d failed: %s", held.instance_id, message)
+        return Outcome("failed", message)
+
+    return _under_claim(settings, sessions, held, "failing", record)
 
 
 def _release_for_retry(settings: Settings, sessions: sessionmaker[Session], held: Claim,
                        message: str) -> Outcome:
     """Give the instance back to the queue; the claim step counts the attempts."""
-    def record() -> Outcome:
-        with sessions.begin() as session:
-            instance = _held(session, held)
-            if instance is None:
-                return Outcome("lost")
-            instance.status = InstanceStatus.QUEUED
-            instance.last_error = message
-            instance.claim_token = None
-            instance.lease_until = None
-            instance.queued_at = utcnow()
-            instance.updated_at = utcnow()
-            session.add(InstanceEvent(instance=instance, event="retry", detail=message))
-            return Outcome("retry", message)
+    def record(session: Session, instance: Instance) -> Outcome:
+        instance.status = InstanceStatus.QUEUED
+        instance.last_error = message
+        instance.claim_token = None
+        instance.lease_until = None
+        instance.queued_at = utcnow()
+        instance.updated_at = utcnow()
+        session.add(InstanceEvent(instance=instance, event="retry", detail=message))
+        log.warning("instance %d will be retried: %s", held.instance_id, message)
+        return Outcome("retry", message)
 
-    try:
-        outcome = when_database_returns(record, settings.outage_patience_seconds,
-                                        f"giving instance {held.instance_id} back")
-    except SQLAlchemyError:
-        # Still unreachable: the lease runs out and the reconciler hands the instance out again.
-        return Outcome("lost", "database unavailable")
-    log.warning("instance %d will be retried: %s", held.instance_id, message)
-    return outcome
+    return _under_claim(settings, sessions, held, "giving back", record)

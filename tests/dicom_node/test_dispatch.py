@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import load_settings
+from dicom_node.config import Settings, load_settings
 from dicom_node.db import migrate
 from dicom_node.db.models import Instance, InstanceStatus, Patient, Series, Study, utcnow
 from dicom_node.db.session import session_factory
@@ -39,13 +40,18 @@ def _instance(session, uid: str, status: InstanceStatus, age_seconds: float,
     ))
 
 
-def test_reconcile_requeues_what_was_left_half_way(tmp_path: Path) -> None:
-    settings = load_settings(data_dir=tmp_path, reconcile_grace_seconds=30)
+def _embedded_node(tmp_path: Path) -> tuple[Settings, sessionmaker[Session]]:
+    """Settings, a migrated SQLite database and the embedded queue, as `serve` has them."""
+    settings = load_settings(data_dir=tmp_path, reconcile_grace_seconds=30,
+                             incoming_stale_seconds=60)
     settings.make_dirs()
-    url = settings.effective_database_url
-    migrate.upgrade(url)
+    migrate.upgrade(settings.effective_database_url)
     configure(settings)
-    sessions = session_factory(url)
+    return settings, session_factory(settings.effective_database_url)
+
+
+def test_reconcile_requeues_what_was_left_half_way(tmp_path: Path) -> None:
+    settings, sessions = _embedded_node(tmp_path)
     with sessions.begin() as session:
         _instance(session, "1.1", InstanceStatus.RECEIVED, age_seconds=120)  # never queued
         _instance(session, "1.2", InstanceStatus.RECEIVED, age_seconds=1)  # still in flight
@@ -81,13 +87,7 @@ def _broker_down_depth() -> int:
 
 
 def test_each_duty_runs_when_another_fails(tmp_path: Path) -> None:
-    settings = load_settings(data_dir=tmp_path, reconcile_grace_seconds=30,
-                             incoming_stale_seconds=60)
-    settings.make_dirs()
-    url = settings.effective_database_url
-    migrate.upgrade(url)
-    configure(settings)
-    sessions = session_factory(url)
+    settings, sessions = _embedded_node(tmp_path)
     with sessions.begin() as session:
         _instance(session, "1.1", InstanceStatus.RECEIVED, age_seconds=120)  # never queued
         _instance(session, "1.3", InstanceStatus.QUEUED, age_seconds=120)  # message lost

@@ -154,7 +154,7 @@ def test_without_a_bundle_instances_wait_then_are_analysed(tmp_path: Path, sqlit
 def test_runtime_works_with_the_network_blocked(tmp_path: Path, test_bundle: Path) -> None:
     # A fresh process, blocked before anything imports ultralytics.
     script = textwrap.dedent(f"""
-        from tests import no_network
+        from tests.support import no_network
         no_network.block()
         import numpy as np, torch
         from pathlib import Path
