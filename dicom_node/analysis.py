@@ -20,6 +20,11 @@ class FindingBox:
     y1: float
     class_index: int = -1  # in the bundle's class list
 
+    def outline(self) -> list[tuple[float, float]]:
+        """The box as a closed polyline: four corners and the first again, (column, row)."""
+        return [(self.x0, self.y0), (self.x1, self.y0), (self.x1, self.y1), (self.x0, self.y1),
+                (self.x0, self.y0)]
+
 
 @dataclass(frozen=True)
 class AnalysisResult:

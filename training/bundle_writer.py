@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 
 from workers.bundle import (
+    CLASSIFIER_INPUT_SIZE,
+    DETECTOR_IMAGE_SIZE,
+    DETECTOR_SCALE,
     VINDR_CLASSES,
     ClassifierSpec,
     DetectorSpec,
@@ -35,10 +38,10 @@ class BundleContents:
     members: list[ClassifierMember]
     threshold: float
     detector: torch.nn.Module  # an ultralytics DetectionModel
-    detector_scale: str = "l"
+    detector_scale: str = DETECTOR_SCALE
     class_names: tuple[str, ...] = VINDR_CLASSES
-    input_size: int = 384
-    image_size: int = 640
+    input_size: int = CLASSIFIER_INPUT_SIZE
+    image_size: int = DETECTOR_IMAGE_SIZE
     tta: list[str] | None = None
     clinical_use: bool = False
     # {"classifier": [...], "detector": [...]}, or one list for both

@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
+from workers.bundle import CLASSIFIER_INPUT_SIZE, DETECTOR_IMAGE_SIZE, DETECTOR_SCALE
+
 CONFIGS = Path(__file__).parent / "configs"
 
 
@@ -27,7 +29,7 @@ class ClassifyConfig(BaseModel):
 
     members: list[str] = Field(default_factory=lambda: ["densenet121", "tf_efficientnetv2_s",
                                                         "resnet50"])
-    input_size: int = Field(384, ge=32)
+    input_size: int = Field(CLASSIFIER_INPUT_SIZE, ge=32)
     epochs: int = Field(60, ge=1)
     patience: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -48,8 +50,8 @@ class DetectConfig(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    scale: str = "l"
-    image_size: int = Field(640, ge=32)
+    scale: str = DETECTOR_SCALE
+    image_size: int = Field(DETECTOR_IMAGE_SIZE, ge=32)
     epochs: int = Field(35, ge=1)
     batch: int = Field(12, ge=1)
     nominal_batch: int = Field(48, ge=1)  # batch 12 x 4 accumulation
@@ -98,14 +100,10 @@ def load_config(name_or_path: str) -> TrainingConfig:
 
 
 def torch_device(text: str):  # noqa: ANN201 (torch is imported on use)
-    """``cpu`` or a GPU index (``0``), as ultralytics spells devices."""
-    import torch
+    """The training device (``cpu``, ``0``, ``cuda:1``...), parsed as the node parses its own."""
+    from workers.runtime import select_device
 
-    if text == "cpu":
-        return torch.device("cpu")
-    if not text.isdigit():
-        raise ConfigError(f"device {text!r}: use cpu or a GPU index such as 0")
-    if int(text) >= torch.cuda.device_count():
-        raise ConfigError(f"device {text}: no such CUDA GPU here "
-                          f"({torch.cuda.device_count()} found)")
-    return torch.device("cuda", int(text))
+    try:
+        return select_device(text)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None

@@ -42,6 +42,13 @@ class _Strict(BaseModel):
     model_config = {"extra": "forbid", "frozen": True}
 
 
+# The paper's model sizes: the defaults of the bundle manifest, the training config and the bundle
+# writer alike (DERNet input in pixels, YOLO11 scale and input in pixels).
+CLASSIFIER_INPUT_SIZE = 384
+DETECTOR_SCALE = "l"
+DETECTOR_IMAGE_SIZE = 640
+
+
 class MemberSpec(_Strict):
     architecture: Literal["densenet121", "tf_efficientnetv2_s", "resnet50"]
     weights: str  # file name inside the bundle
@@ -51,7 +58,7 @@ class MemberSpec(_Strict):
 
 class ClassifierSpec(_Strict):
     members: list[MemberSpec] = Field(min_length=1)
-    input_size: int = Field(384, ge=32)
+    input_size: int = Field(CLASSIFIER_INPUT_SIZE, ge=32)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     tta: list[str] = Field(default_factory=lambda: list(TTA_NAMES), min_length=1)
@@ -74,10 +81,10 @@ class ClassifierSpec(_Strict):
 
 class DetectorSpec(_Strict):
     architecture: Literal["yolo11"] = "yolo11"
-    scale: Literal["n", "s", "m", "l", "x"] = "l"
+    scale: Literal["n", "s", "m", "l", "x"] = DETECTOR_SCALE
     weights: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    image_size: int = Field(640, ge=32)
+    image_size: int = Field(DETECTOR_IMAGE_SIZE, ge=32)
     class_names: list[str] = Field(min_length=1)
     confidence: float = Field(0.25, ge=0, le=1)
     nms_iou: float = Field(0.65, ge=0, le=1)

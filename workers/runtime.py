@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,20 @@ class ImageAnalysis:
 
 
 def select_device(requested: str) -> torch.device:
-    if requested == "auto":
+    """The one device parser, for serving and training: ``auto`` (CUDA when present), ``cpu``,
+    ``cuda``, ``cuda:N`` or a bare GPU index ``N`` (as ultralytics spells it). A GPU that is not
+    there is a ValueError with one line."""
+    text = requested.strip().lower()
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {requested} requested but CUDA is not available")
+    if text.isdigit():
+        text = f"cuda:{text}"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise ValueError(f"device {requested!r}: use auto, cpu, cuda, cuda:N or a GPU index N")
+    device = torch.device(text)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {requested}: no such CUDA GPU here "
+                         f"({torch.cuda.device_count()} found)")
     return device
 
 

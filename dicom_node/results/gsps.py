@@ -29,8 +29,7 @@ def build_gsps(source: Dataset, result: AnalysisResult, window: tuple[float, flo
     graphics = [
         hd.pr.GraphicObject(
             graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
-            graphic_data=np.array([[b.x0, b.y0], [b.x1, b.y0], [b.x1, b.y1], [b.x0, b.y1],
-                                   [b.x0, b.y0]], dtype=np.float32),
+            graphic_data=np.array(b.outline(), dtype=np.float32),
             units=hd.pr.AnnotationUnitsValues.PIXEL,
         )
         for b in result.findings

@@ -14,7 +14,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from dicom_node.analysis import AnalysisResult, FindingBox
+from dicom_node.analysis import AnalysisResult
 from dicom_node.results.common import (
     MANUFACTURER,
     MODEL_NAME,
@@ -34,12 +34,6 @@ IMAGE_FINDING = private_code("SPINE-XR-READ", "Spine radiograph abnormality asse
 def _probability(value: float, method: CodedConcept | None = None) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=codes.DCM.Probability, value=round(float(value), 6),
                              unit=PROBABILITY_UNIT, method=method)
-
-
-def _rectangle(box: FindingBox) -> np.ndarray:
-    """A closed polyline: four corners and the first again, (column, row) image pixels."""
-    return np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1],
-                     [box.x0, box.y0]], dtype=np.float32)
 
 
 def build_sr(source: Dataset, result: AnalysisResult, series_uid: str | None = None) -> Dataset:
@@ -70,7 +64,8 @@ def build_sr(source: Dataset, result: AnalysisResult, series_uid: str | None = N
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=generate_uid(), identifier=f"Lesion {index} {box.class_name}"[:64]),
             referenced_region=hd.sr.ImageRegion(
-                graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=_rectangle(box),
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=np.array(box.outline(), dtype=np.float32),
                 source_image=hd.sr.SourceImageForRegion.from_source_image(source)),
             finding_type=finding_code(box.class_name),
             algorithm_id=algorithm,

@@ -204,3 +204,22 @@ def test_vindr_rule_keeps_only_confident_boxes_on_normal_images(test_bundle: Pat
     else:
         assert filtered.boxes == [b for b in all_boxes.boxes if b.score >= cutoff]
         assert len(filtered.boxes) < len(all_boxes.boxes)
+
+
+@pytest.mark.parametrize("text,expected", [("auto", None), ("cpu", "cpu"), ("CPU", "cpu"),
+                                           ("7", "error"), ("cuda:7", "error"),
+                                           ("gpu", "error"), ("cuda:x", "error")])
+def test_one_device_parser_for_serving_and_training(text: str, expected: str | None) -> None:
+    from training.config import ConfigError, torch_device
+    from workers.runtime import select_device
+
+    if expected == "error":  # no GPU 7 here (nor on a one-GPU lent machine); bad spellings
+        with pytest.raises(ValueError, match="device"):
+            select_device(text)
+        with pytest.raises(ConfigError, match="device"):
+            torch_device(text)
+        return
+    device = select_device(text)
+    assert device == torch_device(text)
+    if expected is not None:
+        assert device.type == expected
