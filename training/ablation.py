@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from training.config import DetectConfig, torch_device
+from training.dataset_index import DatasetIndex
 from training.detect import train_detector
 from training.evaluate import MAP_CONFIDENCE, coco_evaluate
 from workers.bundle import VINDR_CLASSES, load_bundle
@@ -73,17 +74,15 @@ def score_detector(run: Path, bundle: Path, weights: Path, device: torch.device)
     """COCOeval of one checkpoint on the run's test split, on the prepared (cached) images the
     detector was trained from; boxes scaled back to the original pixels."""
     detector = Detector(load_bundle(bundle), device, weights=weights)
-    images = [i for i in json.loads((run / "dataset.json").read_text())["images"]
-              if i["split"] == "test"]
     ground_truth, detections, sizes = [], [], {}
-    for image in images:
-        cached = np.load(run / "cache" / f"{image['image_id']}.npy").astype(np.float32)
-        sy, sx = image["rows"] / cached.shape[0], image["columns"] / cached.shape[1]
-        sizes[image["image_id"]] = (image["rows"], image["columns"])
-        ground_truth += [{"image_id": image["image_id"],
+    for image in DatasetIndex.read(run).split("test"):
+        cached = np.load(image.cache_file(run)).astype(np.float32)
+        sy, sx = image.rows / cached.shape[0], image.columns / cached.shape[1]
+        sizes[image.image_id] = (image.rows, image.columns)
+        ground_truth += [{"image_id": image.image_id,
                           "class_index": VINDR_CLASSES.index(name), "box": box}
-                         for name, *box in image["boxes"]]
-        detections += [{"image_id": image["image_id"], "class_index": b.class_index,
+                         for name, *box in image.boxes]
+        detections += [{"image_id": image.image_id, "class_index": b.class_index,
                         "score": b.score, "box": [b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy]}
                        for b in detector.detect([cached], MAP_CONFIDENCE)[0]]
     return coco_evaluate(ground_truth, detections, sizes)
@@ -91,8 +90,7 @@ def score_detector(run: Path, bundle: Path, weights: Path, device: torch.device)
 
 def rare_classes(run: Path, below: float) -> list[str]:
     """Classes under ``below`` of the training split's boxes (the copy-paste criterion)."""
-    images = json.loads((run / "dataset.json").read_text())["images"]
-    names = [box[0] for i in images if i["split"] == "train" for box in i["boxes"]]
+    names = [box[0] for i in DatasetIndex.read(run).split("train") for box in i.boxes]
     return [c for c in VINDR_CLASSES if 0 < names.count(c) < below * max(len(names), 1)]
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from training.augment import augment
 from training.config import ClassifyConfig, TrainingConfig
+from training.dataset_index import DatasetIndex, IndexedImage
 from training.metrics import auroc, ensemble_weight_search, youden_threshold
 from workers.bundle import IMAGENET_MEAN, IMAGENET_STD, TTA_NAMES
 from workers.dernet import autocast, build_member, resize_and_normalise, tta_views
@@ -30,7 +31,7 @@ CPU = torch.device("cpu")
 
 
 class CachedImages(Dataset):
-    def __init__(self, run: Path, items: list[dict], size: int, train: bool, seed: int):
+    def __init__(self, run: Path, items: list[IndexedImage], size: int, train: bool, seed: int):
         self.run, self.items, self.size, self.train, self.seed = run, items, size, train, seed
 
     def __len__(self) -> int:
@@ -38,14 +39,14 @@ class CachedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         item = self.items[index]
-        cached = np.load(self.run / "cache" / f"{item['image_id']}.npy").astype(np.float32)
+        cached = np.load(item.cache_file(self.run)).astype(np.float32)
         image = torch.from_numpy(cached)[None]
         if self.train:
             # Seeded per (epoch seed, item): the same augmentation whichever loader worker
             # draws it (a generator shared at fork would repeat itself in every worker).
             image = augment(image, torch.Generator().manual_seed(self.seed * 1_000_003 + index))
         inputs = resize_and_normalise(image, self.size, IMAGENET_MEAN, IMAGENET_STD)
-        return inputs, torch.tensor(float(item["abnormal"]))
+        return inputs, torch.tensor(float(item.abnormal))
 
 
 def _size_at(config: ClassifyConfig, architecture: str, epoch: int) -> int:
@@ -71,7 +72,7 @@ def _to(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, run: Path, items: list[dict], size: int,
+def predict(model: torch.nn.Module, run: Path, items: list[IndexedImage], size: int,
             tta: list[str], device: torch.device = CPU, workers: int = 0) -> np.ndarray:
     """Probabilities in float32, mean over the TTA views (as the workers compute them)."""
     model.eval()
@@ -84,7 +85,8 @@ def predict(model: torch.nn.Module, run: Path, items: list[dict], size: int,
     return torch.cat(out).numpy()
 
 
-def train_fold(run: Path, architecture: str, train_items: list[dict], val_items: list[dict],
+def train_fold(run: Path, architecture: str, train_items: list[IndexedImage],
+               val_items: list[IndexedImage],
                config: ClassifyConfig, seed: int,
                device: torch.device = CPU) -> tuple[torch.nn.Module, dict, dict]:
     """(the model holding its best state, that state on the CPU, best epoch and AUROC)."""
@@ -97,7 +99,7 @@ def train_fold(run: Path, architecture: str, train_items: list[dict], val_items:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     batch = (config.batch_size_efficientnet if architecture == "tf_efficientnetv2_s"
              else config.batch_size)
-    labels = np.array([item["abnormal"] for item in val_items])
+    labels = np.array([item.abnormal for item in val_items])
     best = {"auroc": -math.inf, "epoch": -1, "state": None}
     for epoch in range(config.epochs):
         model.train()
@@ -129,9 +131,8 @@ def train_fold(run: Path, architecture: str, train_items: list[dict], val_items:
 
 def cross_validate(run: Path, config: TrainingConfig,
                    device: torch.device = CPU) -> dict[str, dict]:
-    images = json.loads((run / "dataset.json").read_text())["images"]
-    train = [image for image in images if image["split"] == "train"]
-    folds = sorted({image["fold"] for image in train})
+    train = DatasetIndex.read(run).split("train")
+    folds = sorted({image.fold for image in train if image.fold is not None})
     results = {}
     for architecture in config.classify.members:
         folder = run / "classify" / architecture
@@ -149,15 +150,15 @@ def cross_validate(run: Path, config: TrainingConfig,
                 oof.update(saved["oof"])
                 per_fold.append(saved["info"])
                 continue
-            train_items = [i for i in train if i["fold"] != fold]
-            val_items = [i for i in train if i["fold"] == fold]
+            train_items = [i for i in train if i.fold != fold]
+            val_items = [i for i in train if i.fold == fold]
             model, state, info = train_fold(run, architecture, train_items, val_items,
                                             config.classify, seed=config.classify.seed + fold,
                                             device=device)
             torch.save(state, folder / f"fold{fold}.pt")
             probabilities = predict(model, run, val_items, config.classify.input_size,
                                     list(TTA_NAMES), device, config.classify.loader_workers)
-            fold_oof = dict(zip((i["image_id"] for i in val_items), map(float, probabilities),
+            fold_oof = dict(zip((i.image_id for i in val_items), map(float, probabilities),
                                 strict=True))
             oof.update(fold_oof)
             per_fold.append({"fold": fold, **info})
@@ -171,10 +172,9 @@ def cross_validate(run: Path, config: TrainingConfig,
 def fit_ensemble(run: Path, config: TrainingConfig) -> dict:
     results = {name: json.loads((run / "classify" / name / "cv.json").read_text())
                for name in config.classify.members}
-    images = json.loads((run / "dataset.json").read_text())["images"]
-    train = [image for image in images if image["split"] == "train"]
-    labels = np.array([image["abnormal"] for image in train])
-    scores = {name: np.array([result["oof"][image["image_id"]] for image in train])
+    train = DatasetIndex.read(run).split("train")
+    labels = np.array([image.abnormal for image in train])
+    scores = {name: np.array([result["oof"][image.image_id] for image in train])
               for name, result in results.items()}
     weights, ensemble_auroc = ensemble_weight_search(labels, scores, config.classify.weight_step)
     combined = sum(weights[name] * scores[name] for name in scores)

@@ -17,6 +17,7 @@ import torch
 from dicom_node import __version__
 from training.bundle_writer import BundleContents, ClassifierMember, save_bundle
 from training.config import TrainingConfig
+from training.dataset_index import DatasetIndex
 from workers.bundle import Manifest, ValidatedPrecisions, load_bundle, write_manifest
 from workers.dernet import DERNet, build_member
 from workers.detector import Detector, letterbox, load_detection_model
@@ -28,9 +29,8 @@ PRECISION_TOLERANCE = {"probability": 0.01, "box_px": 0.5, "score": 0.01}
 
 def _check_images(run: Path, limit: int = 32) -> list[np.ndarray]:
     """The first ``limit`` training-split images, as cached: inputs for the precision check."""
-    images = json.loads((run / "dataset.json").read_text())["images"]
-    chosen = [i for i in images if i["split"] == "train"][:limit]
-    return [np.load(run / "cache" / f"{i['image_id']}.npy").astype(np.float32) for i in chosen]
+    chosen = DatasetIndex.read(run).split("train")[:limit]
+    return [np.load(i.cache_file(run)).astype(np.float32) for i in chosen]
 
 
 def check_precision(bundle_path: Path, images: list[np.ndarray],
@@ -59,7 +59,7 @@ def check_precision(bundle_path: Path, images: list[np.ndarray],
 def export_bundle(run: Path, config: TrainingConfig, target: Path, name: str,
                   version: str) -> Path:
     ensemble = json.loads((run / "ensemble.json").read_text())
-    dataset = json.loads((run / "dataset.json").read_text())
+    dataset = DatasetIndex.read(run)
     members = []
     for architecture, weight in ensemble["weights"].items():
         model = build_member(architecture)
@@ -79,7 +79,7 @@ def export_bundle(run: Path, config: TrainingConfig, target: Path, name: str,
         detector=detector, detector_scale=config.detect.scale,
         input_size=config.classify.input_size, image_size=config.detect.image_size,
         clinical_use=False,  # only a validated, approved process may say otherwise
-        provenance={"data_fingerprint": dataset["fingerprint"], "data_source": dataset["source"],
+        provenance={"data_fingerprint": dataset.fingerprint, "data_source": dataset.source,
                     "config": config.model_dump(), "spinenode": __version__},
         metrics=metrics,
     ))

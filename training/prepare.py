@@ -13,7 +13,6 @@ RUN/
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from training.config import TrainingConfig
+from training.dataset_index import DatasetIndex, IndexedImage
 from training.vindr import ImageRecord, read_split
 from workers.bundle import VINDR_CLASSES
 from workers.imaging import decode
@@ -90,7 +90,7 @@ def fingerprint(records: list[ImageRecord]) -> str:
     return digest.hexdigest()
 
 
-def prepare(data: Path, run: Path, config: TrainingConfig) -> dict:
+def prepare(data: Path, run: Path, config: TrainingConfig) -> DatasetIndex:
     settings = config.data
     records = read_split(data, "train") + read_split(data, "test")
     train = [r for r in records if r.split == "train"]
@@ -120,19 +120,18 @@ def prepare(data: Path, run: Path, config: TrainingConfig) -> dict:
         label.parent.mkdir(parents=True, exist_ok=True)
         label.write_text("".join(f"{line}\n" for line in yolo_label_lines(record, ds_cols,
                                                                            ds_rows)))
-        images.append({
-            "image_id": record.image_id, "split": record.split, "abnormal": record.abnormal,
-            "fold": folds.get(record.image_id), "detector_split": part,
-            "rows": ds_rows, "columns": ds_cols,
-            "boxes": [[b.class_name, b.x0, b.y0, b.x1, b.y1] for b in record.boxes],
-        })
+        images.append(IndexedImage(
+            image_id=record.image_id, split=record.split, abnormal=record.abnormal,
+            fold=folds.get(record.image_id), detector_split=part, rows=ds_rows, columns=ds_cols,
+            boxes=[(b.class_name, b.x0, b.y0, b.x1, b.y1) for b in record.boxes],
+        ))
     (yolo / "data.yaml").write_text(yaml.safe_dump({
         "path": str(yolo.resolve()), "train": "images/train", "val": "images/val",
         "test": "images/test", "names": dict(enumerate(VINDR_CLASSES)),
     }, sort_keys=False))
-    dataset = {"source": str(data.resolve()), "fingerprint": fingerprint(records),
-               "classes": list(VINDR_CLASSES), "images": images}
-    (run / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    dataset = DatasetIndex(source=str(data.resolve()), fingerprint=fingerprint(records),
+                           classes=list(VINDR_CLASSES), images=images)
+    dataset.write(run)
     return dataset
 
 

@@ -12,6 +12,7 @@ from dicom_node.cli.common import Fatal
 def cmd_train(args: argparse.Namespace) -> int:
     """Training lives in its own package; the node never imports it except for this command."""
     from training.config import ConfigError, load_config, torch_device
+    from training.dataset_index import DatasetIndex
     from training.vindr import DatasetError
 
     try:
@@ -20,12 +21,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             from training.prepare import prepare
 
             dataset = prepare(args.data, args.out, config)
-            images = dataset["images"]
-            abnormal = sum(image["abnormal"] for image in images)
+            images = dataset.images
+            abnormal = sum(image.abnormal for image in images)
             print(f"prepared {len(images)} images ({abnormal} abnormal) in {args.out}; "
-                  f"data fingerprint {dataset['fingerprint'][:16]}")
+                  f"data fingerprint {dataset.fingerprint[:16]}")
             return 0
-        if not (args.out / "dataset.json").is_file():
+        if not DatasetIndex.exists(args.out):
             raise Fatal(f"{args.out} is not a prepared run: run 'spinenode train prepare' first")
         from training.classify import cross_validate, fit_ensemble
 

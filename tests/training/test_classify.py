@@ -201,10 +201,10 @@ def test_augmentation_does_not_depend_on_the_loader_workers(trained) -> None:
     from torch.utils.data import DataLoader
 
     from training.classify import CachedImages
+    from training.dataset_index import DatasetIndex
 
     run, _ = trained
-    items = [i for i in json.loads((run / "dataset.json").read_text())["images"]
-             if i["split"] == "train"][:8]
+    items = DatasetIndex.read(run).split("train")[:8]
 
     def batches(workers: int, seed: int) -> torch.Tensor:
         dataset = CachedImages(run, items, 32, train=True, seed=seed)

@@ -13,6 +13,7 @@ import yaml
 
 from tests.support.node import SPINENODE
 from training.config import load_config
+from training.dataset_index import DatasetIndex
 from training.phantoms import generate
 from training.prepare import prepare
 from training.vindr import read_split
@@ -29,19 +30,20 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict
 
 
 def test_folds_are_stratified(prepared) -> None:
-    _, _, dataset = prepared
-    train = [image for image in dataset["images"] if image["split"] == "train"]
-    per_fold = Counter((image["fold"], image["abnormal"]) for image in train)
+    _, run, dataset = prepared
+    assert DatasetIndex.read(run) == dataset  # what prepare returns is what the run folder holds
+    train = dataset.split("train")
+    per_fold = Counter((image.fold, image.abnormal) for image in train)
     for label in (False, True):
         counts = [per_fold[(fold, label)] for fold in range(5)]
         assert max(counts) - min(counts) <= 1, counts
-    assert all(image["fold"] is None for image in dataset["images"] if image["split"] == "test")
-    parts = Counter(image["detector_split"] for image in dataset["images"])
+    assert all(image.fold is None for image in dataset.split("test"))
+    parts = Counter(image.detector_split for image in dataset.images)
     assert parts["test"] == 10
     # smoke: val_fraction 0.2 of the training split, normal and abnormal in proportion
     for label in (False, True):
-        group = [image for image in train if image["abnormal"] == label]
-        in_val = sum(image["detector_split"] == "val" for image in group)
+        group = [image for image in train if image.abnormal == label]
+        in_val = sum(image.detector_split == "val" for image in group)
         assert in_val == round(0.2 * len(group)), (label, in_val, len(group))
 
 
