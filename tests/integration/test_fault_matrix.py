@@ -66,7 +66,8 @@ class Row:
     sr_delivered: int
     sc_delivered: int
     stuck: int
-    settled_seconds: float
+    settled_seconds: float  # after the last image was sent
+    worst_stored_to_delivered_seconds: float  # the slowest image: row written -> results at PACS
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +189,12 @@ def settle_and_check(rig: Rig, fault: str, sent: list[Sent]) -> Row:
         outputs = {(pk, kind): uid for pk, kind, uid in session.execute(
             select(Analysis.instance_pk, Output.kind, Output.sop_instance_uid)
             .join(Output.analysis))}
+        waits = [(delivered - stored).total_seconds() for stored, delivered in session.execute(
+            select(Instance.received_at, func.max(Delivery.delivered_at))
+            .join(Analysis, Analysis.instance_pk == Instance.id)
+            .join(Output, Output.analysis_pk == Analysis.id)
+            .join(Delivery, Delivery.output_pk == Output.id)
+            .group_by(Instance.id, Instance.received_at))]
     received = rig.pacs.received()
 
     acked = [s for s in sent if s.status == 0]
@@ -220,7 +227,8 @@ def settle_and_check(rig: Rig, fault: str, sent: list[Sent]) -> Row:
               analysed_twice=sum(analyses[r.id] > 1 for r in stored),
               sr_delivered=sum(received[outputs[(r.id, "sr")]] for r in stored),
               sc_delivered=sum(received[outputs[(r.id, "sc")]] for r in stored),
-              stuck=len(stuck), settled_seconds=round(settled_seconds, 1))
+              stuck=len(stuck), settled_seconds=round(settled_seconds, 1),
+              worst_stored_to_delivered_seconds=round(max(waits, default=0.0), 1))
     print(json.dumps(asdict(row)))
     report = os.environ.get("SPINENODE_FAULT_REPORT")
     if report:
