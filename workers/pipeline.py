@@ -158,7 +158,7 @@ def _work_on(settings: Settings, sessions: sessionmaker[Session], batch: list[Cl
                                       f"cannot load bundle: {error}")
     try:
         if runtime is not None and settings.batch_size > 1:
-            batch += _claim_batch(settings, sessions, settings.batch_size - 1)
+            _claim_batch(settings, sessions, batch)
         return _process_claims(settings, sessions, batch, runtime)[0]
     except Exception as error:
         # Whatever went wrong, nothing stays held until its lease runs out.
@@ -186,27 +186,28 @@ def _renew_leases(sessions: sessionmaker[Session], claims: list[Claim], lease_se
             )
 
 
-def _claim_batch(settings: Settings, sessions: sessionmaker[Session], wanted: int) -> list[Claim]:
-    """Claim up to ``wanted`` more queued instances, waiting at most batch_wait_ms for them.
+def _claim_batch(settings: Settings, sessions: sessionmaker[Session], batch: list[Claim]) -> None:
+    """Claim more queued instances into ``batch`` (up to batch_size), waiting at most
+    batch_wait_ms for them. Each joins ``batch`` as soon as it is claimed, so the heartbeat
+    renews its lease from then on.
 
     Their own tasks, when they arrive, find them claimed or done and do nothing.
     """
-    claimed: list[Claim] = []
     deadline = time.monotonic() + settings.batch_wait_ms / 1000
-    while len(claimed) < wanted:
+    while len(batch) < settings.batch_size:
         with sessions() as session:
             candidates = session.scalars(
                 select(Instance.id).where(Instance.status == InstanceStatus.QUEUED)
-                .order_by(Instance.queued_at, Instance.id).limit(wanted - len(claimed))
+                .order_by(Instance.queued_at, Instance.id)
+                .limit(settings.batch_size - len(batch))
             ).all()
         for candidate in candidates:
             more = claim(sessions, candidate, settings.task_lease_seconds, settings.max_attempts)
             if more is not None:
-                claimed.append(more)
+                batch.append(more)
         if time.monotonic() >= deadline:
             break
         time.sleep(0.01)
-    return claimed
 
 
 def _process_claims(settings: Settings, sessions: sessionmaker[Session], claims: list[Claim],
