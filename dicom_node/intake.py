@@ -34,6 +34,7 @@ from dicom_node.db.models import (
     Study,
     utcnow,
 )
+from dicom_node.files import fsync_dir, fsync_file, sha256_of
 from dicom_node.results.identity import MANUFACTURER, MODEL_NAME
 from dicom_node.routing import RoutingDecision, modality_of, route
 from dicom_node.sop_classes import IMAGE_SOP_CLASS_MODALITY
@@ -81,24 +82,6 @@ def spool_path_for(spool_dir: Path, sop_instance_uid: str, sha256: str) -> Path:
         raise ValueError(f"not a UID: {sop_instance_uid!r}")
     bucket = hashlib.sha1(sop_instance_uid.encode()).hexdigest()
     return spool_dir / bucket[:2] / bucket[2:4] / f"{sop_instance_uid}.{sha256[:16]}.dcm"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _hash_and_sync(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-        os.fsync(handle.fileno())
-        size = handle.tell()
-    return digest.hexdigest(), size
 
 
 def read_header(path: Path) -> Dataset:
@@ -219,7 +202,8 @@ class Intake:
         ds = read_header(received)
         check_dataset(ds, sop_class_uid, sop_instance_uid, self.settings.max_pixels)
         try:
-            digest, size = _hash_and_sync(received)
+            digest, size = sha256_of(received), received.stat().st_size
+            fsync_file(received)
         except OSError as error:
             raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES,
                                 f"spool write failed: {error}") from None
@@ -233,8 +217,8 @@ class Intake:
             if moved:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(received, final)
-                _fsync_dir(final.parent)
-                _fsync_dir(final.parent.parent)
+                fsync_dir(final.parent)
+                fsync_dir(final.parent.parent)
         except OSError as error:
             raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES,
                                 f"spool write failed: {error}") from None

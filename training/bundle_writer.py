@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dicom_node.files import sha256_of
 from workers.bundle import (
     CLASSIFIER_INPUT_SIZE,
     DETECTOR_IMAGE_SIZE,
@@ -19,7 +20,6 @@ from workers.bundle import (
     Manifest,
     MemberSpec,
     load_bundle,
-    sha256_of,
     write_manifest,
 )
 

@@ -7,13 +7,14 @@ No torch here: ``spinenode bundle verify`` runs on a machine without it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from dicom_node.files import sha256_of
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 2  # 2: validated precisions per component (1: one list for both)
@@ -145,14 +146,6 @@ class Bundle(BaseModel):
 
     def file(self, name: str) -> Path:
         return self.path / name
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_bundle(path: Path, verify_checksums: bool = True) -> Bundle:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from dicom_node.config import (
     ResultKind,
     Settings,
 )
+from dicom_node.files import fsync_file
 from dicom_node.outbox import destinations_for
 from dicom_node.results.gsps import build_gsps
 from dicom_node.results.overlay import build_overlay
@@ -66,8 +66,7 @@ def build_outputs(settings: Settings, source_path: Path, image: DecodedImage,
             ds = build_gsps(source, summary, window=image.window)
         path = folder / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
-        with open(path, "rb") as handle:  # on disk before the outbox row says it is
-            os.fsync(handle.fileno())
+        fsync_file(path)  # on disk before the outbox row says it is
         built.append(BuiltOutput(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                                  str(ds.file_meta.TransferSyntaxUID), path))
     return built
