@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Destination, Settings
-from dicom_node.db.leases import renewed, when_database_returns
+from dicom_node.db.leases import extend, renewed, take, when_database_returns
 from dicom_node.db.models import Delivery, DeliveryStatus, Output, utcnow
 from dicom_node.sender import send_file
 
@@ -42,18 +42,12 @@ class DeliveryOutcome:
 
 def _claim(sessions: sessionmaker[Session], delivery_id: int,
            lease_seconds: int) -> tuple[Path, Destination, int] | None:
-    now = utcnow()
     with sessions.begin() as session:
-        result = session.execute(
-            update(Delivery).where(Delivery.id == delivery_id)
-            .where(or_(
-                (Delivery.status == DeliveryStatus.PENDING) & (Delivery.next_attempt_at <= now),
-                (Delivery.status == DeliveryStatus.SENDING) & (Delivery.lease_until < now),
-            ))
-            .values(status=DeliveryStatus.SENDING, attempts=Delivery.attempts + 1,
-                    lease_until=now + timedelta(seconds=lease_seconds))
-        )
-        if result.rowcount != 1:
+        if not take(session, Delivery, delivery_id,
+                    (Delivery.status == DeliveryStatus.PENDING)
+                    & (Delivery.next_attempt_at <= utcnow()),
+                    Delivery.status == DeliveryStatus.SENDING, lease_seconds,
+                    status=DeliveryStatus.SENDING):
             return None
         delivery = session.get(Delivery, delivery_id)
         assert delivery is not None
@@ -63,11 +57,8 @@ def _claim(sessions: sessionmaker[Session], delivery_id: int,
 
 def _renew_lease(sessions: sessionmaker[Session], delivery_id: int, lease_seconds: int) -> None:
     with sessions.begin() as session:
-        session.execute(
-            update(Delivery).where(Delivery.id == delivery_id)
-            .where(Delivery.status == DeliveryStatus.SENDING)
-            .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
-        )
+        extend(session, Delivery, (Delivery.id == delivery_id)
+               & (Delivery.status == DeliveryStatus.SENDING), lease_seconds)
 
 
 def deliver(settings: Settings, sessions: sessionmaker[Session],

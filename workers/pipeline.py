@@ -19,12 +19,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings
-from dicom_node.db.leases import is_unavailable, renewed, when_database_returns
+from dicom_node.db.leases import is_unavailable, renewed, take, when_database_returns
 from dicom_node.db.models import (
     CLAIMABLE,
     Analysis,
@@ -75,28 +75,12 @@ def worker_name() -> str:
 def claim(sessions: sessionmaker[Session], instance_id: int, lease_seconds: int,
           max_attempts: int, note: str = "") -> Claim | None:
     """Take the instance for this worker, or None if it is done, skipped or held by another."""
-    now = utcnow()
     token = str(uuid.uuid4())
     with sessions.begin() as session:
-        result = session.execute(
-            update(Instance)
-            .where(Instance.id == instance_id)
-            .where(
-                or_(
-                    Instance.status.in_(CLAIMABLE),
-                    (Instance.status == InstanceStatus.PROCESSING) & (Instance.lease_until < now),
-                )
-            )
-            .values(
-                status=InstanceStatus.PROCESSING,
-                attempts=Instance.attempts + 1,
-                claim_token=token,
-                claimed_by=worker_name(),
-                lease_until=now + timedelta(seconds=lease_seconds),
-                updated_at=now,
-            )
-        )
-        if result.rowcount != 1:
+        if not take(session, Instance, instance_id, Instance.status.in_(CLAIMABLE),
+                    Instance.status == InstanceStatus.PROCESSING, lease_seconds,
+                    status=InstanceStatus.PROCESSING, claim_token=token,
+                    claimed_by=worker_name(), updated_at=utcnow()):
             return None
         instance = session.get(Instance, instance_id)
         assert instance is not None

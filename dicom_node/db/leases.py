@@ -13,13 +13,40 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import TypeVar
 
+from sqlalchemy import ColumnElement, update
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from dicom_node.db.models import Base, utcnow
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def take(session: Session, table: type[Base], row_id: int, claimable: ColumnElement[bool],
+         working: ColumnElement[bool], lease_seconds: float, **values: object) -> bool:
+    """Claim one row (an instance, a delivery) in one atomic UPDATE: only while it is
+    ``claimable``, or ``working`` under a lease that ran out (its worker died); counts the
+    attempt and starts our lease. False when another worker has it or nothing is due."""
+    now = utcnow()
+    result = session.execute(
+        update(table).where(table.id == row_id)
+        .where(claimable | (working & (table.lease_until < now)))
+        .values(attempts=table.attempts + 1, lease_until=now + timedelta(seconds=lease_seconds),
+                **values)
+    )
+    return result.rowcount == 1
+
+
+def extend(session: Session, table: type[Base], held: ColumnElement[bool],
+           lease_seconds: float) -> None:
+    """Push forward the lease of the rows we still hold (``held``): the heartbeat's write."""
+    session.execute(update(table).where(held)
+                    .values(lease_until=utcnow() + timedelta(seconds=lease_seconds)))
 
 
 def is_unavailable(error: BaseException) -> bool:
