@@ -27,17 +27,45 @@ class FindingBox:
 
 
 @dataclass(frozen=True)
+class Classification:
+    """The DERNet ensemble's answer for one image."""
+
+    member_probabilities: dict[str, float]  # architecture -> probability (mean over TTA)
+    # architecture -> probability per TTA view, in the manifest's order (evaluation's ablation)
+    view_probabilities: dict[str, tuple[float, ...]]
+    probability: float  # weighted ensemble
+    threshold: float
+    abnormal: bool
+
+
+@dataclass(frozen=True)
 class AnalysisResult:
-    """What the objects report: one bundle's analysis of one source image."""
+    """One bundle's analysis of one source image: what the runtime returns, the workers record
+    and the result objects show."""
 
     bundle_name: str
     bundle_version: str
     clinical_use: bool
-    abnormal: bool
-    probability: float
-    threshold: float
-    member_probabilities: dict[str, float]
+    classification: Classification
     findings: list[FindingBox]
+    classify_seconds: float = 0.0  # per image (a batch's time divided among its images)
+    detect_seconds: float = 0.0
+
+    @property
+    def abnormal(self) -> bool:
+        return self.classification.abnormal
+
+    @property
+    def probability(self) -> float:
+        return self.classification.probability
+
+    @property
+    def threshold(self) -> float:
+        return self.classification.threshold
+
+    @property
+    def member_probabilities(self) -> dict[str, float]:
+        return self.classification.member_probabilities
 
     @property
     def label(self) -> str:

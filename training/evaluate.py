@@ -134,7 +134,7 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
                           "box": [b.x0, b.y0, b.x1, b.y1]} for b in record.boxes]
         detections += [{"image_id": record.image_id, "class_index": b.class_index,
                         "score": b.score, "box": [b.x0, b.y0, b.x1, b.y1]}
-                       for b in result.boxes]
+                       for b in result.findings]
     labels_array, scores = np.array(labels), np.array(probabilities)
     threshold = runtime.bundle.manifest.classifier.threshold
     report = binary_report(labels_array, scores, threshold)

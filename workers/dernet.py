@@ -7,25 +7,14 @@ mean of the members' (weights from the bundle), compared with the bundle's thres
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from dicom_node.analysis import Classification
 from workers.bundle import Bundle, ClassifierSpec
-
-
-@dataclass(frozen=True)
-class Classification:
-    member_probabilities: dict[str, float]  # architecture -> probability (mean over TTA)
-    # architecture -> probability per TTA view, in the manifest's order (evaluation's ablation)
-    view_probabilities: dict[str, tuple[float, ...]]
-    probability: float  # weighted ensemble
-    threshold: float
-    abnormal: bool
 
 
 def classifier_input(pixels: np.ndarray | torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:

@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.analysis import AnalysisResult
 from dicom_node.config import Settings
 from dicom_node.db.leases import is_unavailable, renewed, take, when_database_returns
 from dicom_node.db.models import (
@@ -41,10 +42,10 @@ from workers.app import enqueue_delivery
 from workers.bundle import Bundle
 from workers.decoding import decode_all
 from workers.imaging import DecodedImage, DecodeError
-from workers.results import BuiltOutput, build_outputs, summary_of
+from workers.results import BuiltOutput, build_outputs
 
 if TYPE_CHECKING:
-    from workers.runtime import ImageAnalysis, ModelRuntime
+    from workers.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def _process_claims(settings: Settings, sessions: sessionmaker[Session], claims:
     for held, image in ready:
         result = results.get(held.instance_id)
         outputs = [] if result is None or runtime is None else build_outputs(
-            settings, held.spool_path, image, summary_of(runtime.bundle, result),
+            settings, held.spool_path, image, result,
             held.calling_ae)
         outcomes[held.instance_id] = _finish(settings, sessions, held, image, runtime, result,
                                              outputs)
@@ -229,7 +230,7 @@ def _process_claims(settings: Settings, sessions: sessionmaker[Session], claims:
 
 
 def _finish(settings: Settings, sessions: sessionmaker[Session], held: Claim,
-            image: DecodedImage, runtime: ModelRuntime | None, result: ImageAnalysis | None,
+            image: DecodedImage, runtime: ModelRuntime | None, result: AnalysisResult | None,
             outputs: list[BuiltOutput]) -> Outcome:
     delivery_ids: list[int] = []
 
@@ -307,7 +308,7 @@ def _already_analysed(sessions: sessionmaker[Session], held: Claim, bundle: Bund
 
 
 def _record_analysis(session: Session, instance: Instance, runtime: ModelRuntime,
-                     image: DecodedImage, result: ImageAnalysis) -> Analysis:
+                     image: DecodedImage, result: AnalysisResult) -> Analysis:
     manifest = runtime.bundle.manifest
     classification = result.classification
     analysis = Analysis(
@@ -324,16 +325,16 @@ def _record_analysis(session: Session, instance: Instance, runtime: ModelRuntime
     session.add_all(
         Finding(analysis=analysis, class_index=box.class_index, class_name=box.class_name,
                 score=box.score, x0=box.x0, y0=box.y0, x1=box.x1, y1=box.y1)
-        for box in result.boxes
+        for box in result.findings
     )
     session.add(InstanceEvent(
         instance=instance, event="analysed",
         detail=f"{runtime.bundle.label}: {analysis.label} p={classification.probability:.3f}, "
-               f"{len(result.boxes)} findings",
+               f"{len(result.findings)} findings",
     ))
     log.info("instance %d analysed with %s: %s p=%.3f, %d findings", instance.id,
              runtime.bundle.label, analysis.label, classification.probability,
-             len(result.boxes))
+             len(result.findings))
     return analysis
 
 

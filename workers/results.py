@@ -21,7 +21,6 @@ from dicom_node.outbox import destinations_for
 from dicom_node.results.gsps import build_gsps
 from dicom_node.results.overlay import build_overlay
 from dicom_node.results.sr import build_sr
-from workers.bundle import Bundle
 from workers.imaging import DecodedImage
 
 
@@ -32,17 +31,6 @@ class BuiltOutput:
     sop_instance_uid: str
     transfer_syntax_uid: str
     path: Path
-
-
-def summary_of(bundle: Bundle, analysis) -> AnalysisResult:  # noqa: ANN001 (ImageAnalysis)
-    classification = analysis.classification
-    return AnalysisResult(
-        bundle_name=bundle.manifest.name, bundle_version=bundle.manifest.version,
-        clinical_use=bundle.manifest.clinical_use, abnormal=classification.abnormal,
-        probability=classification.probability, threshold=classification.threshold,
-        member_probabilities=classification.member_probabilities,
-        findings=list(analysis.boxes),
-    )
 
 
 def kinds_for(destinations: list[Destination]) -> list[ResultKind]:

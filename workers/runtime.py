@@ -5,28 +5,19 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dicom_node.analysis import FindingBox
+from dicom_node.analysis import AnalysisResult
 from dicom_node.config import Settings
 from workers.bundle import Bundle, load_bundle
-from workers.dernet import Classification, DERNet
+from workers.dernet import DERNet
 from workers.detector import Detector
 from workers.offline import prepare_offline
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ImageAnalysis:
-    classification: Classification
-    boxes: list[FindingBox]
-    classify_seconds: float  # per image (a batch's time divided among its images)
-    detect_seconds: float
 
 
 def select_device(requested: str) -> torch.device:
@@ -101,7 +92,7 @@ class ModelRuntime:
         return names[0] if names[0] == names[1] else "/".join(names)
 
     def analyse(self, images: list[np.ndarray],
-                confidence: float | None = None) -> list[ImageAnalysis]:
+                confidence: float | None = None) -> list[AnalysisResult]:
         """``confidence``: the detector's score cut-off, if not the bundle's."""
         start = time.perf_counter()
         classifications = self.classifier.classify(images)
@@ -109,13 +100,16 @@ class ModelRuntime:
         detections = self.detector.detect(images, confidence)
         detected = time.perf_counter()
         count = len(images)
+        manifest = self.bundle.manifest
         results = []
         for classification, boxes in zip(classifications, detections, strict=True):
             if not classification.abnormal and self.normal_min_box_score is not None:
                 # VinDr-SpineXR's rule: on an image called normal keep only confident boxes.
                 boxes = [box for box in boxes if box.score >= self.normal_min_box_score]
-            results.append(ImageAnalysis(classification, boxes, (classified - start) / count,
-                                         (detected - classified) / count))
+            results.append(AnalysisResult(
+                manifest.name, manifest.version, manifest.clinical_use, classification, boxes,
+                classify_seconds=(classified - start) / count,
+                detect_seconds=(detected - classified) / count))
         return results
 
 

@@ -12,7 +12,7 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.sr.codedict import codes
 
-from dicom_node.analysis import AnalysisResult, FindingBox
+from dicom_node.analysis import AnalysisResult, Classification, FindingBox
 from dicom_node.results.gsps import build_gsps
 from dicom_node.results.overlay import build_overlay
 from dicom_node.results.sr import build_sr
@@ -35,9 +35,10 @@ def _findings(count: int, width: int, height: int) -> list[FindingBox]:
 
 
 def _result(findings: list[FindingBox], abnormal: bool = True) -> AnalysisResult:
-    return AnalysisResult("spinenode-test", "0.0.1-test", False, abnormal, 0.8123, 0.5,
-                          {"densenet121": 0.7, "tf_efficientnetv2_s": 0.85, "resnet50": 0.9},
-                          findings)
+    members = {"densenet121": 0.7, "tf_efficientnetv2_s": 0.85, "resnet50": 0.9}
+    classification = Classification(members, {name: (p,) for name, p in members.items()},
+                                    0.8123, 0.5, abnormal)
+    return AnalysisResult("spinenode-test", "0.0.1-test", False, classification, findings)
 
 
 def _errors(path: Path) -> list[str]:

@@ -166,7 +166,7 @@ def test_runtime_works_with_the_network_blocked(tmp_path: Path, test_bundle: Pat
         (result,) = runtime.analyse([np.random.default_rng(1).random((500, 400), dtype=np.float32)])
         assert 0 <= result.classification.probability <= 1
         assert torch.get_num_threads() == 2, torch.get_num_threads()
-        print("analysed offline", len(result.boxes), "boxes")
+        print("analysed offline", len(result.findings), "boxes")
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -194,16 +194,16 @@ def test_vindr_rule_keeps_only_confident_boxes_on_normal_images(test_bundle: Pat
         "detector": manifest.detector.model_copy(update={"confidence": 0.0})})})
     image = np.random.default_rng(2).random((256, 200), dtype=np.float32)
     all_boxes = ModelRuntime(bundle, torch.device("cpu"), 0, None).analyse([image])[0]
-    assert all_boxes.boxes, "the random detector finds something to filter"
-    scores = [box.score for box in all_boxes.boxes]
+    assert all_boxes.findings, "the random detector finds something to filter"
+    scores = [box.score for box in all_boxes.findings]
     assert min(scores) < max(scores)
     cutoff = max(scores)
     filtered = ModelRuntime(bundle, torch.device("cpu"), 0, cutoff).analyse([image])[0]
     if filtered.classification.abnormal:  # the rule leaves abnormal images alone
-        assert len(filtered.boxes) == len(all_boxes.boxes)
+        assert len(filtered.findings) == len(all_boxes.findings)
     else:
-        assert filtered.boxes == [b for b in all_boxes.boxes if b.score >= cutoff]
-        assert len(filtered.boxes) < len(all_boxes.boxes)
+        assert filtered.findings == [b for b in all_boxes.findings if b.score >= cutoff]
+        assert len(filtered.findings) < len(all_boxes.findings)
 
 
 @pytest.mark.parametrize("text,expected", [("auto", None), ("cpu", "cpu"), ("CPU", "cpu"),
