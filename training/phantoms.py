@@ -24,15 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     generate_uid,
 )
 
+from training.synthetic import grey_image
 from training.vindr import COLUMNS, NO_FINDING, csv_path, image_path
 from workers.bundle import VINDR_CLASSES
 
@@ -184,22 +182,12 @@ def write_dicom(path: Path, image: np.ndarray, ids: tuple[str, str, str], monoch
                 compress: bool, seed: int) -> None:
     study_id, series_id, image_id = ids
     stored = np.round((1 - image if monochrome1 else image) * TOP).astype(np.uint16)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ComputedRadiographyImageStorage  # like VinDr: CR, no Modality tag
-    ds.SOPInstanceUID = _uid(seed, image_id)
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID = _uid(seed, study_id)
-    ds.SeriesInstanceUID = _uid(seed, series_id)
+    # Like VinDr: CR, no Modality tag, nothing but the patient and the pixels.
+    ds = grey_image(stored, BITS, "MONOCHROME1" if monochrome1 else "MONOCHROME2",
+                    ComputedRadiographyImageStorage, sop_instance_uid=_uid(seed, image_id),
+                    study_uid=_uid(seed, study_id), series_uid=_uid(seed, series_id))
     ds.PatientID = f"PHANTOM-{study_id[:8]}"
     ds.PatientName = "Phantom^Spine"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, BITS, BITS - 1, 0
-    ds.PixelData = stored.tobytes()
     if compress:
         ds.compress(JPEG2000Lossless)  # VinDr's own transfer syntax
     path.parent.mkdir(parents=True, exist_ok=True)

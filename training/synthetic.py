@@ -35,20 +35,37 @@ def radiograph_pixels(rows: int, columns: int, bits_stored: int, seed: int = 0) 
     return np.clip(image * top, 0, top).astype(np.uint16)
 
 
+def grey_image(pixels: np.ndarray, bits_stored: int, photometric: str, sop_class: str, *,
+               sop_instance_uid: str, study_uid: str, series_uid: str) -> Dataset:
+    """The part every synthetic image shares: file meta, UIDs and one grey 16-bit frame.
+    Callers add their own headers (the test radiograph's DX modules, the phantom's VinDr-like
+    bareness) and save it."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return ds
+
+
 def make_radiograph(path: Path, *, rows: int = 256, columns: int = 200, bits_stored: int = 12,
                     sop_class: str = DigitalXRayImageStorageForPresentation,
                     modality: str | None = "DX", body_part: str | None = "LSPINE",
                     photometric: str = "MONOCHROME2", window: tuple[float, float] | None = None,
                     study_uid: str | None = None, seed: int = 0) -> Path:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    ds = grey_image(radiograph_pixels(rows, columns, bits_stored, seed), bits_stored,
+                    photometric, sop_class, sop_instance_uid=generate_uid(),
+                    study_uid=study_uid or generate_uid(), series_uid=generate_uid())
     ds.PatientID = "TEST-0001"
     ds.PatientName = "Phantom^Spine"
     ds.PatientBirthDate = "19600101"
@@ -73,11 +90,6 @@ def make_radiograph(path: Path, *, rows: int = 256, columns: int = 200, bits_sto
         ds.BodyPartExamined = body_part
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
-    ds.Rows, ds.Columns = rows, columns
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
-    ds.PixelRepresentation = 0
     if sop_class == DigitalXRayImageStorageForPresentation:
         # The DX modules' required attributes, so that the file is a valid DX image.
         ds.PresentationIntentType = "FOR PRESENTATION"
@@ -100,7 +112,6 @@ def make_radiograph(path: Path, *, rows: int = 256, columns: int = 200, bits_sto
             ds.AnatomicRegionSequence = [code]
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = radiograph_pixels(rows, columns, bits_stored, seed).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
