@@ -33,7 +33,7 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dicom_node.ports import free_port  # noqa: E402
+from dicom_node.cli.common import free_port  # noqa: E402
 from training.synthetic import make_radiograph  # noqa: E402
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -21,7 +21,7 @@ from pydicom import dcmread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dicom_node.ports import free_port  # noqa: E402
+from dicom_node.cli.common import free_port  # noqa: E402
 from tests.support.bundles import make_test_bundle  # noqa: E402
 from tests.support.node import NodeProcess, storescu  # noqa: E402
 from tests.support.orthanc import Orthanc  # noqa: E402

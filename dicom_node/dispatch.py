@@ -1,14 +1,10 @@
-"""Handing stored instances to the queue, off the C-STORE path, and finding work left half way.
-
-The C-STORE handler only records the instance (status ``received``) and drops its id here; a
-background thread sends the task and marks the row ``queued``. If that fails (broker down, node
-killed) the row stays ``received`` and the reconciler sends it later.
+"""The reconciler: finds work that a crash, an outage or a lost message left half way, and
+sends it again. Nothing here is on an image's normal path (see README, "How an image flows").
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -21,75 +17,14 @@ from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings
+from dicom_node.db.leases import lease_ran_out
 from dicom_node.db.models import Instance, InstanceEvent, InstanceStatus, utcnow
+from dicom_node.intake import Enqueue, mark_queued
 from dicom_node.outbox import due_deliveries
 
 log = logging.getLogger(__name__)
 
-Enqueue = Callable[[int], None]
 QueueDepth = Callable[[], int]
-
-
-def mark_queued(sessions: sessionmaker[Session], instance_ids: list[int], reason: str,
-                from_status: InstanceStatus = InstanceStatus.RECEIVED) -> None:
-    """Record that tasks for these instances are in the broker (unless a worker got there first)."""
-    if not instance_ids:
-        return
-    now = utcnow()
-    with sessions.begin() as session:
-        session.execute(
-            update(Instance)
-            .where(Instance.id.in_(instance_ids))
-            .where(Instance.status == from_status)
-            .values(status=InstanceStatus.QUEUED, queued_at=now, updated_at=now)
-        )
-        if reason:
-            session.add_all(
-                InstanceEvent(instance_pk=pk, event="requeued", detail=reason)
-                for pk in instance_ids
-            )
-
-
-class Dispatcher:
-    """A thread that sends analysis tasks for freshly stored instances, in batches."""
-
-    def __init__(self, sessions: sessionmaker[Session], enqueue: Enqueue):
-        self._sessions = sessions
-        self._enqueue = enqueue
-        self._pending: queue.Queue[int | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, instance_id: int) -> None:
-        self._pending.put(instance_id)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._pending.put(None)
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            batch = [self._pending.get()]
-            while True:  # take what else is waiting: one DB update for the lot
-                try:
-                    batch.append(self._pending.get_nowait())
-                except queue.Empty:
-                    break
-            stopping = None in batch
-            sent = []
-            for instance_id in (i for i in batch if i is not None):
-                try:
-                    self._enqueue(instance_id)
-                    sent.append(instance_id)
-                except Exception as error:  # broker down: the reconciler sends it later
-                    log.warning("could not queue instance %d: %s", instance_id, error)
-            try:
-                mark_queued(self._sessions, sent, reason="")
-            except Exception as error:
-                log.warning("could not mark %d instances queued: %s", len(sent), error)
 
 
 @dataclass
@@ -185,7 +120,7 @@ def _ids(sessions: sessionmaker[Session], *conditions: ColumnElement[bool]) -> l
 def _release_expired_leases(sessions: sessionmaker[Session]) -> list[int]:
     """A worker died holding these (or lost the database for longer than its lease)."""
     now = utcnow()
-    expired_now = ((Instance.status == InstanceStatus.PROCESSING) & (Instance.lease_until < now))
+    expired_now = lease_ran_out(Instance, Instance.status == InstanceStatus.PROCESSING, now)
     with sessions.begin() as session:
         expired = list(session.scalars(select(Instance.id).where(expired_now)).all())
         if expired:

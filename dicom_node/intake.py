@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,6 +41,8 @@ from dicom_node.routing import RoutingDecision, modality_of, route
 from dicom_node.sop_classes import IMAGE_SOP_CLASS_MODALITY
 
 log = logging.getLogger(__name__)
+
+Enqueue = Callable[[int], None]  # hands an instance (by id) to the workers' queue
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -325,3 +328,23 @@ class Intake:
 
 def _loggable(uid: str) -> str:
     return uid if is_valid_uid(uid) else repr(uid[:70])
+
+
+def mark_queued(sessions: sessionmaker[Session], instance_ids: list[int], reason: str,
+                from_status: InstanceStatus = InstanceStatus.RECEIVED) -> None:
+    """Record that tasks for these instances are in the broker (unless a worker got there first)."""
+    if not instance_ids:
+        return
+    now = utcnow()
+    with sessions.begin() as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id.in_(instance_ids))
+            .where(Instance.status == from_status)
+            .values(status=InstanceStatus.QUEUED, queued_at=now, updated_at=now)
+        )
+        if reason:
+            session.add_all(
+                InstanceEvent(instance_pk=pk, event="requeued", detail=reason)
+                for pk in instance_ids
+            )

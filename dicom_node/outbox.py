@@ -1,5 +1,5 @@
-"""The outbox: deliveries of our objects to destinations, retried with exponential backoff until
-the peer has them, or dead-lettered (status failed) with the reason."""
+"""The outbox: deliveries of our objects to destinations (C-STORE as SCU), retried with
+exponential backoff until the peer has them, or dead-lettered (status failed) with the reason."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import or_, select
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.status import code_to_category
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Destination, Settings
-from dicom_node.db.leases import extend, renewed, take, when_database_returns
+from dicom_node.db.leases import abandoned_or, extend, renewed, take, when_database_returns
 from dicom_node.db.models import Delivery, DeliveryStatus, Output, utcnow
-from dicom_node.sender import send_file
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +42,18 @@ class DeliveryOutcome:
     reason: str = ""
 
 
+def _pending_before(moment: datetime) -> ColumnElement[bool]:
+    return (Delivery.status == DeliveryStatus.PENDING) & (Delivery.next_attempt_at <= moment)
+
+
+_SENDING = Delivery.status == DeliveryStatus.SENDING
+
+
 def _claim(sessions: sessionmaker[Session], delivery_id: int,
            lease_seconds: int) -> tuple[Path, Destination, int] | None:
     with sessions.begin() as session:
-        if not take(session, Delivery, delivery_id,
-                    (Delivery.status == DeliveryStatus.PENDING)
-                    & (Delivery.next_attempt_at <= utcnow()),
-                    Delivery.status == DeliveryStatus.SENDING, lease_seconds,
-                    status=DeliveryStatus.SENDING):
+        if not take(session, Delivery, delivery_id, _pending_before(utcnow()), _SENDING,
+                    lease_seconds, status=DeliveryStatus.SENDING):
             return None
         delivery = session.get(Delivery, delivery_id)
         assert delivery is not None
@@ -57,8 +63,7 @@ def _claim(sessions: sessionmaker[Session], delivery_id: int,
 
 def _renew_lease(sessions: sessionmaker[Session], delivery_id: int, lease_seconds: int) -> None:
     with sessions.begin() as session:
-        extend(session, Delivery, (Delivery.id == delivery_id)
-               & (Delivery.status == DeliveryStatus.SENDING), lease_seconds)
+        extend(session, Delivery, (Delivery.id == delivery_id) & _SENDING, lease_seconds)
 
 
 def deliver(settings: Settings, sessions: sessionmaker[Session],
@@ -120,14 +125,9 @@ def due_deliveries(sessions: sessionmaker[Session], due_before: datetime | None 
     """Pending deliveries due (before ``due_before``, default now), and sends whose worker died
     (lease ran out before ``due_before``)."""
     before = due_before or utcnow()
+    due = abandoned_or(Delivery, _pending_before(before), _SENDING, before)
     with sessions() as session:
-        return list(session.scalars(
-            select(Delivery.id).where(or_(
-                (Delivery.status == DeliveryStatus.PENDING)
-                & (Delivery.next_attempt_at <= before),
-                (Delivery.status == DeliveryStatus.SENDING) & (Delivery.lease_until < before),
-            )).order_by(Delivery.id)
-        ).all())
+        return list(session.scalars(select(Delivery.id).where(due).order_by(Delivery.id)).all())
 
 
 def retry_deliveries(sessions: sessionmaker[Session], ids: list[int] | None) -> list[int]:
@@ -160,3 +160,60 @@ def list_deliveries(sessions: sessionmaker[Session], status: str | None = None,
              if delivery.delivered_at else None}
             for delivery, output in session.execute(query).all()
         ]
+
+
+# Statuses that mean "try again later" (PS3.4 B.2.3: out of resources); other failures are the
+# object's or the peer's configuration's fault, and repeating them changes nothing.
+_TRANSIENT_STATUS_PREFIX = 0xA700
+
+
+@dataclass(frozen=True)
+class SendResult:
+    delivered: bool
+    permanent: bool  # a failure that retrying will not cure
+    reason: str
+
+
+def _refused(destination: Destination, sop_class, syntax, result: int | None) -> SendResult:  # noqa: ANN001
+    detail = f" (presentation context result {result:#04x})" if result is not None else ""
+    return SendResult(False, True, f"{destination.address} refused {sop_class.name} in "
+                                   f"{syntax.name}{detail}")
+
+
+def send_file(path: Path, destination: Destination, calling_ae: str, max_pdu: int,
+              timeout: float = 60) -> SendResult:
+    ds = dcmread(path)
+    sop_class = ds.SOPClassUID
+    syntax = ds.file_meta.TransferSyntaxUID
+    ae = AE(ae_title=calling_ae)
+    ae.maximum_pdu_size = max_pdu
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    # One presentation context for exactly this object's SOP class and transfer syntax.
+    ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established and assoc.rejected_contexts:
+        # The peer answered but took none of our contexts: pynetdicom then aborts.
+        return _refused(destination, sop_class, syntax, assoc.rejected_contexts[0].result)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            return SendResult(False, False, f"{destination.address} rejected the association")
+        return SendResult(False, False, f"no association with {destination.address} "
+                                        "(peer down or unreachable)")
+    try:
+        if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
+            rejected = assoc.rejected_contexts[0] if assoc.rejected_contexts else None
+            return _refused(destination, sop_class, syntax,
+                            rejected.result if rejected is not None else None)
+        status = assoc.send_c_store(ds)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if "Status" not in status:
+        return SendResult(False, False, f"no C-STORE response from {destination.address}")
+    code = int(status.Status)
+    category = code_to_category(code)
+    if category in ("Success", "Warning"):
+        return SendResult(True, False, "" if code == 0 else f"delivered with warning {code:#06x}")
+    comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
+    reason = f"{destination.address} answered {code:#06x} ({category}){comment}"
+    return SendResult(False, (code & 0xFF00) != _TRANSIENT_STATUS_PREFIX, reason)

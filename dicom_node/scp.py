@@ -1,9 +1,17 @@
-"""The DICOM service class provider: C-ECHO and C-STORE over pynetdicom."""
+"""The DICOM service class provider: C-ECHO and C-STORE over pynetdicom.
+
+The C-STORE handler has the intake record the instance (status ``received``) and answers; a
+dispatcher thread then sends the analysis task and marks the row ``queued``, so a slow broker
+never delays the answer. If sending fails (broker down, node killed) the row stays ``received``
+and the reconciler sends it later.
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
 import tempfile
+import threading
 
 from pydicom import Dataset
 from pynetdicom import AE, _config, evt
@@ -11,8 +19,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Settings
-from dicom_node.dispatch import Dispatcher, Enqueue
-from dicom_node.intake import Intake, StoreStatus
+from dicom_node.intake import Enqueue, Intake, StoreStatus, mark_queued
 from dicom_node.sop_classes import STORAGE_SOP_CLASSES, decodable_transfer_syntaxes
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,48 @@ def receive_into_spool(settings: Settings) -> None:
     settings.make_dirs()
     _config.STORE_RECV_CHUNKED_DATASET = True
     tempfile.tempdir = str(settings.incoming_dir.resolve())
+
+
+class Dispatcher:
+    """A thread that sends analysis tasks for freshly stored instances, in batches."""
+
+    def __init__(self, sessions: sessionmaker[Session], enqueue: Enqueue):
+        self._sessions = sessions
+        self._enqueue = enqueue
+        self._pending: queue.Queue[int | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, instance_id: int) -> None:
+        self._pending.put(instance_id)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._pending.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch = [self._pending.get()]
+            while True:  # take what else is waiting: one DB update for the lot
+                try:
+                    batch.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = None in batch
+            sent = []
+            for instance_id in (i for i in batch if i is not None):
+                try:
+                    self._enqueue(instance_id)
+                    sent.append(instance_id)
+                except Exception as error:  # broker down: the reconciler sends it later
+                    log.warning("could not queue instance %d: %s", instance_id, error)
+            try:
+                mark_queued(self._sessions, sent, reason="")
+            except Exception as error:
+                log.warning("could not mark %d instances queued: %s", len(sent), error)
 
 
 class StoreSCP:

@@ -27,16 +27,15 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.admin import oldest_waiting, status_counts
     from dicom_node.db.session import session_factory
-    from workers.app import configure, queue_depth
+    from workers.tasks import TaskQueue
 
     settings = settings_from(args)
     prepare_database(settings, upgrade_if_sqlite=False)
     sessions = session_factory(settings.effective_database_url)
     counts = status_counts(sessions)
     waiting = oldest_waiting(sessions)
-    configure(settings)
     try:
-        depth: int | str = queue_depth()
+        depth: int | str = TaskQueue(settings).depth()
     except Exception as error:
         depth = f"unknown ({str(error).splitlines()[0] or error.__class__.__name__})"
     if args.json:
@@ -85,11 +84,11 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         retried = retry_deliveries(sessions, None if args.all_failed else [args.id])
         if args.id is not None and not retried:
             raise Fatal(f"delivery {args.id} is not failed (or does not exist)")
-        from workers.app import configure, enqueue_delivery
+        from workers.tasks import TaskQueue
 
-        configure(settings)
+        tasks = TaskQueue(settings)
         for delivery_id in retried:
-            enqueue_delivery(delivery_id)
+            tasks.enqueue_delivery(delivery_id)
         print(f"{len(retried)} deliveries queued again")
         return 0
     rows = list_deliveries(sessions, status=args.status, limit=args.limit)

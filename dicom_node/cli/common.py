@@ -6,9 +6,14 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from workers.tasks import TaskQueue
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, server: bool = False) -> None:
@@ -71,15 +76,15 @@ def redact(url: str) -> str:
     return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
 
 
-def check_broker_or_stop(settings: Settings) -> None:
+def check_broker_or_stop(settings: Settings, tasks: TaskQueue) -> None:
     """Refuse to start when the broker will not let us in; a broker that is merely down is said
     once and waited for (the node keeps what it receives; the reconciler queues it later)."""
     if settings.embedded_broker:
         return
-    from workers.app import BrokerUnusable, check_broker
+    from workers.tasks import BrokerUnusable
 
     try:
-        unreachable = check_broker()
+        unreachable = tasks.check()
     except BrokerUnusable as error:
         raise Fatal(f"broker {redact(settings.broker_url)} refused us: {error}") from None
     if unreachable:
@@ -98,3 +103,11 @@ def check_bundle(settings: Settings) -> None:
         load_bundle(settings.bundle)
     except BundleError as error:
         raise Fatal(str(error)) from None
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (the OS picks it): for the demo's peers
+    (and the tests' and benchmarks')."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

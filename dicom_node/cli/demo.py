@@ -21,12 +21,11 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
-from dicom_node.cli.common import Fatal, add_settings_flags, settings_from
+from dicom_node.cli.common import Fatal, add_settings_flags, free_port, settings_from
 from dicom_node.config import Destination, Settings
 from dicom_node.db.models import Instance
 from dicom_node.db.session import session_factory
 from dicom_node.outbox import list_deliveries
-from dicom_node.ports import free_port
 from dicom_node.sop_classes import STORAGE_SOP_CLASSES
 
 DEMO_AE = "SPINEDEMO"

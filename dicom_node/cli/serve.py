@@ -57,23 +57,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.db.session import session_factory
     from dicom_node.dispatch import Reconciler, remove_incoming_files
     from dicom_node.scp import StoreSCP, receive_into_spool
-    from workers.app import configure, enqueue_analysis, enqueue_delivery, queue_depth
+    from workers.tasks import TaskQueue
 
     settings = settings_from(args)
     configure_logging(settings)
     settings.make_dirs()
     prepare_database(settings, upgrade_if_sqlite=True)
     check_bundle(settings)
-    configure(settings)
-    check_broker_or_stop(settings)
+    tasks = TaskQueue(settings)
+    check_broker_or_stop(settings, tasks)
     # Not listening yet: whatever is in incoming was left by an association that never ended.
     remove_incoming_files(settings.incoming_dir, older_than=0)
     sessions = session_factory(settings.effective_database_url)
     receive_into_spool(settings)
-    scp = StoreSCP(settings, sessions, enqueue_analysis)
+    scp = StoreSCP(settings, sessions, tasks.enqueue_analysis)
     worker = None if args.no_worker else EmbeddedWorker(settings)
-    reconciler = Reconciler(settings, sessions, enqueue_analysis, queue_depth,
-                            enqueue_delivery=enqueue_delivery,
+    reconciler = Reconciler(settings, sessions, tasks.enqueue_analysis, tasks.depth,
+                            enqueue_delivery=tasks.enqueue_delivery,
                             also=worker.ensure_running if worker else None)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -106,14 +106,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import socket
 
-    settings = settings_from(args)
-    from workers.app import QUEUE, configure
+    from workers.tasks import QUEUE, TaskQueue, worker_app
 
+    settings = settings_from(args)
     configure_logging(settings)
     prepare_database(settings, upgrade_if_sqlite=False)
     check_bundle(settings)
-    app = configure(settings)
-    check_broker_or_stop(settings)
+    check_broker_or_stop(settings, TaskQueue(settings))
+    app = worker_app(settings)
     # A batching worker is one process that owns the models (and the GPU) and starts its own
     # decoding processes, which a prefork child (a daemon) may not; it runs tasks itself.
     pool = ["--pool", "solo"] if settings.batch_size > 1 else [

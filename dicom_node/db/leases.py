@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from sqlalchemy import ColumnElement, update
@@ -35,11 +35,23 @@ def take(session: Session, table: type[Base], row_id: int, claimable: ColumnElem
     now = utcnow()
     result = session.execute(
         update(table).where(table.id == row_id)
-        .where(claimable | (working & (table.lease_until < now)))
+        .where(abandoned_or(table, claimable, working, now))
         .values(attempts=table.attempts + 1, lease_until=now + timedelta(seconds=lease_seconds),
                 **values)
     )
     return result.rowcount == 1
+
+
+def abandoned_or(table: type[Base], claimable: ColumnElement[bool],
+                 working: ColumnElement[bool], moment: datetime) -> ColumnElement[bool]:
+    """Rows that may be taken at ``moment``: ``claimable`` ones, and ``working`` ones whose
+    lease had run out by then (their worker died)."""
+    return claimable | lease_ran_out(table, working, moment)
+
+
+def lease_ran_out(table: type[Base], working: ColumnElement[bool],
+                  moment: datetime) -> ColumnElement[bool]:
+    return working & (table.lease_until < moment)
 
 
 def extend(session: Session, table: type[Base], held: ColumnElement[bool],

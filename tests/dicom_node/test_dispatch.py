@@ -15,14 +15,14 @@ from kombu import Connection
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.cli.common import free_port
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import migrate
 from dicom_node.db.models import Instance, InstanceStatus, Patient, Series, Study, utcnow
 from dicom_node.db.session import session_factory
 from dicom_node.dispatch import reconcile
-from dicom_node.ports import free_port
 from tests.support.node import wait_for
-from workers.app import QUEUE, app, configure, enqueue_analysis, queue_depth
+from workers.tasks import QUEUE, TaskQueue
 
 
 def _instance(session, uid: str, status: InstanceStatus, age_seconds: float,
@@ -40,18 +40,17 @@ def _instance(session, uid: str, status: InstanceStatus, age_seconds: float,
     ))
 
 
-def _embedded_node(tmp_path: Path) -> tuple[Settings, sessionmaker[Session]]:
+def _embedded_node(tmp_path: Path) -> tuple[Settings, sessionmaker[Session], TaskQueue]:
     """Settings, a migrated SQLite database and the embedded queue, as `serve` has them."""
     settings = load_settings(data_dir=tmp_path, reconcile_grace_seconds=30,
                              incoming_stale_seconds=60)
     settings.make_dirs()
     migrate.upgrade(settings.effective_database_url)
-    configure(settings)
-    return settings, session_factory(settings.effective_database_url)
+    return settings, session_factory(settings.effective_database_url), TaskQueue(settings)
 
 
 def test_reconcile_requeues_what_was_left_half_way(tmp_path: Path) -> None:
-    settings, sessions = _embedded_node(tmp_path)
+    settings, sessions, tasks = _embedded_node(tmp_path)
     with sessions.begin() as session:
         _instance(session, "1.1", InstanceStatus.RECEIVED, age_seconds=120)  # never queued
         _instance(session, "1.2", InstanceStatus.RECEIVED, age_seconds=1)  # still in flight
@@ -59,23 +58,23 @@ def test_reconcile_requeues_what_was_left_half_way(tmp_path: Path) -> None:
         _instance(session, "1.4", InstanceStatus.PROCESSING, 120, lease_in=-5)  # worker died
         _instance(session, "1.5", InstanceStatus.PROCESSING, 120, lease_in=300)  # working
         _instance(session, "1.6", InstanceStatus.DONE, age_seconds=120)
-    assert queue_depth() == 0
+    assert tasks.depth() == 0
 
-    report = reconcile(settings, sessions, enqueue_analysis, queue_depth)
+    report = reconcile(settings, sessions, tasks.enqueue_analysis, tasks.depth)
     with sessions() as session:
         ids = {row.sop_instance_uid: row.id for row in session.scalars(select(Instance))}
     assert report.never_queued == [ids["1.1"]]
     assert report.lost_from_broker == [ids["1.3"]]
     assert report.lease_expired == [ids["1.4"]]
-    assert queue_depth() == 3
+    assert tasks.depth() == 3
     with sessions() as session:
         status = {row.sop_instance_uid: row.status for row in session.scalars(select(Instance))}
     assert status == {"1.1": "queued", "1.2": "received", "1.3": "queued", "1.4": "queued",
                       "1.5": "processing", "1.6": "done"}
 
     # The broker now holds the queued ones: a second round sends nothing twice.
-    again = reconcile(settings, sessions, enqueue_analysis, queue_depth)
-    assert again.total == 0 and queue_depth() == 3
+    again = reconcile(settings, sessions, tasks.enqueue_analysis, tasks.depth)
+    assert again.total == 0 and tasks.depth() == 3
 
 
 def _broker_down_depth() -> int:
@@ -87,7 +86,7 @@ def _broker_down_depth() -> int:
 
 
 def test_each_duty_runs_when_another_fails(tmp_path: Path) -> None:
-    settings, sessions = _embedded_node(tmp_path)
+    settings, sessions, tasks = _embedded_node(tmp_path)
     with sessions.begin() as session:
         _instance(session, "1.1", InstanceStatus.RECEIVED, age_seconds=120)  # never queued
         _instance(session, "1.3", InstanceStatus.QUEUED, age_seconds=120)  # message lost
@@ -98,15 +97,15 @@ def test_each_duty_runs_when_another_fails(tmp_path: Path) -> None:
     fresh = settings.incoming_dir / "tmpreceiving.dcm"
     fresh.write_bytes(b"a transfer under way")
 
-    report = reconcile(settings, sessions, enqueue_analysis, _broker_down_depth)
+    report = reconcile(settings, sessions, tasks.enqueue_analysis, _broker_down_depth)
     assert report.failed_duties == ["lost from the broker"]
     assert len(report.never_queued) == 1 and len(report.lease_expired) == 1
     assert report.stale_files_removed == [stale.name]
     assert fresh.exists() and not stale.exists()
-    assert queue_depth() == 2
+    assert tasks.depth() == 2
     # The broker answers again: the lost message is sent on the next round.
-    again = reconcile(settings, sessions, enqueue_analysis, queue_depth)
-    assert again.failed_duties == [] and queue_depth() == 2  # not empty: nothing counted lost
+    again = reconcile(settings, sessions, tasks.enqueue_analysis, tasks.depth)
+    assert again.failed_duties == [] and tasks.depth() == 2  # not empty: nothing counted lost
 
 
 @pytest.fixture
@@ -127,16 +126,16 @@ def test_an_empty_queue_is_depth_zero(tmp_path: Path, broker: str,
     url = "embedded" if broker == "embedded" else request.getfixturevalue(f"{broker}_url")
     settings = load_settings(data_dir=tmp_path, broker_url=url)
     settings.make_dirs()
-    configure(settings)
-    assert queue_depth() == 0  # a queue no one declared yet (Redis: no key at all)
-    enqueue_analysis(1)
-    enqueue_analysis(2)
-    assert wait_for(lambda: queue_depth() == 2, 10, what="two messages")
-    with app.connection_for_write() as connection:  # a worker takes both
-        queue = app.amqp.queues[QUEUE].bind(connection.default_channel)
+    tasks = TaskQueue(settings)
+    assert tasks.depth() == 0  # a queue no one declared yet (Redis: no key at all)
+    tasks.enqueue_analysis(1)
+    tasks.enqueue_analysis(2)
+    assert wait_for(lambda: tasks.depth() == 2, 10, what="two messages")
+    with tasks.app.connection_for_write() as connection:  # a worker takes both
+        queue = tasks.app.amqp.queues[QUEUE].bind(connection.default_channel)
         while (message := queue.get(no_ack=False)) is not None:
             message.ack()
-    assert queue_depth() == 0
+    assert tasks.depth() == 0
 
 
 def test_the_embedded_queue_writes_only_under_the_data_dir(tmp_path: Path,
@@ -146,7 +145,7 @@ def test_the_embedded_queue_writes_only_under_the_data_dir(tmp_path: Path,
     monkeypatch.chdir(elsewhere)
     settings = load_settings(data_dir=tmp_path / "var")
     settings.make_dirs()
-    configure(settings)
-    enqueue_analysis(1)
-    assert queue_depth() == 1
+    tasks = TaskQueue(settings)
+    tasks.enqueue_analysis(1)
+    assert tasks.depth() == 1
     assert list(elsewhere.iterdir()) == []  # kombu's control exchange went under the data dir

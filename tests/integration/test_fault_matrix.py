@@ -33,7 +33,7 @@ from dicom_node.db.session import session_factory
 from tests.support.fault_peers import Modality, OwnPostgres, OwnRedis, Pacs, Sent, send
 from tests.support.node import NodeProcess, wait_for
 from tests.support.samples import make_radiograph
-from workers.app import QUEUE, app, configure, enqueue_analysis
+from workers.tasks import QUEUE, TaskQueue
 
 pytestmark = pytest.mark.slow
 
@@ -288,14 +288,14 @@ def test_a_task_that_cannot_reach_the_database_is_retried(rig_for, own_postgres:
     assert send(make_radiograph(rig.tmp_path / "spine.dcm"), node.port) == 0
     wait_for(lambda: rig.count_events("requeued") + rig.count_events("received") >= 1, 30,
              what="the image recorded")
-    configure(load_settings(data_dir=rig.data_dir, broker_url=rig.broker_url))
-    with app.connection_for_write() as connection:  # hold its message back for now
-        app.amqp.queues[QUEUE].bind(connection.default_channel).purge()
+    tasks = TaskQueue(load_settings(data_dir=rig.data_dir, broker_url=rig.broker_url))
+    with tasks.app.connection_for_write() as connection:  # hold its message back for now
+        tasks.app.amqp.queues[QUEUE].bind(connection.default_channel).purge()
     with session_factory(rig.database_url)() as session:
         instance_id = session.scalars(select(Instance.id)).one()
     rig.worker()
     own_postgres.stop_immediately()
-    enqueue_analysis(instance_id)  # the worker takes it at once and cannot claim it
+    tasks.enqueue_analysis(instance_id)  # the worker takes it at once and cannot claim it
     time.sleep(6)  # retried after 1, 2, 4 s while the database is away
     own_postgres.start()
     settle_and_check(rig, "task taken while PostgreSQL is down", [])

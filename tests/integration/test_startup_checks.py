@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.ports import free_port
+from dicom_node.cli.common import free_port
 from tests.support.fault_peers import OwnRedis
 from tests.support.node import SPINENODE, NodeProcess, storescu, wait_until_settled
 from tests.support.samples import make_radiograph

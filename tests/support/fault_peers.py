@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
-from dicom_node.ports import free_port
+from dicom_node.cli.common import free_port
 from tests.support.node import wait_for
 
 

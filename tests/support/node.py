@@ -17,9 +17,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
+from dicom_node.cli.common import free_port
 from dicom_node.db.models import Instance
 from dicom_node.db.session import session_factory
-from dicom_node.ports import free_port
 
 POSTGRES_ADMIN_URL = os.environ.get("SPINENODE_TEST_POSTGRES",
                                     "postgresql://postgres@127.0.0.1:5432/postgres")

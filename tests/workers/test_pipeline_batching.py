@@ -14,11 +14,10 @@ from dicom_node.config import load_settings
 from dicom_node.db import migrate
 from dicom_node.db.models import Analysis, Instance
 from dicom_node.db.session import session_factory
-from dicom_node.dispatch import mark_queued
-from dicom_node.intake import Intake
+from dicom_node.intake import Intake, mark_queued
 from tests.support.node import storescu, wait_until_settled
 from training.synthetic import make_radiograph
-from workers import pipeline
+from workers.pipeline import Pipeline
 
 
 def _store(settings, paths: list[Path]) -> list[int]:
@@ -55,12 +54,13 @@ def test_a_task_analyses_a_batch_like_single_images(tmp_path: Path, test_bundle:
         sessions = session_factory(settings.effective_database_url)
         ids = _store(settings, paths)
         mark_queued(sessions, ids, reason="")
-        assert pipeline.process_instance(settings, sessions, ids[0]).status == "done"
+        pipeline = Pipeline(settings, sessions, enqueue_delivery=lambda delivery_id: None)
+        assert pipeline.process(ids[0]).status == "done"
         with sessions() as session:
             done = session.scalar(select(func.count()).where(Instance.status == "done"))
         assert done == (4 if name == "batched" else 1)
         for instance_id in ids[1:]:
-            pipeline.process_instance(settings, sessions, instance_id)
+            pipeline.process(instance_id)
         with sessions() as session:
             assert session.scalar(select(func.count(Analysis.id))) == 5
         results[name] = _probabilities(sessions)

@@ -22,10 +22,10 @@ from dicom_node.db.session import session_factory
 from dicom_node.intake import Intake
 from tests.support.node import instances, storescu, wait_for, wait_until_settled
 from training.synthetic import make_radiograph
-from workers import pipeline
 from workers.bundle import load_bundle
 from workers.dernet import DERNet, build_member, classifier_input
 from workers.detector import Letterbox, letterbox
+from workers.pipeline import Pipeline
 from workers.runtime import ModelRuntime, runtime_for
 
 
@@ -109,12 +109,15 @@ def test_redelivered_task_leaves_one_analysis_and_models_load_once(
     sessions = session_factory(settings.effective_database_url)
     instance_id = _stored_instance(tmp_path, settings)
     loads = ModelRuntime.loads
-    assert pipeline.process_instance(settings, sessions, instance_id).status == "done"
-    assert pipeline.process_instance(settings, sessions, instance_id).status == "skipped"
+    queued_deliveries: list[int] = []
+    pipeline = Pipeline(settings, sessions, queued_deliveries.append)
+    assert pipeline.process(instance_id).status == "done"
+    assert pipeline.process(instance_id).status == "skipped"
     # Even a task that finds the instance claimable again (a crash after the commit) adds none.
     with sessions.begin() as session:
         session.get(Instance, instance_id).status = "queued"
-    assert pipeline.process_instance(settings, sessions, instance_id).status == "done"
+    assert pipeline.process(instance_id).status == "done"
+    assert queued_deliveries == []  # no destination configured: nothing to send
     assert ModelRuntime.loads - loads <= 1  # at most the first call built the runtime
     assert runtime_for(settings) is runtime_for(settings)
     assert torch.get_num_threads() == 2
