@@ -1,8 +1,20 @@
-"""The TID 1500 Imaging Measurement Report (Comprehensive 3D SR) that viewers such as OHIF read.
+"""The TID 1500 Imaging Measurement Report (Comprehensive 3D SR), laid out so that OHIF draws it.
 
-One image-level group (Normality, ensemble and member probabilities, algorithm) and one planar
-ROI group per lesion (closed 5-point polyline in the source image's pixels, tracking id/UID,
-finding type, probability).
+OHIF (its cornerstone-dicom-sr extension and the cornerstone3D/dcmjs adapters) reads only the
+Image Library and the Imaging Measurements container, and expects every measurement group there
+to carry spatial coordinates: a group without them crashed its viewport. So:
+
+- Imaging Measurements holds one TID 1501 group per lesion, written as cornerstone writes a
+  rectangle: the tracking identifier starts with ``Cornerstone3DTools@^0.1.0:RectangleROI:``
+  (other viewers show it as text), the finding code, the algorithm, one NUM (Probability in
+  percent, which OHIF shows as "65.00 %") whose only child is the closed 5-point polyline
+  (INFERRED FROM) with its one source image, and a Comment ("Osteophytes 65%") that OHIF uses as
+  the label.
+- The image-level answer (normal/abnormal, the ensemble's and each member's probability, the
+  algorithm) is in the report's Qualitative Evaluations container (TID 1500 row "Qualitative
+  Evaluations", CODE and TEXT items), which OHIF leaves alone.
+- An image without findings has no Imaging Measurements container at all (TID 1500 asks for it
+  or Qualitative Evaluations).
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from dicom_node.analysis import AnalysisResult
+from dicom_node.analysis import AnalysisResult, FindingBox
 from dicom_node.results.common import (
     MANUFACTURER,
     MODEL_NAME,
@@ -24,16 +36,30 @@ from dicom_node.results.common import (
     finding_code,
     private_code,
 )
+from dicom_node.routing import modality_of
 
 SR_SERIES_NUMBER = 9901
-PROBABILITY_UNIT = CodedConcept("1", "UCUM", "no units")
+PERCENT = CodedConcept("%", "UCUM", "percent")
+PIXELS = CodedConcept("{pixels}", "UCUM", "Pixels")
 PROCEDURE = private_code("SPINE-XR", "Spine radiograph")
-IMAGE_FINDING = private_code("SPINE-XR-READ", "Spine radiograph abnormality assessment")
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+ENSEMBLE_PROBABILITY = private_code("ENSEMBLE-P", "Abnormality probability (ensemble)")
+SOURCE_IMAGE = CodedConcept("260753009", "SCT", "Source")
+# OHIF tracks a group as a rectangle only when its tracking identifier starts with this.
+RECTANGLE_TRACKING_PREFIX = "Cornerstone3DTools@^0.1.0:RectangleROI:"
+
+_CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
+_ACQUISITION = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+_MODALITIES = {"CR": codes.DCM.ComputedRadiography, "DX": codes.DCM.DigitalRadiography}
 
 
-def _probability(value: float, method: CodedConcept | None = None) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=codes.DCM.Probability, value=round(float(value), 6),
-                             unit=PROBABILITY_UNIT, method=method)
+def percent(probability: float) -> str:
+    """How a probability reads to a person: 0.6531 -> "65%"."""
+    return f"{probability:.0%}"
+
+
+def member_code(architecture: str) -> CodedConcept:
+    return private_code(architecture[:16].upper(), f"DERNet member {architecture}")
 
 
 def build_sr(source: Dataset, result: AnalysisResult, series_uid: str | None = None) -> Dataset:
@@ -46,38 +72,22 @@ def build_sr(source: Dataset, result: AnalysisResult, series_uid: str | None = N
             uid=generate_uid(), name=MODEL_NAME, manufacturer_name=MANUFACTURER,
             model_name=MODEL_NAME),
     )
-    normality = codes.SCT.Abnormal if result.abnormal else codes.SCT.Normal
-    image_group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(),
-                                                     identifier="Image classification"),
-        finding_type=IMAGE_FINDING,
-        algorithm_id=algorithm,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.DCM.Normality, normality)],
-        measurements=[_probability(result.probability)] + [
-            _probability(p, method=private_code(name[:16].upper(), f"DERNet member {name}"))
-            for name, p in sorted(result.member_probabilities.items())
-        ],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
-    )
-    lesions = [
-        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=generate_uid(), identifier=f"Lesion {index} {box.class_name}"[:64]),
-            referenced_region=hd.sr.ImageRegion(
-                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                graphic_data=np.array(box.outline(), dtype=np.float32),
-                source_image=hd.sr.SourceImageForRegion.from_source_image(source)),
-            finding_type=finding_code(box.class_name),
-            algorithm_id=algorithm,
-            measurements=[_probability(box.score)],
-        )
-        for index, box in enumerate(result.findings, start=1)
-    ]
+    lesions = [_lesion_group(source, index, box, algorithm)
+               for index, box in enumerate(result.findings, start=1)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE,
-        imaging_measurements=[image_group, *lesions],
+        # highdicom insists on at least one group; one without findings is dropped below.
+        imaging_measurements=lesions or [_lesion_group(source, 0, _NO_BOX, algorithm)],
     )
+    content = report[0].ContentSequence
+    measurements = next(i for i, item in enumerate(content)
+                        if item.ConceptNameCodeSequence[0].CodeValue
+                        == codes.DCM.ImagingMeasurements.value)
+    if not lesions:
+        del content[measurements]
+    content.insert(measurements, _image_library([source]))
+    content.append(_qualitative_evaluations(result))
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source], content=report, series_instance_uid=series_uid or generate_uid(),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
@@ -89,3 +99,99 @@ def build_sr(source: Dataset, result: AnalysisResult, series_uid: str | None = N
     copy_study_attributes(source, sr)
     declare_private_scheme(sr)
     return sr
+
+
+_NO_BOX = FindingBox("Other lesions", 0.0, 0.0, 0.0, 1.0, 1.0)
+
+
+def _lesion_group(source: Dataset, index: int, box: FindingBox,
+                  algorithm: hd.sr.AlgorithmIdentification
+                  ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    outline = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array(box.outline(), dtype=np.float32),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(),
+            identifier=f"{RECTANGLE_TRACKING_PREFIX}Lesion {index} {box.class_name}"[:64]),
+        finding_type=finding_code(box.class_name),
+        algorithm_id=algorithm,
+        measurements=[hd.sr.Measurement(name=codes.DCM.Probability,
+                                        value=round(100 * box.score, 2), unit=PERCENT,
+                                        referenced_coordinates=[outline])],
+    )
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=f"{box.class_name} {percent(box.score)}",
+        relationship_type=_CONTAINS))
+    return group
+
+
+def _image_library(sources: list[Dataset]) -> hd.sr.ContainerContentItem:
+    """TID 1600 with the descriptors each image has (highdicom's own requires a projection
+    radiograph's Patient Orientation and Imager Pixel Spacing, which many CRs lack)."""
+    group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup,
+                                       relationship_type=_CONTAINS)
+    group.ContentSequence = [_library_entry(source) for source in sources]
+    library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary,
+                                         relationship_type=_CONTAINS)
+    library.ContentSequence = [group]
+    return library
+
+
+def _library_entry(source: Dataset) -> hd.sr.ImageContentItem:
+    modality = modality_of(source)
+    entry = hd.sr.ImageContentItem(
+        name=SOURCE_IMAGE, referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type=_CONTAINS)
+    descriptors = [
+        hd.sr.CodeContentItem(name=codes.DCM.Modality,
+                              value=_MODALITIES.get(modality, CodedConcept(modality, "DCM",
+                                                                            modality)),
+                              relationship_type=_ACQUISITION),
+        hd.sr.NumContentItem(name=codes.DCM.PixelDataRows, value=int(source.Rows), unit=PIXELS,
+                             relationship_type=_ACQUISITION),
+        hd.sr.NumContentItem(name=codes.DCM.PixelDataColumns, value=int(source.Columns),
+                             unit=PIXELS, relationship_type=_ACQUISITION),
+    ]
+    orientation = source.get("PatientOrientation")
+    if orientation and len(orientation) == 2:
+        descriptors += [
+            hd.sr.TextContentItem(name=codes.DCM.PatientOrientationRow, value=orientation[0],
+                                  relationship_type=_ACQUISITION),
+            hd.sr.TextContentItem(name=codes.DCM.PatientOrientationColumn,
+                                  value=orientation[1], relationship_type=_ACQUISITION)]
+    spacing = source.get("ImagerPixelSpacing")
+    if spacing and len(spacing) == 2:
+        descriptors += [
+            hd.sr.NumContentItem(name=codes.DCM.HorizontalPixelSpacing, value=float(spacing[1]),
+                                 unit=codes.UCUM.Millimeter, relationship_type=_ACQUISITION),
+            hd.sr.NumContentItem(name=codes.DCM.VerticalPixelSpacing, value=float(spacing[0]),
+                                 unit=codes.UCUM.Millimeter, relationship_type=_ACQUISITION)]
+    entry.ContentSequence = descriptors
+    return entry
+
+
+def _qualitative_evaluations(result: AnalysisResult) -> hd.sr.ContainerContentItem:
+    """The image-level answer: normality, a sentence a person reads, and each probability as
+    its own item for software."""
+    members = ", ".join(f"{name} {percent(p)}"
+                        for name, p in sorted(result.member_probabilities.items()))
+    summary = (f"{result.label}: abnormality probability {percent(result.probability)} "
+               f"(threshold {percent(result.threshold)}; DERNet members {members}); "
+               f"{len(result.findings)} findings; algorithm {result.bundle_name} "
+               f"{result.bundle_version}")
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
+                                           relationship_type=_CONTAINS)
+    container.ContentSequence = [
+        hd.sr.CodeContentItem(name=codes.DCM.Normality,
+                              value=codes.SCT.Abnormal if result.abnormal else codes.SCT.Normal,
+                              relationship_type=_CONTAINS),
+        hd.sr.TextContentItem(name=codes.DCM.Comment, value=summary, relationship_type=_CONTAINS),
+        hd.sr.TextContentItem(name=ENSEMBLE_PROBABILITY, value=f"{result.probability:.6f}",
+                              relationship_type=_CONTAINS),
+        *(hd.sr.TextContentItem(name=member_code(name), value=f"{p:.6f}",
+                                relationship_type=_CONTAINS)
+          for name, p in sorted(result.member_probabilities.items())),
+    ]
+    return container

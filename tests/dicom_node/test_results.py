@@ -106,38 +106,86 @@ def test_objects_are_valid_and_consistent(tmp_path: Path, source_name: str, coun
     assert all(explained(line) for line in warnings), warnings
 
 
-def test_sr_reads_back_to_the_same_findings(tmp_path: Path) -> None:
+def _sr_of(tmp_path: Path, findings: list[FindingBox], abnormal: bool = True
+           ) -> tuple[Dataset, Path]:
     source = dcmread(make_radiograph(tmp_path / "dx.dcm", rows=400, columns=300))
-    findings = _findings(9, 300, 400)
     path = tmp_path / "sr.dcm"
-    build_sr(source, _result(findings)).save_as(path, enforce_file_format=True)
+    build_sr(source, _result(findings, abnormal)).save_as(path, enforce_file_format=True)
+    return source, path
+
+
+def _named(items, meaning: str) -> list[Dataset]:  # noqa: ANN001
+    return [item for item in items if item.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+def test_sr_reads_back_to_the_same_findings(tmp_path: Path) -> None:
+    findings = _findings(9, 300, 400)
+    source, path = _sr_of(tmp_path, findings)
     sr = hd.sr.srread(path)
-    groups = sr.content.get_planar_roi_measurement_groups()
+    groups = sr.content.get_image_measurement_groups()
     assert len(groups) == len(findings)
     for group, box in zip(groups, findings, strict=True):
-        region = group.roi
-        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-        np.testing.assert_allclose(region.value, [[box.x0, box.y0], [box.x1, box.y0],
-                                                  [box.x1, box.y1], [box.x0, box.y1],
-                                                  [box.x0, box.y0]], atol=1e-3)
         assert group.finding_type.meaning in (box.class_name, "Implant", "Lesion")
         (probability,) = group.get_measurements(name=codes.DCM.Probability)
-        assert probability.value == pytest.approx(box.score, abs=1e-6)
-        (image_ref,) = region.ContentSequence  # the polyline's selected-from source image
-        referenced = image_ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        assert referenced == source.SOPInstanceUID
+        assert probability.value == pytest.approx(100 * box.score, abs=0.01)
+        assert probability.unit.value == "%"
+        (outline,) = probability.referenced_coordinates
+        assert outline.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        np.testing.assert_allclose(outline.value, [[box.x0, box.y0], [box.x1, box.y0],
+                                                   [box.x1, box.y1], [box.x0, box.y1],
+                                                   [box.x0, box.y0]], atol=1e-3)
+        (image_ref,) = outline.ContentSequence  # the polyline's selected-from source image
+        assert image_ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+            source.SOPInstanceUID
         assert group.tracking_uid
-    (image_group,) = sr.content.get_image_measurement_groups()
-    (normality,) = image_group.get_qualitative_evaluations(name=codes.DCM.Normality)
-    assert normality.value == codes.SCT.Abnormal
-    values = sorted(m.value for m in image_group.get_measurements(name=codes.DCM.Probability))
-    assert values == sorted([0.8123, 0.7, 0.85, 0.9])
+    (evaluations,) = _named(sr.ContentSequence, "Qualitative Evaluations")
+    (normality,) = _named(evaluations.ContentSequence, "Normality")
+    assert normality.ConceptCodeSequence[0].CodeMeaning == "Abnormal"
     texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
-             for item in image_group[0].ContentSequence if item.ValueType == "TEXT"}
-    assert texts["Algorithm Name"] == "spinenode-test"
-    assert texts["Algorithm Version"] == "0.0.1-test"
+             for item in evaluations.ContentSequence if item.ValueType == "TEXT"}
+    assert float(texts["Abnormality probability (ensemble)"]) == 0.8123
+    assert float(texts["DERNet member resnet50"]) == 0.9
+    assert texts["Comment"].startswith("Abnormal: abnormality probability 81% (threshold 50%")
+    assert "spinenode-test 0.0.1-test" in texts["Comment"]
     schemes = [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence]
     assert "99SPINENODE" in schemes
+
+
+def test_sr_has_the_layout_ohif_reads(tmp_path: Path) -> None:
+    """What OHIF's SR reader (cornerstone-dicom-sr, cornerstone3D adapters) requires: every
+    measurement group has its coordinates inside its first NUM, one SCOORD with one image; the
+    tracking identifier names the rectangle tool; the Comment is the label. Nothing without
+    coordinates in Imaging Measurements (that crashed the viewport)."""
+    findings = _findings(3, 300, 400)
+    source, path = _sr_of(tmp_path, findings)
+    root = dcmread(path).ContentSequence
+    (library,) = _named(root, "Image Library")
+    (entry,) = library.ContentSequence[0].ContentSequence
+    assert entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    (measurements,) = _named(root, "Imaging Measurements")
+    groups = measurements.ContentSequence
+    assert len(groups) == len(findings)
+    for group, box in zip(groups, findings, strict=True):
+        (tracking,) = _named(group.ContentSequence, "Tracking Identifier")
+        assert tracking.TextValue.startswith("Cornerstone3DTools@^0.1.0:RectangleROI:")
+        first_num = next(item for item in group.ContentSequence if item.ValueType == "NUM")
+        (scoord,) = first_num.ContentSequence
+        assert (scoord.ValueType, scoord.GraphicType, len(scoord.GraphicData)) == \
+            ("SCOORD", "POLYLINE", 10)
+        (image,) = scoord.ContentSequence
+        assert len(image.ReferencedSOPSequence) == 1
+        (comment,) = _named(group.ContentSequence, "Comment")
+        assert comment.TextValue == f"{box.class_name} {round(100 * box.score)}%"
+
+
+def test_a_normal_image_has_no_measurement_groups(tmp_path: Path) -> None:
+    _, path = _sr_of(tmp_path, [], abnormal=False)
+    root = dcmread(path).ContentSequence
+    assert _named(root, "Imaging Measurements") == []
+    (evaluations,) = _named(root, "Qualitative Evaluations")
+    (normality,) = _named(evaluations.ContentSequence, "Normality")
+    assert normality.ConceptCodeSequence[0].CodeMeaning == "Normal"
+    assert hd.sr.srread(path).content.get_image_measurement_groups() == []
 
 
 def test_overlay_keeps_the_image_and_adds_banner_bands(tmp_path: Path) -> None:
