@@ -1,20 +1,21 @@
 """The TID 1500 Imaging Measurement Report (Comprehensive 3D SR), laid out so that OHIF draws it.
 
 OHIF (its cornerstone-dicom-sr extension and the cornerstone3D/dcmjs adapters) reads only the
-Image Library and the Imaging Measurements container, and expects every measurement group there
-to carry spatial coordinates: a group without them crashed its viewport. So:
+Image Library and the Imaging Measurements container; it expects every measurement group there
+to carry spatial coordinates (a group without them crashed its viewport) and at least one group
+(an SR without any crashed it too). So Imaging Measurements holds TID 1501 groups written as
+cornerstone writes a rectangle: a tracking identifier starting ``Cornerstone3DTools@^0.1.0:
+RectangleROI:`` (other viewers show it as text), the finding code, the algorithm, one NUM
+(Probability in percent, which OHIF shows as "65.00 %") whose only child is the closed 5-point
+polyline (INFERRED FROM) with its one source image, and a Comment that OHIF uses as the label:
 
-- Imaging Measurements holds one TID 1501 group per lesion, written as cornerstone writes a
-  rectangle: the tracking identifier starts with ``Cornerstone3DTools@^0.1.0:RectangleROI:``
-  (other viewers show it as text), the finding code, the algorithm, one NUM (Probability in
-  percent, which OHIF shows as "65.00 %") whose only child is the closed 5-point polyline
-  (INFERRED FROM) with its one source image, and a Comment ("Osteophytes 65%") that OHIF uses as
-  the label.
-- The image-level answer (normal/abnormal, the ensemble's and each member's probability, the
-  algorithm) is in the report's Qualitative Evaluations container (TID 1500 row "Qualitative
-  Evaluations", CODE and TEXT items), which OHIF leaves alone.
-- An image without findings has no Imaging Measurements container at all (TID 1500 asks for it
-  or Qualitative Evaluations).
+- first the image's classification, inferred from the whole image (the polyline is the image's
+  border): finding Normal or Abnormal, the ensemble's probability of abnormality, labelled
+  "Abnormal (abnormality 81%)";
+- then one group per lesion, labelled "Osteophytes 65%".
+
+The report's Qualitative Evaluations container (TID 1500, CODE and TEXT items; OHIF leaves it
+alone) repeats the answer for software: normality, a sentence, each member's probability.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from dicom_node.analysis import AnalysisResult, FindingBox
+from dicom_node.analysis import AnalysisResult
 from dicom_node.results.common import (
     MANUFACTURER,
     MODEL_NAME,
@@ -72,20 +73,24 @@ def build_sr(source: Dataset, result: AnalysisResult, series_uid: str | None = N
             uid=generate_uid(), name=MODEL_NAME, manufacturer_name=MANUFACTURER,
             model_name=MODEL_NAME),
     )
-    lesions = [_lesion_group(source, index, box, algorithm)
+    columns, rows = float(source.Columns), float(source.Rows)
+    border = [(0.0, 0.0), (columns, 0.0), (columns, rows), (0.0, rows), (0.0, 0.0)]
+    groups = [_group(source, "Image classification", border, result.probability,
+                     codes.SCT.Abnormal if result.abnormal else codes.SCT.Normal,
+                     f"{result.label} (abnormality {percent(result.probability)})", algorithm)]
+    groups += [_group(source, f"Lesion {index} {box.class_name}", box.outline(), box.score,
+                      finding_code(box.class_name), f"{box.class_name} {percent(box.score)}",
+                      algorithm)
                for index, box in enumerate(result.findings, start=1)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE,
-        # highdicom insists on at least one group; one without findings is dropped below.
-        imaging_measurements=lesions or [_lesion_group(source, 0, _NO_BOX, algorithm)],
+        imaging_measurements=groups,
     )
     content = report[0].ContentSequence
     measurements = next(i for i, item in enumerate(content)
                         if item.ConceptNameCodeSequence[0].CodeValue
                         == codes.DCM.ImagingMeasurements.value)
-    if not lesions:
-        del content[measurements]
     content.insert(measurements, _image_library([source]))
     content.append(_qualitative_evaluations(result))
     sr = hd.sr.Comprehensive3DSR(
@@ -101,29 +106,27 @@ def build_sr(source: Dataset, result: AnalysisResult, series_uid: str | None = N
     return sr
 
 
-_NO_BOX = FindingBox("Other lesions", 0.0, 0.0, 0.0, 1.0, 1.0)
-
-
-def _lesion_group(source: Dataset, index: int, box: FindingBox,
-                  algorithm: hd.sr.AlgorithmIdentification
-                  ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    outline = hd.sr.CoordinatesForMeasurement(
+def _group(source: Dataset, name: str, outline: list[tuple[float, float]], probability: float,
+           finding: CodedConcept, label: str, algorithm: hd.sr.AlgorithmIdentification
+           ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A measurement group as OHIF reads a rectangle: the ``probability`` of ``finding``,
+    inferred from the closed polyline ``outline``, with ``label`` as its Comment."""
+    region = hd.sr.CoordinatesForMeasurement(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=np.array(box.outline(), dtype=np.float32),
+        graphic_data=np.array(outline, dtype=np.float32),
         source_image=hd.sr.SourceImageForRegion.from_source_image(source))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(),
-            identifier=f"{RECTANGLE_TRACKING_PREFIX}Lesion {index} {box.class_name}"[:64]),
-        finding_type=finding_code(box.class_name),
+            identifier=f"{RECTANGLE_TRACKING_PREFIX}{name}"[:64]),
+        finding_type=finding,
         algorithm_id=algorithm,
         measurements=[hd.sr.Measurement(name=codes.DCM.Probability,
-                                        value=round(100 * box.score, 2), unit=PERCENT,
-                                        referenced_coordinates=[outline])],
+                                        value=round(100 * probability, 2), unit=PERCENT,
+                                        referenced_coordinates=[region])],
     )
     group[0].ContentSequence.append(hd.sr.TextContentItem(
-        name=codes.DCM.Comment, value=f"{box.class_name} {percent(box.score)}",
-        relationship_type=_CONTAINS))
+        name=codes.DCM.Comment, value=label, relationship_type=_CONTAINS))
     return group
 
 

@@ -122,7 +122,12 @@ def test_sr_reads_back_to_the_same_findings(tmp_path: Path) -> None:
     findings = _findings(9, 300, 400)
     source, path = _sr_of(tmp_path, findings)
     sr = hd.sr.srread(path)
-    groups = sr.content.get_image_measurement_groups()
+    image_group, *groups = sr.content.get_image_measurement_groups()
+    assert image_group.finding_type == codes.SCT.Abnormal
+    (probability,) = image_group.get_measurements(name=codes.DCM.Probability)
+    assert probability.value == pytest.approx(81.23)
+    (border,) = probability.referenced_coordinates
+    np.testing.assert_allclose(border.value, [[0, 0], [300, 0], [300, 400], [0, 400], [0, 0]])
     assert len(groups) == len(findings)
     for group, box in zip(groups, findings, strict=True):
         assert group.finding_type.meaning in (box.class_name, "Implant", "Lesion")
@@ -163,9 +168,11 @@ def test_sr_has_the_layout_ohif_reads(tmp_path: Path) -> None:
     (entry,) = library.ContentSequence[0].ContentSequence
     assert entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     (measurements,) = _named(root, "Imaging Measurements")
-    groups = measurements.ContentSequence
+    image_group, *groups = measurements.ContentSequence
     assert len(groups) == len(findings)
-    for group, box in zip(groups, findings, strict=True):
+    labels = [f"{box.class_name} {round(100 * box.score)}%" for box in findings]
+    for group, label in zip([image_group, *groups], ["Abnormal (abnormality 81%)", *labels],
+                            strict=True):
         (tracking,) = _named(group.ContentSequence, "Tracking Identifier")
         assert tracking.TextValue.startswith("Cornerstone3DTools@^0.1.0:RectangleROI:")
         first_num = next(item for item in group.ContentSequence if item.ValueType == "NUM")
@@ -175,17 +182,20 @@ def test_sr_has_the_layout_ohif_reads(tmp_path: Path) -> None:
         (image,) = scoord.ContentSequence
         assert len(image.ReferencedSOPSequence) == 1
         (comment,) = _named(group.ContentSequence, "Comment")
-        assert comment.TextValue == f"{box.class_name} {round(100 * box.score)}%"
+        assert comment.TextValue == label
 
 
-def test_a_normal_image_has_no_measurement_groups(tmp_path: Path) -> None:
+def test_a_normal_image_has_its_classification_group_only(tmp_path: Path) -> None:
+    """OHIF's SR viewport crashed on an SR without any measurement group."""
     _, path = _sr_of(tmp_path, [], abnormal=False)
     root = dcmread(path).ContentSequence
-    assert _named(root, "Imaging Measurements") == []
+    (measurements,) = _named(root, "Imaging Measurements")
+    (group,) = measurements.ContentSequence
+    (comment,) = _named(group.ContentSequence, "Comment")
+    assert comment.TextValue == "Normal (abnormality 81%)"
     (evaluations,) = _named(root, "Qualitative Evaluations")
     (normality,) = _named(evaluations.ContentSequence, "Normality")
     assert normality.ConceptCodeSequence[0].CodeMeaning == "Normal"
-    assert hd.sr.srread(path).content.get_image_measurement_groups() == []
 
 
 def test_overlay_keeps_the_image_and_adds_banner_bands(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Orthanc (Debian's package) as a PACS for tests and benchmarks: a fresh instance in a folder,
-auto-routing every stored instance to the node (Lua OnStoredInstance)."""
+auto-routing every stored instance to the node (Lua OnStoredInstance), with DICOMweb (Debian's
+orthanc-dicomweb) for the viewer and STOW-RS."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ function OnStoredInstance(instanceId, tags, metadata, origin)
 end
 """
 
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
 class Orthanc:
-    def __init__(self, folder: Path, node_port: int):
+    def __init__(self, folder: Path, node_port: int, dicomweb: bool = False):
         folder.mkdir(parents=True)
         self.http_port, self.dicom_port = free_port(), free_port()
         (folder / "route.lua").write_text(ROUTE_EVERYTHING)
@@ -25,7 +29,9 @@ class Orthanc:
             "Name": "test-pacs", "StorageDirectory": str(folder / "storage"),
             "IndexDirectory": str(folder / "storage"), "HttpPort": self.http_port,
             "DicomPort": self.dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "HttpServerEnabled": True, "Plugins": [],
+            "AuthenticationEnabled": False, "HttpServerEnabled": True,
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             "LuaScripts": [str(folder / "route.lua")],
             "DicomModalities": {"spinenode": ["SPINENODE", "127.0.0.1", node_port]},
             "DicomAlwaysAllowStore": True, "UnknownSopClassAccepted": True,
