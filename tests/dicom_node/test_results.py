@@ -14,7 +14,7 @@ from pydicom.sr.codedict import codes
 
 from dicom_node.analysis import AnalysisResult, Classification, FindingBox
 from dicom_node.results.gsps import build_gsps
-from dicom_node.results.overlay import build_overlay
+from dicom_node.results.overlay import build_overlay, render_overlay
 from dicom_node.results.sr import build_sr
 from tests.support.samples import real_cr, with_new_uids
 from training.phantoms import generate
@@ -203,8 +203,47 @@ def test_overlay_keeps_the_image_and_adds_banner_bands(tmp_path: Path) -> None:
     grey = (decode(source).pixels * 255).round().astype(np.uint8)
     sc = build_overlay(source, grey, _result([]))
     pixels = sc.pixel_array
-    band = (pixels.shape[0] - 400) // 2
-    assert pixels.shape == (400 + 2 * band, 300, 3) and band > 0
-    np.testing.assert_array_equal(pixels[2 * band:, :, 0], grey)  # no box: image untouched
-    banner = pixels[:band].reshape(-1, 3)
+    top = render_overlay(grey, _result([])).image_top
+    assert pixels.shape == (400 + top, 300, 3) and top > 0
+    np.testing.assert_array_equal(pixels[top:, :, 0], grey)  # no box: image untouched
+    banner = pixels[:top // 2].reshape(-1, 3)
     assert (banner == [180, 0, 0]).all(axis=1).mean() > 0.5  # the red banner band
+
+
+def _edge_findings(width: int, height: int) -> list[FindingBox]:
+    """Boxes in each corner, along each edge and one as wide as the image."""
+    w, h = width / 6, height / 8
+    return [FindingBox(name, 0.61 + 0.05 * index, x, y, x + w, y + h)
+            for index, (name, x, y) in enumerate([
+                ("Disc space narrowing", 0, 0), ("Foraminal stenosis", width - w, 0),
+                ("Vertebral collapse", 0, height - h), ("Surgical implant", width - w, height - h),
+                ("Spondylolysthesis", width / 2, height / 2)])] + [
+        FindingBox("Other lesions", 0.9, 0, height / 3, width, height / 3 + h)]
+
+
+@pytest.mark.parametrize("width, height", [(288, 1000), (2500, 3000)])
+def test_overlay_text_is_whole_and_inside_the_image_on_any_size(width: int, height: int) -> None:
+    """The banner and the legend wrap to the image's width (no "...NOT FOR CLINICAL U"), every
+    label stays inside the image, and text grows with the image."""
+    grey = np.full((height, width), 90, dtype=np.uint8)
+    result = _result(_edge_findings(width, height))
+    overlay = render_overlay(grey, result)
+    total_height = overlay.pixels.shape[0]
+    assert overlay.pixels.shape == (height + overlay.image_top, width, 3)
+    banner, legend, *labels = overlay.texts
+    assert " ".join(banner.lines) == \
+        "AI result, not for primary diagnosis - NOT FOR CLINICAL USE"
+    assert " ".join(legend.lines).startswith("Abnormal (abnormality 81%, threshold 50%)")
+    assert " ".join(legend.lines).endswith("6 finding(s); spinenode-test 0.0.1-test")
+    assert [" ".join(label.lines) for label in labels] == [
+        f"{box.class_name} {box.score:.0%}" for box in result.findings]
+    for block in overlay.texts:
+        left, top, right, bottom = block.box
+        assert 0 <= left and right <= width and 0 <= top and bottom <= total_height, block
+    for label in labels:  # on the image, not in the bands
+        assert label.box[1] >= overlay.image_top
+    assert banner.box[3] <= legend.box[1] and legend.box[3] <= overlay.image_top
+    line_height = (banner.box[3] - banner.box[1]) / len(banner.lines)
+    assert line_height >= 0.8 * max(11, width / 45)  # about 1/45 of the width, 11 px at least
+    if width == 288:
+        assert len(banner.lines) > 1  # wrapped, not cut
