@@ -38,7 +38,9 @@ class DecodedImage:
     photometric_interpretation: str
     bits_stored: int
     decode_seconds: float
-    window: tuple[float, float]  # (center, width) in modality values: for a GSPS
+    # The VOI the analysis saw, for a GSPS: (center, width) in modality values, or None where it
+    # was the file's own VOI LUT Sequence.
+    window: tuple[float, float] | None
 
 
 def _first(value: object) -> float:
@@ -76,11 +78,13 @@ def _percentile_window(values: np.ndarray) -> tuple[float, float]:
     return (float(low) + float(high)) / 2, float(high) - float(low)
 
 
-def _window(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[float, float]]:
-    """The image through the file's VOI, and the window (center, width) a viewer would use."""
+def _window(values: np.ndarray, ds: Dataset
+            ) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """The image through the file's VOI, and the window (center, width) it was, or None for the
+    file's VOI LUT Sequence."""
     try:
         if "VOILUTSequence" in ds:
-            return _apply_voi_lut_sequence(values, ds), _percentile_window(values)
+            return _apply_voi_lut_sequence(values, ds), None
         if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
             window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
             return _apply_window(values, ds), window
@@ -93,9 +97,10 @@ def _window(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[float, f
     return np.clip((values.astype(np.float32) - low) / width, 0.0, 1.0), (center, width)
 
 
-def normalise_with_window(ds: Dataset, raw: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+def normalise_with_window(ds: Dataset, raw: np.ndarray
+                          ) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Raw stored values -> [0, 1] float32 with bright bone, per the file's LUTs and photometry,
-    and the window used (center, width, in modality values)."""
+    and the window used (center, width, in modality values; None: the file's VOI LUT)."""
     if raw.ndim == 3 and raw.shape[-1] in (3, 4):  # colour secondary capture: use luminance
         raw = raw[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     values = apply_modality_lut(raw, ds) if raw.ndim == 2 else raw

@@ -77,3 +77,8 @@ def finding_code(class_name: str) -> CodedConcept:
     return private_code(value, class_name)
 
 
+def date_the_series(target: Dataset) -> None:
+    """Series Date/Time as PACS worklists show them: when we made the series (its instance's
+    creation), not the source's acquisition."""
+    target.SeriesDate = target.InstanceCreationDate
+    target.SeriesTime = target.InstanceCreationTime

@@ -14,15 +14,17 @@ from dicom_node.results.common import (
     MANUFACTURER,
     MODEL_NAME,
     copy_study_attributes,
+    date_the_series,
     evidence_of,
 )
 
 GSPS_SERIES_NUMBER = 9903
 
 
-def build_gsps(source: Dataset, result: AnalysisResult, window: tuple[float, float],
+def build_gsps(source: Dataset, result: AnalysisResult, window: tuple[float, float] | None,
                series_uid: str | None = None) -> Dataset:
-    """``window`` is (center, width) in the source's modality values."""
+    """``window``: the VOI the analysis used, (center, width) in the source's modality values,
+    or None for the source's own VOI LUT Sequence (which the GSPS then carries)."""
     evidence = evidence_of(source)
     layer = hd.pr.GraphicLayer(layer_name="SPINENODE", order=1,
                                description="AI findings (spinenode)")
@@ -46,7 +48,6 @@ def build_gsps(source: Dataset, result: AnalysisResult, window: tuple[float, flo
         anchor_point_visible=False, text_justification="LEFT"))
     annotation = hd.pr.GraphicAnnotation(referenced_images=[evidence], graphic_layer=layer,
                                          graphic_objects=graphics or None, text_objects=texts)
-    center, width = window
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[evidence], series_instance_uid=series_uid or generate_uid(),
         series_number=GSPS_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
@@ -55,10 +56,26 @@ def build_gsps(source: Dataset, result: AnalysisResult, window: tuple[float, flo
         device_serial_number=DEVICE_SERIAL_NUMBER,
         content_label="SPINENODE_AI", content_description="AI spine findings"[:64],
         graphic_annotations=[annotation], graphic_layers=[layer],
-        voi_lut_transformations=[hd.pr.SoftcopyVOILUTTransformation(
-            window_center=float(center), window_width=max(float(width), 1.0))],
+        voi_lut_transformations=[_voi(source, window)],
         series_description=result.series_description("spine findings GSPS"),
     )
     gsps.Laterality = ""  # type 2C: the source's laterality is in the image, not this series
     copy_study_attributes(source, gsps)
+    date_the_series(gsps)
     return gsps
+
+
+def _voi(source: Dataset, window: tuple[float, float] | None
+         ) -> hd.pr.SoftcopyVOILUTTransformation:
+    if window is not None:
+        center, width = window
+        return hd.pr.SoftcopyVOILUTTransformation(window_center=float(center),
+                                                  window_width=max(float(width), 1.0))
+    lut = source.VOILUTSequence[0]
+    entries, first_mapped, bits = (int(value) for value in lut.LUTDescriptor)
+    raw = lut.LUTData  # US: numbers; OW: bytes, one 16-bit word per entry
+    data = np.frombuffer(raw, dtype="<u2") if isinstance(raw, bytes) else np.asarray(raw)
+    data = data[:entries or 65536].astype(np.uint8 if bits <= 8 else np.uint16)
+    return hd.pr.SoftcopyVOILUTTransformation(voi_luts=[hd.VOILUT(
+        first_mapped_value=first_mapped, lut_data=data,
+        lut_explanation=str(lut.get("LUTExplanation", "") or "") or None)])

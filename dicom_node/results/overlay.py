@@ -20,6 +20,7 @@ from dicom_node.results.common import (
     MANUFACTURER,
     MODEL_NAME,
     copy_study_attributes,
+    date_the_series,
     evidence_of,
 )
 
@@ -174,4 +175,5 @@ def build_overlay(source: Dataset, grey: np.ndarray, result: AnalysisResult,
     sc.Laterality = ""  # type 2C: the source's laterality is in the image, not this series
     sc.ImageComments = BANNER
     copy_study_attributes(source, sc)
+    date_the_series(sc)
     return sc

@@ -32,6 +32,7 @@ from dicom_node.results.common import (
     MANUFACTURER,
     MODEL_NAME,
     copy_study_attributes,
+    date_the_series,
     declare_private_scheme,
     evidence_of,
     finding_code,
@@ -102,6 +103,7 @@ def build_sr(source: Dataset, result: AnalysisResult, series_uid: str | None = N
     sr.ManufacturerModelName = MODEL_NAME
     sr.SoftwareVersions = list(result.software_versions)
     copy_study_attributes(source, sr)
+    date_the_series(sr)
     declare_private_scheme(sr)
     return sr
 

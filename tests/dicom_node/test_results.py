@@ -198,6 +198,53 @@ def test_a_normal_image_has_its_classification_group_only(tmp_path: Path) -> Non
     assert normality.ConceptCodeSequence[0].CodeMeaning == "Normal"
 
 
+def test_result_series_carry_what_pacs_worklists_show(tmp_path: Path) -> None:
+    """From a VinDr-style CR without Modality: each result series says what it is, who made it
+    with which bundle, and when."""
+    source = dcmread(SOURCES["cr-vindr"](tmp_path))
+    assert "Modality" not in source
+    image = decode(source)
+    grey = (image.pixels * 255).round().astype(np.uint8)
+    result = _result(_findings(2, image.columns, image.rows))
+    made = {"SR": build_sr(source, result), "OT": build_overlay(source, grey, result),
+            "PR": build_gsps(source, result, window=image.window)}
+    for (modality, ds), number, kind in zip(made.items(), (9901, 9902, 9903),
+                                            ("analysis report", "findings overlay",
+                                             "findings GSPS"), strict=True):
+        assert ds.Modality == modality and ds.SeriesNumber == number
+        assert ds.SeriesDescription == f"AI spine {kind} (spinenode) NOT FOR CLINICAL USE"
+        assert ds.Manufacturer == "spinenode" and ds.ManufacturerModelName
+        assert list(ds.SoftwareVersions)[1] == "spinenode-test 0.0.1-test"
+        assert ds.SeriesDate == ds.InstanceCreationDate and len(str(ds.SeriesDate)) == 8
+        assert ds.SeriesTime == ds.InstanceCreationTime
+        created = ds.get("ContentDate") or ds.get("PresentationCreationDate")
+        assert created == ds.InstanceCreationDate
+
+
+def test_gsps_carries_the_sources_voi_lut_that_the_analysis_used(tmp_path: Path) -> None:
+    path = make_radiograph(tmp_path / "lut.dcm", rows=200, columns=150)
+    source = dcmread(path)
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 16]
+    curve = [round(65535 * (i / 4095) ** 0.5) for i in range(4096)]  # a gamma curve
+    lut.add_new(0x00283006, "US", curve)  # LUT Data
+    lut.LUTExplanation = "SQRT"
+    source.VOILUTSequence = [lut]
+    source.save_as(path)
+    image = decode(dcmread(path))
+    assert image.window is None  # the analysis saw the file's LUT, not a window
+    gsps = build_gsps(source, _result(_findings(2, 150, 200)), window=image.window)
+    gsps.save_as(tmp_path / "gsps.dcm", enforce_file_format=True)
+    assert _errors(tmp_path / "gsps.dcm") == []
+    carried = dcmread(tmp_path / "gsps.dcm").SoftcopyVOILUTSequence[0]
+    assert "WindowCenter" not in carried
+    (copied,) = carried.VOILUTSequence
+    assert list(copied.LUTDescriptor) == [4096, 0, 16]
+    assert list(np.frombuffer(copied.LUTData, "<u2") if isinstance(copied.LUTData, bytes)
+                else copied.LUTData) == curve
+    assert copied.LUTExplanation == "SQRT"
+
+
 def test_overlay_keeps_the_image_and_adds_banner_bands(tmp_path: Path) -> None:
     source = dcmread(make_radiograph(tmp_path / "dx.dcm", rows=400, columns=300))
     grey = (decode(source).pixels * 255).round().astype(np.uint8)
