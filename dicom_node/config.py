@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -67,21 +67,29 @@ def _parse_kinds(text: str | None) -> tuple[ResultKind, ...]:
 
 
 class Destination(BaseModel):
-    """A DICOM peer that results go to: ``AE@host:port`` or ``AE@host:port/sr+sc-jpeg+gsps``.
+    """Where results go: a DICOM peer, ``AE@host:port[/sr+sc-jpeg+gsps]`` (C-STORE), or a
+    DICOMweb server, ``https://host/dicom-web[#sr+sc]`` (STOW-RS).
 
     The objects are sr, sc (uncompressed), sc-jpeg (JPEG baseline) and gsps; default sr+sc.
     """
 
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    url: str = ""  # a DICOMweb server's base URL (then no AE, host, port)
     kinds: tuple[ResultKind, ...] = DEFAULT_RESULT_KINDS
 
     @classmethod
     def parse(cls, text: str) -> Destination:
+        web = re.fullmatch(r"\s*(https?://[^\s#,]+?)/?(?:#([a-z+-]+))?\s*", text)
+        if web:
+            if len(web.group(0).strip()) > 128:  # the outbox keeps it in 128 characters
+                raise ValueError(f"{text!r}: a URL of at most 128 characters")
+            return cls(url=web.group(1), kinds=_parse_kinds(web.group(2)))
         match = re.fullmatch(r"\s*([^@]+)@([^:@/\s]+):(\d+)(?:/([a-z+-]+))?\s*", text)
         if not match:
-            raise ValueError(f"{text!r} is not AE@host:port[/sr+sc+gsps]")
+            raise ValueError(f"{text!r} is not AE@host:port[/sr+sc+gsps] or "
+                             "http(s)://host/dicom-web[#sr+sc+gsps]")
         port = int(match.group(3))
         if not 0 < port < 65536:
             raise ValueError(f"{text!r}: port out of range")
@@ -90,11 +98,12 @@ class Destination(BaseModel):
 
     @property
     def address(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return self.url or f"{self.ae_title}@{self.host}:{self.port}"
 
     def __str__(self) -> str:
-        suffix = "" if self.kinds == DEFAULT_RESULT_KINDS else "/" + "+".join(self.kinds)
-        return self.address + suffix
+        if self.kinds == DEFAULT_RESULT_KINDS:
+            return self.address
+        return self.address + ("#" if self.url else "/") + "+".join(self.kinds)
 
 
 def _split_list(value: Any) -> Any:
@@ -124,6 +133,14 @@ class Settings(BaseSettings):
     # Results for images from a calling AE listed here also go back to it, e.g.
     # "CT1@10.0.0.7:104/sr+sc": the AE title is the calling AE it answers.
     reply_to_calling_ae: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    # "study": one SR per study, written once the study has been quiet for study_stable_seconds
+    # (a later image makes a new version), and the SC/GSPS of its images in one series per kind;
+    # "image": an SR, SC and GSPS series for each image as soon as it is analysed.
+    result_scope: Literal["study", "image"] = "study"
+    # Credentials for DICOMweb destinations: a file per host (named host, or host_port) holding
+    # "Bearer <token>" or "Basic <user>:<password>", e.g. Docker secrets. Never logged.
+    dicomweb_secrets_dir: Path | None = None
+    study_stable_seconds: float = Field(30.0, gt=0)
     # Delivery: exponential backoff from delivery_retry_seconds, at most max_delivery_attempts.
     delivery_retry_seconds: float = Field(30.0, gt=0)
     delivery_max_backoff_seconds: float = Field(3600.0, gt=0)
@@ -194,11 +211,12 @@ class Settings(BaseSettings):
 
     @field_validator("destinations", "reply_to_calling_ae", mode="before")
     @classmethod
-    def _destinations(cls, value: Any) -> Any:
-        return [
-            Destination.parse(item) if isinstance(item, str) else item
-            for item in _split_list(value)
-        ]
+    def _destinations(cls, value: Any, info: ValidationInfo) -> Any:
+        parsed = [Destination.parse(item) if isinstance(item, str) else item
+                  for item in _split_list(value)]
+        if info.field_name == "reply_to_calling_ae" and any(d.url for d in parsed):
+            raise ValueError("a reply goes to a calling AE: use AE@host:port, not a URL")
+        return parsed
 
     @field_validator("device")
     @classmethod

@@ -1,12 +1,15 @@
-"""The outbox: deliveries of our objects to destinations (C-STORE as SCU), retried with
-exponential backoff until the peer has them, or dead-lettered (status failed) with the reason."""
+"""The outbox: deliveries of our objects to destinations (C-STORE to a DICOM peer, STOW-RS to a
+DICOMweb server), retried with exponential backoff until the peer has them, or dead-lettered
+(status failed) with the reason."""
 
 from __future__ import annotations
 
+import base64
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydicom import dcmread
 from pynetdicom import AE
@@ -78,7 +81,9 @@ def deliver(settings: Settings, sessions: sessionmaker[Session],
     path, destination, attempts = claimed
     with renewed(lambda: _renew_lease(sessions, delivery_id, lease), lease):
         try:
-            result = send_file(path, destination, settings.ae_title, settings.max_pdu)
+            result = (stow_file(path, destination, settings.dicomweb_secrets_dir)
+                      if destination.url else
+                      send_file(path, destination, settings.ae_title, settings.max_pdu))
         except Exception as error:  # a missing file, a network error: try again later
             result_reason = f"{error.__class__.__name__}: {error}"
             delivered, permanent = False, not path.exists()
@@ -217,3 +222,56 @@ def send_file(path: Path, destination: Destination, calling_ae: str, max_pdu: in
     comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
     reason = f"{destination.address} answered {code:#06x} ({category}){comment}"
     return SendResult(False, (code & 0xFF00) != _TRANSIENT_STATUS_PREFIX, reason)
+
+
+# HTTP answers that may change if asked again later (PS3.18 10.5.3: 409 is a conflict the
+# server may resolve; 408/429 and 5xx are the server's trouble); others are the object's fault.
+_TRANSIENT_HTTP = {408, 409, 429}
+
+
+def stow_file(path: Path, destination: Destination, secrets_dir: Path | None,
+              timeout: float = 60) -> SendResult:
+    """STOW-RS one of our objects to a DICOMweb server (with the credentials in its secrets
+    file, if one is there)."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    headers = {}
+    credentials = _credentials(destination, secrets_dir)
+    if credentials:
+        headers["Authorization"] = credentials
+    ds = dcmread(path)
+    client = DICOMwebClient(destination.url, headers=headers, timeout=timeout)
+    try:
+        response = client.store_instances([ds])
+    except requests.HTTPError as error:
+        status = error.response.status_code if error.response is not None else 0
+        permanent = 400 <= status < 500 and status not in _TRANSIENT_HTTP
+        return SendResult(False, permanent, f"{destination.url} answered HTTP {status}")
+    except requests.RequestException as error:
+        return SendResult(False, False, f"no answer from {destination.url} "
+                                        f"({error.__class__.__name__})")
+    failed = response.get("FailedSOPSequence", [])
+    if failed:
+        reason = int(failed[0].get("FailureReason", 0))
+        return SendResult(False, (reason & 0xFF00) != _TRANSIENT_STATUS_PREFIX,
+                          f"{destination.url} refused the object (failure reason "
+                          f"{reason:#06x})")
+    return SendResult(True, False, "")
+
+
+def _credentials(destination: Destination, secrets_dir: Path | None) -> str:
+    """The Authorization value for a DICOMweb host: its file in the secrets folder, named
+    after the host (and port, as host_port), holding "Bearer <token>" or
+    "Basic <user>:<password>"."""
+    if secrets_dir is None:
+        return ""
+    parts = urlsplit(destination.url)
+    name = parts.hostname + (f"_{parts.port}" if parts.port else "")
+    path = secrets_dir / name
+    if not path.is_file():
+        return ""
+    scheme, _, value = path.read_text().strip().partition(" ")
+    if scheme.lower() == "basic" and ":" in value:
+        return "Basic " + base64.b64encode(value.encode()).decode()
+    return f"{scheme} {value}"

@@ -129,7 +129,8 @@ class Pipeline:
 
     def build_outputs(self, held: Claim, image: DecodedImage,
                       result: AnalysisResult) -> list[BuiltOutput]:
-        return build_outputs(self.settings, held.spool_path, image, result, held.calling_ae)
+        return build_outputs(self.settings, held.spool_path, image, result, held.calling_ae,
+                             number=held.instance_id)
 
     def record(self, held: Claim, image: DecodedImage, runtime: ModelRuntime | None,
                result: AnalysisResult | None,

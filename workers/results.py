@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from dicom_node.analysis import AnalysisResult
 from dicom_node.config import (
@@ -19,6 +19,7 @@ from dicom_node.config import (
 from dicom_node.files import fsync_file
 from dicom_node.outbox import destinations_for
 from dicom_node.results.gsps import build_gsps
+from dicom_node.results.identity import result_series_uid
 from dicom_node.results.overlay import build_overlay
 from dicom_node.results.sr import build_sr
 from workers.imaging import DecodedImage
@@ -39,22 +40,35 @@ def kinds_for(destinations: list[Destination]) -> list[ResultKind]:
 
 
 def build_outputs(settings: Settings, source_path: Path, image: DecodedImage,
-                  summary: AnalysisResult, calling_ae: str) -> list[BuiltOutput]:
+                  summary: AnalysisResult, calling_ae: str, number: int) -> list[BuiltOutput]:
+    """The objects of one image. Per image, each in a series of its own; per study, the SR is
+    left to the study report and the others go into the study's series of their kind, as
+    instance ``number``."""
     source = dcmread(source_path, stop_before_pixels=True)
     grey = np.round(image.pixels * 255).astype(np.uint8)
-    folder = settings.data_dir / "outputs"
-    folder.mkdir(parents=True, exist_ok=True)
+    per_study = settings.result_scope == "study"
     built = []
     for kind in kinds_for(destinations_for(settings, calling_ae)):
+        series = result_series_uid(source.StudyInstanceUID, kind) if per_study else None
+        where = {"series_uid": series, "instance_number": number if per_study else 1}
         if kind is ResultKind.SR:
-            ds = build_sr(source, summary)
+            if per_study:
+                continue
+            ds = build_sr([(source, summary)], **where)
         elif kind in (ResultKind.SC, ResultKind.SC_JPEG):
-            ds = build_overlay(source, grey, summary, jpeg=kind is ResultKind.SC_JPEG)
+            ds = build_overlay(source, grey, summary, jpeg=kind is ResultKind.SC_JPEG, **where)
         else:
-            ds = build_gsps(source, summary, window=image.window)
-        path = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        fsync_file(path)  # on disk before the outbox row says it is
-        built.append(BuiltOutput(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                                 str(ds.file_meta.TransferSyntaxUID), path))
+            ds = build_gsps(source, summary, window=image.window, **where)
+        built.append(save_output(settings, kind, ds))
     return built
+
+
+def save_output(settings: Settings, kind: ResultKind, ds: Dataset) -> BuiltOutput:
+    """Into the data dir's outputs, on disk before the outbox row says it is."""
+    folder = settings.data_dir / "outputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    fsync_file(path)
+    return BuiltOutput(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                       str(ds.file_meta.TransferSyntaxUID), path)

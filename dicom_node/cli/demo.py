@@ -23,10 +23,11 @@ from sqlalchemy import select
 
 from dicom_node.cli.common import Fatal, add_settings_flags, free_port, settings_from
 from dicom_node.config import Destination, Settings
-from dicom_node.db.models import Instance
+from dicom_node.db.models import Instance, StudyReport
 from dicom_node.db.session import session_factory
 from dicom_node.outbox import list_deliveries
 from dicom_node.sop_classes import STORAGE_SOP_CLASSES
+from dicom_node.study_reports import studies_to_report
 
 DEMO_AE = "SPINEDEMO"
 RECEIVER_AE = "DEMOPACS"
@@ -111,6 +112,10 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> i
             files = [make_radiograph(demo_dir / f"sample-{i}.dcm", rows=1024, columns=820,
                                      seed=i) for i in range(count)]
         uids = _send(settings, files)
+        if settings.result_scope == "study":
+            print(f"demo: each study is reported once quiet for "
+                  f"{settings.study_stable_seconds:.0f} s (SPINENODE_STUDY_STABLE_SECONDS)",
+                  flush=True)
         _show_results(settings, uids, received)
         if keep_serving:
             print(f"demo: the node keeps running; send your own images with e.g.\n"
@@ -154,7 +159,10 @@ def _show_results(settings: Settings, uids: list[str], received: Path,
                                                        "waiting-for-model")]
         deliveries = list_deliveries(sessions, limit=1000)
         pending = [d for d in deliveries if d["status"] in ("pending", "sending")]
-        if len(settled) == len(uids) and not pending:
+        # A study's report waits until it has been quiet for study_stable_seconds.
+        unreported = (settings.result_scope == "study"
+                      and studies_to_report(sessions, stable_seconds=0))
+        if len(settled) == len(uids) and not pending and not unreported:
             break
         time.sleep(0.5)
     print("demo: results")
@@ -169,6 +177,10 @@ def _show_results(settings: Settings, uids: list[str], received: Path,
             findings = ", ".join(f"{f.class_name} {f.score:.2f}" for f in analysis.findings)
             print(f"  {uid}: {analysis.label} (p = {analysis.probability:.2f}, threshold "
                   f"{analysis.threshold:.2f}); findings: {findings or 'none'}")
+        for report in session.scalars(select(StudyReport).order_by(StudyReport.id)):
+            print(f"  study {report.study.study_uid}: {report.label} (highest p = "
+                  f"{report.probability:.2f}, {report.image_count} images, "
+                  f"{report.finding_count} findings), report version {report.version}")
     delivered = [d for d in list_deliveries(sessions, limit=1000) if d["status"] == "delivered"]
     print(f"demo: {len(delivered)} result objects delivered; returned files in {received}:")
     for path in sorted(received.glob("*.dcm")):

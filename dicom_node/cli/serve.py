@@ -57,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.db.session import session_factory
     from dicom_node.dispatch import Reconciler, remove_incoming_files
     from dicom_node.scp import StoreSCP, receive_into_spool
+    from dicom_node.study_reports import StudyReporter
     from workers.tasks import TaskQueue
 
     settings = settings_from(args)
@@ -75,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     reconciler = Reconciler(settings, sessions, tasks.enqueue_analysis, tasks.depth,
                             enqueue_delivery=tasks.enqueue_delivery,
                             also=worker.ensure_running if worker else None)
+    reporter = (StudyReporter(settings, sessions, tasks.enqueue_delivery)
+                if settings.result_scope == "study" else None)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -86,6 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if worker is not None:
         worker.ensure_running()
     reconciler.start()
+    if reporter is not None:
+        reporter.start()
     broker = "embedded queue" if settings.embedded_broker else redact(settings.broker_url)
     print(
         f"spinenode: {settings.ae_title} listening on {settings.bind_address}:{settings.port}; "
@@ -98,6 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print("spinenode: stopping", flush=True)
     scp.stop()
     reconciler.stop()
+    if reporter is not None:
+        reporter.stop()
     if worker is not None:
         worker.stop()
     return 0

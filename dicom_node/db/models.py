@@ -199,13 +199,41 @@ class Finding(Base):
     analysis: Mapped[Analysis] = relationship(back_populates="findings")
 
 
+class StudyReport(Base):
+    """One version of a study's result: what its analysed images say together. An image that
+    arrives after a report makes a new version, which supersedes the older; both are kept."""
+
+    __tablename__ = "study_reports"
+    __table_args__ = (
+        UniqueConstraint("study_pk", "version", name="uq_study_reports_study_version"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(String(16))  # abnormal if any image is
+    probability: Mapped[float] = mapped_column(Float)  # the highest of its images
+    top_instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"))  # which gave it
+    image_count: Mapped[int] = mapped_column(Integer)
+    finding_count: Mapped[int] = mapped_column(Integer)
+    analysis_ids: Mapped[list] = mapped_column(JSON)  # the analyses it reports, sorted
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    study: Mapped[Study] = relationship()
+    outputs: Mapped[list[Output]] = relationship(back_populates="study_report",
+                                                 order_by="Output.id")
+
+
 class Output(Base):
-    """A DICOM object we made from an analysis (SR, SC overlay, GSPS), kept in the spool."""
+    """A DICOM object we made (SR, SC overlay, GSPS), kept in the data dir: from one analysis,
+    or (a study's SR) from a study report."""
 
     __tablename__ = "outputs"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    analysis_pk: Mapped[int] = mapped_column(ForeignKey("analyses.id"), index=True)
+    analysis_pk: Mapped[int | None] = mapped_column(ForeignKey("analyses.id"), index=True)
+    study_report_pk: Mapped[int | None] = mapped_column(ForeignKey("study_reports.id"),
+                                                        index=True)
     kind: Mapped[str] = mapped_column(String(16))  # sr, sc, sc-jpeg, gsps
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -213,7 +241,8 @@ class Output(Base):
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    analysis: Mapped[Analysis] = relationship(back_populates="outputs")
+    analysis: Mapped[Analysis | None] = relationship(back_populates="outputs")
+    study_report: Mapped[StudyReport | None] = relationship(back_populates="outputs")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="output",
                                                       order_by="Delivery.id")
 

@@ -22,7 +22,7 @@ GSPS_SERIES_NUMBER = 9903
 
 
 def build_gsps(source: Dataset, result: AnalysisResult, window: tuple[float, float] | None,
-               series_uid: str | None = None) -> Dataset:
+               series_uid: str | None = None, instance_number: int = 1) -> Dataset:
     """``window``: the VOI the analysis used, (center, width) in the source's modality values,
     or None for the source's own VOI LUT Sequence (which the GSPS then carries)."""
     evidence = evidence_of(source)
@@ -50,7 +50,8 @@ def build_gsps(source: Dataset, result: AnalysisResult, window: tuple[float, flo
                                          graphic_objects=graphics or None, text_objects=texts)
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[evidence], series_instance_uid=series_uid or generate_uid(),
-        series_number=GSPS_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
+        series_number=GSPS_SERIES_NUMBER, sop_instance_uid=generate_uid(),
+        instance_number=instance_number,
         manufacturer=MANUFACTURER, manufacturer_model_name=MODEL_NAME,
         software_versions=list(result.software_versions),
         device_serial_number=DEVICE_SERIAL_NUMBER,

@@ -152,14 +152,16 @@ def _draw_lines(draw: ImageDraw.ImageDraw, lines: list[str], font: ImageFont.Fre
 
 
 def build_overlay(source: Dataset, grey: np.ndarray, result: AnalysisResult,
-                  series_uid: str | None = None, jpeg: bool = False) -> Dataset:
+                  series_uid: str | None = None, instance_number: int = 1,
+                  jpeg: bool = False) -> Dataset:
     evidence = evidence_of(source)
     known_orientation = len(source.get("PatientOrientation") or []) == 2
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=evidence, pixel_array=render_overlay(grey, result).pixels,
         photometric_interpretation="YBR_FULL_422" if jpeg else "RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=series_uid or generate_uid(),
-        series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(),
+        instance_number=instance_number,
         manufacturer=MANUFACTURER,
         # highdicom wants an orientation; where the source has none we empty it below.
         patient_orientation=tuple(source.PatientOrientation) if known_orientation

@@ -14,11 +14,15 @@ polyline (INFERRED FROM) with its one source image, and a Comment that OHIF uses
   "Abnormal (abnormality 81%)";
 - then one group per lesion, labelled "Osteophytes 65%".
 
-The report's Qualitative Evaluations container (TID 1500, CODE and TEXT items; OHIF leaves it
-alone) repeats the answer for software: normality, a sentence, each member's probability.
+A study's report has these for each of its images (an Image Library entry each, the ROIs on
+their own images). The report's Qualitative Evaluations container (TID 1500, CODE and TEXT
+items; OHIF leaves it alone) holds the answer for all of them: normality (abnormal if any image
+is), a sentence, the highest probability, and a sentence per image with its members'.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -60,29 +64,32 @@ def percent(probability: float) -> str:
     return f"{probability:.0%}"
 
 
-def member_code(architecture: str) -> CodedConcept:
-    return private_code(architecture[:16].upper(), f"DERNet member {architecture}")
-
-
-def build_sr(source: Dataset, result: AnalysisResult, series_uid: str | None = None) -> Dataset:
-    source = evidence_of(source)
-    algorithm = hd.sr.AlgorithmIdentification(name=result.bundle_name,
-                                              version=result.bundle_version)
+def build_sr(images: Sequence[tuple[Dataset, AnalysisResult]], series_uid: str | None = None,
+             instance_number: int = 1, previous: Dataset | None = None) -> Dataset:
+    """The report on one image, or on a study's images together (abnormal if any image is).
+    ``previous``: the SR this one supersedes (a new version, after more images arrived)."""
+    sources = [evidence_of(source) for source, _ in images]
+    results = [result for _, result in images]
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=generate_uid(), name=MODEL_NAME, manufacturer_name=MANUFACTURER,
             model_name=MODEL_NAME),
     )
-    columns, rows = float(source.Columns), float(source.Rows)
-    border = [(0.0, 0.0), (columns, 0.0), (columns, rows), (0.0, rows), (0.0, 0.0)]
-    groups = [_group(source, "Image classification", border, result.probability,
-                     codes.SCT.Abnormal if result.abnormal else codes.SCT.Normal,
-                     f"{result.label} (abnormality {percent(result.probability)})", algorithm)]
-    groups += [_group(source, f"Lesion {index} {box.class_name}", box.outline(), box.score,
-                      finding_code(box.class_name), f"{box.class_name} {percent(box.score)}",
-                      algorithm)
-               for index, box in enumerate(result.findings, start=1)]
+    groups = []
+    for number, (source, result) in enumerate(zip(sources, results, strict=True), start=1):
+        algorithm = hd.sr.AlgorithmIdentification(name=result.bundle_name,
+                                                  version=result.bundle_version)
+        columns, rows = float(source.Columns), float(source.Rows)
+        border = [(0.0, 0.0), (columns, 0.0), (columns, rows), (0.0, rows), (0.0, 0.0)]
+        groups.append(_group(
+            source, f"Image {number} classification", border, result.probability,
+            codes.SCT.Abnormal if result.abnormal else codes.SCT.Normal,
+            f"{result.label} (abnormality {percent(result.probability)})", algorithm))
+        groups += [_group(source, f"Image {number} lesion {index} {box.class_name}",
+                          box.outline(), box.score, finding_code(box.class_name),
+                          f"{box.class_name} {percent(box.score)}", algorithm)
+                   for index, box in enumerate(result.findings, start=1)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE,
@@ -92,17 +99,22 @@ def build_sr(source: Dataset, result: AnalysisResult, series_uid: str | None = N
     measurements = next(i for i, item in enumerate(content)
                         if item.ConceptNameCodeSequence[0].CodeValue
                         == codes.DCM.ImagingMeasurements.value)
-    content.insert(measurements, _image_library([source]))
-    content.append(_qualitative_evaluations(result))
+    content.insert(measurements, _image_library(sources))
+    content.append(_qualitative_evaluations(sources, results))
+    # A report made with any bundle not for clinical use says so.
+    signer = min(results, key=lambda result: result.clinical_use)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[source], content=report, series_instance_uid=series_uid or generate_uid(),
-        series_number=SR_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
-        manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
-        series_description=result.series_description("spine analysis report"),
+        evidence=sources, content=report, series_instance_uid=series_uid or generate_uid(),
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=generate_uid(),
+        instance_number=instance_number, manufacturer=MANUFACTURER, is_complete=True,
+        is_final=False, is_verified=False,
+        previous_versions=[previous] if previous is not None else None,
+        series_description=signer.series_description("spine analysis report"),
     )
     sr.ManufacturerModelName = MODEL_NAME
-    sr.SoftwareVersions = list(result.software_versions)
-    copy_study_attributes(source, sr)
+    sr.SoftwareVersions = list(dict.fromkeys(version for result in results
+                                             for version in result.software_versions))
+    copy_study_attributes(images[0][0], sr)
     date_the_series(sr)
     declare_private_scheme(sr)
     return sr
@@ -177,26 +189,37 @@ def _library_entry(source: Dataset) -> hd.sr.ImageContentItem:
     return entry
 
 
-def _qualitative_evaluations(result: AnalysisResult) -> hd.sr.ContainerContentItem:
-    """The image-level answer: normality, a sentence a person reads, and each probability as
-    its own item for software."""
-    members = ", ".join(f"{name} {percent(p)}"
-                        for name, p in sorted(result.member_probabilities.items()))
-    summary = (f"{result.label}: abnormality probability {percent(result.probability)} "
-               f"(threshold {percent(result.threshold)}; DERNet members {members}); "
-               f"{len(result.findings)} findings; algorithm {result.bundle_name} "
-               f"{result.bundle_version}")
-    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
-                                           relationship_type=_CONTAINS)
-    container.ContentSequence = [
+def _qualitative_evaluations(sources: list[Dataset], results: list[AnalysisResult]
+                             ) -> hd.sr.ContainerContentItem:
+    """The answer for all the images together (abnormal if any is; the highest probability and
+    its image), a sentence per image a person reads, and the highest probability for software.
+    """
+    top = max(range(len(results)), key=lambda index: results[index].probability)
+    abnormal = any(result.abnormal for result in results)
+    findings = sum(len(result.findings) for result in results)
+    bundles = ", ".join(dict.fromkeys(f"{r.bundle_name} {r.bundle_version}" for r in results))
+    summary = (f"{'Abnormal' if abnormal else 'Normal'}: highest abnormality probability "
+               f"{percent(results[top].probability)} (image {top + 1} of {len(results)}); "
+               f"{findings} findings; algorithm {bundles}")
+    items = [
         hd.sr.CodeContentItem(name=codes.DCM.Normality,
-                              value=codes.SCT.Abnormal if result.abnormal else codes.SCT.Normal,
+                              value=codes.SCT.Abnormal if abnormal else codes.SCT.Normal,
                               relationship_type=_CONTAINS),
         hd.sr.TextContentItem(name=codes.DCM.Comment, value=summary, relationship_type=_CONTAINS),
-        hd.sr.TextContentItem(name=ENSEMBLE_PROBABILITY, value=f"{result.probability:.6f}",
+        hd.sr.TextContentItem(name=ENSEMBLE_PROBABILITY,
+                              value=f"{results[top].probability:.6f}",
                               relationship_type=_CONTAINS),
-        *(hd.sr.TextContentItem(name=member_code(name), value=f"{p:.6f}",
-                                relationship_type=_CONTAINS)
-          for name, p in sorted(result.member_probabilities.items())),
     ]
+    for number, (source, result) in enumerate(zip(sources, results, strict=True), start=1):
+        members = ", ".join(f"{name} {percent(p)}"
+                            for name, p in sorted(result.member_probabilities.items()))
+        items.append(hd.sr.TextContentItem(
+            name=codes.DCM.Comment, relationship_type=_CONTAINS,
+            value=(f"Image {number} ({source.SOPInstanceUID}): {result.label}, abnormality "
+                   f"probability {percent(result.probability)} (threshold "
+                   f"{percent(result.threshold)}; DERNet members {members}); "
+                   f"{len(result.findings)} findings")))
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
+                                           relationship_type=_CONTAINS)
+    container.ContentSequence = items
     return container

@@ -12,8 +12,7 @@ from dicom_node.db.models import Base
 from dicom_node.db.session import engine_for
 
 TABLES = {"patients", "studies", "series", "instances", "instance_events", "analyses",
-          "outputs", "deliveries",
-          "findings"}
+          "outputs", "deliveries", "findings", "study_reports"}
 
 
 def _tables(url: str) -> set[str]:
@@ -23,7 +22,7 @@ def _tables(url: str) -> set[str]:
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     migrate.upgrade(database_url)
     assert _tables(database_url) == TABLES
-    assert migrate.current_revision(database_url) == "0003"
+    assert migrate.current_revision(database_url) == "0004"
     migrate.downgrade(database_url, "base")
     assert _tables(database_url) == set()
     assert migrate.current_revision(database_url) is None

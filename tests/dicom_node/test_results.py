@@ -66,7 +66,7 @@ def test_objects_are_valid_and_consistent(tmp_path: Path, source_name: str, coun
     grey = (image.pixels * 255).round().astype(np.uint8)
     result = _result(_findings(count, image.columns, image.rows), abnormal=count > 0)
     objects: dict[str, Dataset] = {
-        "sr": build_sr(source, result),
+        "sr": build_sr([(source, result)]),
         "sc": build_overlay(source, grey, result),
         "sc-jpeg": build_overlay(source, grey, result, jpeg=True),
         "gsps": build_gsps(source, result, window=(2048.0, 4096.0)),
@@ -110,7 +110,7 @@ def _sr_of(tmp_path: Path, findings: list[FindingBox], abnormal: bool = True
            ) -> tuple[Dataset, Path]:
     source = dcmread(make_radiograph(tmp_path / "dx.dcm", rows=400, columns=300))
     path = tmp_path / "sr.dcm"
-    build_sr(source, _result(findings, abnormal)).save_as(path, enforce_file_format=True)
+    build_sr([(source, _result(findings, abnormal))]).save_as(path, enforce_file_format=True)
     return source, path
 
 
@@ -146,12 +146,15 @@ def test_sr_reads_back_to_the_same_findings(tmp_path: Path) -> None:
     (evaluations,) = _named(sr.ContentSequence, "Qualitative Evaluations")
     (normality,) = _named(evaluations.ContentSequence, "Normality")
     assert normality.ConceptCodeSequence[0].CodeMeaning == "Abnormal"
-    texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
-             for item in evaluations.ContentSequence if item.ValueType == "TEXT"}
-    assert float(texts["Abnormality probability (ensemble)"]) == 0.8123
-    assert float(texts["DERNet member resnet50"]) == 0.9
-    assert texts["Comment"].startswith("Abnormal: abnormality probability 81% (threshold 50%")
-    assert "spinenode-test 0.0.1-test" in texts["Comment"]
+    (ensemble,) = _named(evaluations.ContentSequence, "Abnormality probability (ensemble)")
+    assert float(ensemble.TextValue) == 0.8123
+    summary, image_line = (item.TextValue for item in _named(evaluations.ContentSequence,
+                                                             "Comment"))
+    assert summary == ("Abnormal: highest abnormality probability 81% (image 1 of 1); "
+                       "9 findings; algorithm spinenode-test 0.0.1-test")
+    assert image_line == (f"Image 1 ({source.SOPInstanceUID}): Abnormal, abnormality "
+                          "probability 81% (threshold 50%; DERNet members densenet121 70%, "
+                          "resnet50 90%, tf_efficientnetv2_s 85%); 9 findings")
     schemes = [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence]
     assert "99SPINENODE" in schemes
 
@@ -206,7 +209,7 @@ def test_result_series_carry_what_pacs_worklists_show(tmp_path: Path) -> None:
     image = decode(source)
     grey = (image.pixels * 255).round().astype(np.uint8)
     result = _result(_findings(2, image.columns, image.rows))
-    made = {"SR": build_sr(source, result), "OT": build_overlay(source, grey, result),
+    made = {"SR": build_sr([(source, result)]), "OT": build_overlay(source, grey, result),
             "PR": build_gsps(source, result, window=image.window)}
     for (modality, ds), number, kind in zip(made.items(), (9901, 9902, 9903),
                                             ("analysis report", "findings overlay",

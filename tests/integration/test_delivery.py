@@ -147,8 +147,12 @@ def test_our_objects_routed_back_are_not_analysed(tmp_path: Path, sqlite_url: st
                                        "SPINENODE_ROUTE_MODALITIES": "CR,DX,OT"})
     assert storescu(node.port, [make_radiograph(tmp_path / "spine.dcm")]).returncode == 0
     wait_until_settled(sqlite_url, 1, timeout=120)
-    outputs = sorted((node.data_dir / "outputs").glob("*.dcm"))
-    assert len(outputs) == 2  # SR and SC, kept although no destination is configured
+    # SR (the study's, once it is quiet) and SC, kept although no destination is configured.
+    def both_objects() -> list[Path] | None:
+        found = sorted((node.data_dir / "outputs").glob("*.dcm"))
+        return found if len(found) == 2 else None
+
+    outputs = wait_for(both_objects, 60, what="the SR and the SC")
     # A PACS routes our SR and SC back to us (SC is OT, which this node now analyses).
     assert storescu(node.port, outputs, "-R").returncode == 0  # -R: propose what they are
     rows = wait_until_settled(sqlite_url, 3, timeout=120)

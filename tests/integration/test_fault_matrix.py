@@ -28,8 +28,16 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from dicom_node.config import load_settings
-from dicom_node.db.models import Analysis, Delivery, Instance, InstanceEvent, Output
+from dicom_node.db.models import (
+    Analysis,
+    Delivery,
+    Instance,
+    InstanceEvent,
+    Output,
+    StudyReport,
+)
 from dicom_node.db.session import session_factory
+from dicom_node.study_reports import studies_to_report
 from tests.support.fault_peers import Modality, OwnPostgres, OwnRedis, Pacs, Sent, send
 from tests.support.node import NodeProcess, wait_for
 from tests.support.samples import make_radiograph
@@ -172,7 +180,8 @@ def settle_and_check(rig: Rig, fault: str, sent: list[Sent]) -> Row:
             statuses = set(session.scalars(select(Instance.status)))
             pending = session.scalar(select(func.count()).select_from(Delivery)
                                      .where(Delivery.status != "delivered"))
-        return statuses <= TERMINAL and not pending
+        # Every study reported (each streamed image is a study of its own), and sent.
+        return statuses <= TERMINAL and not pending and not studies_to_report(sessions, 0)
 
     try:
         wait_for(settled, BOUND_SECONDS, interval=0.5, what=f"{fault}: all results delivered")
@@ -183,18 +192,25 @@ def settle_and_check(rig: Rig, fault: str, sent: list[Sent]) -> Row:
 
     with sessions() as session:
         rows = {row.sop_instance_uid: row for row in session.scalars(select(Instance))}
+        rows_by_pk = {row.id: row for row in rows.values()}
         analyses = Counter(session.scalars(select(Analysis.instance_pk)))
         analysed_events = Counter(session.scalars(
             select(InstanceEvent.instance_pk).where(InstanceEvent.event == "analysed")))
+        # (instance, kind) -> our object's UID: the SC from the image's analysis, the SR from
+        # the report of its study.
         outputs = {(pk, kind): uid for pk, kind, uid in session.execute(
             select(Analysis.instance_pk, Output.kind, Output.sop_instance_uid)
             .join(Output.analysis))}
-        waits = [(delivered - stored).total_seconds() for stored, delivered in session.execute(
-            select(Instance.received_at, func.max(Delivery.delivered_at))
-            .join(Analysis, Analysis.instance_pk == Instance.id)
-            .join(Output, Output.analysis_pk == Analysis.id)
-            .join(Delivery, Delivery.output_pk == Output.id)
-            .group_by(Instance.id, Instance.received_at))]
+        instance_of = dict(session.execute(select(Analysis.id, Analysis.instance_pk)).all())
+        for report in session.scalars(select(StudyReport)):
+            for analysis_id in report.analysis_ids:
+                for output in report.outputs:
+                    outputs[(instance_of[analysis_id], output.kind)] = output.sop_instance_uid
+        delivered_at = dict(session.execute(
+            select(Output.sop_instance_uid, func.max(Delivery.delivered_at))
+            .join(Delivery.output).group_by(Output.sop_instance_uid)).all())
+        waits = [(delivered_at[uid] - rows_by_pk[pk].received_at).total_seconds()
+                 for (pk, _), uid in outputs.items() if delivered_at.get(uid)]
     received = rig.pacs.received()
 
     acked = [s for s in sent if s.status == 0]

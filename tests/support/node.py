@@ -68,6 +68,7 @@ class NodeProcess:
             "SPINENODE_BROKER_URL": broker_url,
             "SPINENODE_RECONCILE_INTERVAL_SECONDS": "2",
             "SPINENODE_RECONCILE_GRACE_SECONDS": "3",
+            "SPINENODE_STUDY_STABLE_SECONDS": "2",  # study reports soon after the last image
             **(env or {}),
         }
         self.command = command

@@ -4,6 +4,7 @@ orthanc-dicomweb) for the viewer and STOW-RS."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import urllib.request
@@ -21,7 +22,9 @@ DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 class Orthanc:
-    def __init__(self, folder: Path, node_port: int, dicomweb: bool = False):
+    def __init__(self, folder: Path, node_port: int, dicomweb: bool = False,
+                 users: dict[str, str] | None = None):
+        """``users``: HTTP basic-auth users (name: password); none means no authentication."""
         folder.mkdir(parents=True)
         self.http_port, self.dicom_port = free_port(), free_port()
         (folder / "route.lua").write_text(ROUTE_EVERYTHING)
@@ -29,7 +32,8 @@ class Orthanc:
             "Name": "test-pacs", "StorageDirectory": str(folder / "storage"),
             "IndexDirectory": str(folder / "storage"), "HttpPort": self.http_port,
             "DicomPort": self.dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "HttpServerEnabled": True,
+            "AuthenticationEnabled": bool(users), "RegisteredUsers": users or {},
+            "HttpServerEnabled": True,
             "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
             "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             "LuaScripts": [str(folder / "route.lua")],
@@ -37,6 +41,9 @@ class Orthanc:
             "DicomAlwaysAllowStore": True, "UnknownSopClassAccepted": True,
         }
         (folder / "orthanc.json").write_text(json.dumps(config))
+        name, password = next(iter((users or {"": ""}).items()))
+        token = base64.b64encode(f"{name}:{password}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {token}"} if users else {}
         self.log = open(folder / "orthanc.log", "wb")
         self.process = subprocess.Popen(["Orthanc", str(folder / "orthanc.json")],
                                         stdout=self.log, stderr=subprocess.STDOUT)
@@ -49,8 +56,9 @@ class Orthanc:
 
     def get(self, path: str) -> object:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}",
-                                        timeout=10) as response:
+            request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}",
+                                             headers=self._headers)
+            with urllib.request.urlopen(request, timeout=10) as response:
                 return json.load(response)
         except OSError:
             return None
@@ -58,6 +66,7 @@ class Orthanc:
     def study_instances(self, study_uid: str) -> list[dict]:
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.http_port}/tools/find", method="POST",
+            headers=self._headers,
             data=json.dumps({"Level": "Instance", "Expand": True,
                              "Query": {"StudyInstanceUID": study_uid}}).encode())
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -66,6 +75,7 @@ class Orthanc:
     def has_series(self, study_uid: str, modality: str) -> bool:
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.http_port}/tools/find", method="POST",
+            headers=self._headers,
             data=json.dumps({"Level": "Series", "Query": {"StudyInstanceUID": study_uid,
                                                           "Modality": modality}}).encode())
         with urllib.request.urlopen(request, timeout=10) as response:

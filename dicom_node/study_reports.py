@@ -1,0 +1,202 @@
+"""Study reports: once a study has been quiet for ``study_stable_seconds`` (the stable-study
+timer of Orthanc and mercure), one SR for all its analysed images, sent like any result.
+
+A study is reported when every image of it that the node took is finished and none arrived for
+that long. An image that arrives later makes a new version of the report in the same series,
+which names the one it supersedes; the older stays, in the PACS and in ``study_reports``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import case, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from dicom_node.analysis import AnalysisResult, Classification, FindingBox
+from dicom_node.config import ResultKind, Settings
+from dicom_node.db.models import (
+    Analysis,
+    Delivery,
+    Instance,
+    InstanceStatus,
+    Output,
+    Series,
+    Study,
+    StudyReport,
+    utcnow,
+)
+from dicom_node.files import fsync_file
+from dicom_node.outbox import destinations_for
+from dicom_node.results.identity import result_series_uid
+from dicom_node.results.sr import build_sr
+
+log = logging.getLogger(__name__)
+
+# An image in one of these has not had its say yet: its study waits for it.
+IN_FLIGHT = (InstanceStatus.RECEIVED, InstanceStatus.QUEUED, InstanceStatus.PROCESSING,
+             InstanceStatus.WAITING_FOR_MODEL)
+
+EnqueueDelivery = Callable[[int], None]
+
+
+def studies_to_report(sessions: sessionmaker[Session], stable_seconds: float) -> list[int]:
+    """Studies quiet for ``stable_seconds`` with every image finished and an analysis that their
+    latest report (if any) does not include."""
+    quiet_since = utcnow() - timedelta(seconds=stable_seconds)
+    with sessions() as session:
+        candidates = session.execute(
+            select(Study.id)
+            .join(Series, Series.study_pk == Study.id)
+            .join(Instance, Instance.series_pk == Series.id)
+            .group_by(Study.id)
+            .having(func.max(Instance.received_at) < quiet_since)
+            .having(func.sum(case((Instance.status.in_(IN_FLIGHT), 1), else_=0)) == 0)
+        ).scalars().all()
+        return [study for study in candidates if _unreported(session, study)]
+
+
+def _latest_analyses(session: Session, study_pk: int) -> list[Analysis]:
+    """Each finished image's latest analysis, in the order the images arrived."""
+    latest = (select(func.max(Analysis.id))
+              .join(Instance, Analysis.instance_pk == Instance.id)
+              .join(Series, Instance.series_pk == Series.id)
+              .where(Series.study_pk == study_pk, Instance.status == InstanceStatus.DONE)
+              .group_by(Analysis.instance_pk))
+    return list(session.scalars(
+        select(Analysis).where(Analysis.id.in_(latest))
+        .options(selectinload(Analysis.findings), selectinload(Analysis.instance))
+        .order_by(Analysis.instance_pk)))
+
+
+def _latest_report(session: Session, study_pk: int) -> StudyReport | None:
+    return session.scalars(select(StudyReport).where(StudyReport.study_pk == study_pk)
+                           .order_by(StudyReport.version.desc()).limit(1)).first()
+
+
+def _unreported(session: Session, study_pk: int) -> bool:
+    analyses = sorted(analysis.id for analysis in _latest_analyses(session, study_pk))
+    latest = _latest_report(session, study_pk)
+    return bool(analyses) and (latest is None or latest.analysis_ids != analyses)
+
+
+def result_of(analysis: Analysis) -> AnalysisResult:
+    """An analysis as the result objects show it, from the database."""
+    classification = Classification(
+        member_probabilities=dict(analysis.member_probabilities), view_probabilities={},
+        probability=analysis.probability, threshold=analysis.threshold,
+        abnormal=analysis.label == "abnormal")
+    boxes = [FindingBox(f.class_name, f.score, f.x0, f.y0, f.x1, f.y1, f.class_index)
+             for f in analysis.findings]
+    return AnalysisResult(analysis.bundle_name, analysis.bundle_version, analysis.clinical_use,
+                          classification, boxes)
+
+
+def report_study(settings: Settings, sessions: sessionmaker[Session], study_pk: int
+                 ) -> list[int]:
+    """Write the study's next report (SR file, report row, output, deliveries) unless its latest
+    already covers the same analyses; returns the deliveries to queue."""
+    with sessions() as session:
+        analyses = _latest_analyses(session, study_pk)
+        latest = _latest_report(session, study_pk)
+        covered = sorted(analysis.id for analysis in analyses)
+        if not analyses or (latest is not None and latest.analysis_ids == covered):
+            return []
+        study_uid = session.get(Study, study_pk).study_uid
+        images = [(dcmread(analysis.instance.spool_path, stop_before_pixels=True),
+                   result_of(analysis)) for analysis in analyses]
+        calling_aes = {analysis.instance.calling_ae for analysis in analyses}
+        version = 1 if latest is None else latest.version + 1
+        previous = None if latest is None else _sr_of(latest)
+        top = max(analyses, key=lambda analysis: analysis.probability)
+        report = StudyReport(
+            study_pk=study_pk, version=version,
+            label="abnormal" if any(a.label == "abnormal" for a in analyses) else "normal",
+            probability=top.probability, top_instance_pk=top.instance_pk,
+            image_count=len(analyses), finding_count=sum(len(a.findings) for a in analyses),
+            analysis_ids=covered)
+    sr = build_sr(images, series_uid=result_series_uid(study_uid, ResultKind.SR),
+                  instance_number=version,
+                  previous=dcmread(previous, stop_before_pixels=True) if previous else None)
+    path = settings.data_dir / "outputs" / f"{sr.SOPInstanceUID}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sr.save_as(path, enforce_file_format=True)
+    fsync_file(path)  # on disk before the outbox row says it is
+    destinations = {str(d): d for ae in sorted(calling_aes)
+                    for d in destinations_for(settings, ae) if ResultKind.SR in d.kinds}
+    try:
+        with sessions.begin() as session:
+            session.add(report)
+            output = Output(study_report=report, kind=ResultKind.SR,
+                            sop_class_uid=str(sr.SOPClassUID),
+                            sop_instance_uid=str(sr.SOPInstanceUID),
+                            transfer_syntax_uid=str(sr.file_meta.TransferSyntaxUID),
+                            path=str(path))
+            deliveries = [Delivery(output=output, destination=name) for name in destinations]
+            session.add_all([output, *deliveries])
+            session.flush()
+            delivery_ids = [delivery.id for delivery in deliveries]
+    except IntegrityError:  # another reporter wrote this version first
+        path.unlink(missing_ok=True)
+        return []
+    log.info("study %s reported (version %d): %s, highest p=%.3f, %d images, %d findings",
+             study_uid, version, report.label, report.probability, report.image_count,
+             report.finding_count)
+    return delivery_ids
+
+
+def _sr_of(report: StudyReport) -> Path | None:
+    paths = [Path(output.path) for output in report.outputs if output.kind == ResultKind.SR]
+    return paths[0] if paths and paths[0].is_file() else None
+
+
+class StudyReporter:
+    """Checks for stable studies every fifth of the stable time (at least once a second) and
+    reports them; the reports' deliveries go to the queue."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session],
+                 enqueue_delivery: EnqueueDelivery):
+        self._settings = settings
+        self._sessions = sessions
+        self._enqueue_delivery = enqueue_delivery
+        self._interval = max(1.0, settings.study_stable_seconds / 5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="study-reporter", daemon=True)
+        self._last_error = ""
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def run_once(self) -> int:
+        """Report every stable study now; the number reported."""
+        reported = 0
+        for study in studies_to_report(self._sessions, self._settings.study_stable_seconds):
+            delivery_ids = report_study(self._settings, self._sessions, study)
+            reported += 1
+            for delivery_id in delivery_ids:  # the reconciler sends any this misses
+                try:
+                    self._enqueue_delivery(delivery_id)
+                except Exception as error:
+                    log.warning("could not queue delivery %d: %s", delivery_id, error)
+        return reported
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.run_once()
+                self._last_error = ""
+            except Exception as error:  # the database is down, a spool file is gone...
+                message = f"{error.__class__.__name__}: {error}".splitlines()[0]
+                if message != self._last_error:  # said once, not every few seconds
+                    log.warning("study reports: %s", message)
+                self._last_error = message
