@@ -1,0 +1,66 @@
+"""docs/conformance.md says exactly what the node does: the SOP classes and transfer syntaxes
+its SCP accepts (read from the SCP's own AE) and the ones its sender proposes (read from the
+objects it makes, each sent in its own SOP class and transfer syntax)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
+from pynetdicom.sop_class import Verification
+
+from dicom_node.analysis import AnalysisResult, Classification, FindingBox
+from dicom_node.config import load_settings
+from dicom_node.db.session import session_factory
+from dicom_node.results.gsps import build_gsps
+from dicom_node.results.overlay import build_overlay
+from dicom_node.results.sr import build_sr
+from dicom_node.scp import StoreSCP
+from training.synthetic import make_radiograph
+
+STATEMENT = Path(__file__).parents[2] / "docs" / "conformance.md"
+
+
+def table(heading: str) -> list[list[str]]:
+    """The rows (cells) of the table under a heading of the statement."""
+    text = STATEMENT.read_text().split(f"#### {heading}\n", 1)[1]
+    rows = [line for line in text.lstrip("\n").split("\n\n", 1)[0].splitlines()
+            if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def uids(cells: str) -> set[str]:
+    return set(re.findall(r"\d+(?:\.\d+)+", cells))
+
+
+def test_the_scp_accepts_what_the_statement_lists(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path)
+    scp = StoreSCP(settings, session_factory(f"sqlite:///{tmp_path / 'db.sqlite'}"),
+                   lambda instance_id: None)
+    contexts = {str(cx.abstract_syntax): set(map(str, cx.transfer_syntax))
+                for cx in scp.ae.supported_contexts}
+    listed_classes = {row[1] for row in table("SOP classes as SCP")}
+    assert listed_classes == set(contexts)
+    storage_syntaxes = set().union(*(syntaxes for uid, syntaxes in contexts.items()
+                                     if uid != Verification))
+    assert {row[1] for row in table("Transfer syntaxes as SCP")} == storage_syntaxes
+    assert contexts[Verification] == set(DEFAULT_TRANSFER_SYNTAXES)
+
+
+def test_the_sender_proposes_what_the_statement_lists(tmp_path: Path) -> None:
+    source = dcmread(make_radiograph(tmp_path / "dx.dcm", rows=200, columns=150))
+    classification = Classification({"densenet121": 0.7}, {}, 0.7, 0.5, True)
+    result = AnalysisResult("b", "1", False, classification,
+                            [FindingBox("Osteophytes", 0.8, 10, 10, 50, 50)])
+    grey = np.zeros((200, 150), dtype=np.uint8)
+    made = [build_sr([(source, result)]), build_overlay(source, grey, result),
+            build_overlay(source, grey, result, jpeg=True),
+            build_gsps(source, result, window=(2048, 4096))]
+    proposed: dict[str, set[str]] = {Verification: set(DEFAULT_TRANSFER_SYNTAXES)}
+    for ds in made:  # one presentation context per object: its own class and syntax
+        proposed.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
+    listed = {row[1]: uids(row[2]) for row in table("SOP classes as SCU")}
+    assert listed == proposed
