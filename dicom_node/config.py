@@ -188,6 +188,8 @@ class Settings(BaseSettings):
     normal_min_box_score: float | None = Field(None, ge=0, le=1)
 
     log_level: str = "INFO"
+    # "text" for people, "json" (one object a line, ids as fields) for a log pipeline.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("ae_title")
     @classmethod

@@ -235,7 +235,9 @@ class Intake:
             log.error("database unavailable while storing %s: %s", uid, error.__class__.__name__)
             raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES, "database unavailable") from None
         log.info("stored %s (%s) from %s: %s", uid, ds.file_meta.TransferSyntaxUID.name,
-                 calling_ae, "analyse" if decision.analyse else f"skipped: {decision.reason}")
+                 calling_ae, "analyse" if decision.analyse else f"skipped: {decision.reason}",
+                 extra={"instance_id": instance_id, "sop_instance_uid": uid,
+                        "study_uid": str(ds.StudyInstanceUID)})
         return StoreOutcome(StoreStatus.SUCCESS, "stored", instance_id, enqueue)
 
     def _is_our_output(self, ds: Dataset) -> bool:

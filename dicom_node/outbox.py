@@ -108,7 +108,8 @@ def _record_attempt(settings: Settings, sessions: sessionmaker[Session], deliver
         if delivered:
             delivery.status = DeliveryStatus.DELIVERED
             delivery.delivered_at = now
-            log.info("delivery %d to %s done", delivery_id, destination.address)
+            log.info("delivery %d to %s done", delivery_id, destination.address,
+                     extra={"delivery_id": delivery_id})
             return DeliveryOutcome("delivered", reason=result_reason)
         if permanent or attempts >= settings.max_delivery_attempts:
             delivery.status = DeliveryStatus.FAILED

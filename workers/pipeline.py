@@ -231,7 +231,8 @@ def _record_analysis(session: Session, instance: Instance, runtime: ModelRuntime
     ))
     log.info("instance %d analysed with %s: %s p=%.3f, %d findings", instance.id,
              runtime.bundle.label, analysis.label, classification.probability,
-             len(result.findings))
+             len(result.findings), extra={"instance_id": instance.id,
+                                          "sop_instance_uid": instance.sop_instance_uid})
     return analysis
 
 

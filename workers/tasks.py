@@ -12,7 +12,10 @@ the instance's row still says ``queued`` and the node's reconciler sends it agai
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
+from celery.signals import setup_logging
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import Settings
@@ -128,6 +131,13 @@ def worker_app(settings: Settings) -> Celery:
     queue = TaskQueue(settings)
     sessions = session_factory(settings.effective_database_url)
     pipeline = Pipeline(settings, sessions, queue.enqueue_delivery)
+    for handler in logging.getLogger().handlers:  # every line a task logs carries its id
+        handler.addFilter(_with_task_id)
+        # billiard (Celery's process pool) logs with propagation off: give it the same handler.
+        logging.getLogger("multiprocessing").addHandler(handler)
+    # Celery sets up its own log format unless someone answers this signal: the node's
+    # logging (text or JSON, configured by the command) stays the only one.
+    setup_logging.connect(_keep_the_nodes_logging, weak=False)
 
     @queue.app.task(name=ANALYZE_TASK, bind=True, max_retries=None)
     def analyze(task, instance_id: int, note: str = "") -> str:  # noqa: ANN001
@@ -161,3 +171,15 @@ def _retry_unavailable(task, error: SQLAlchemyError, item_id: int, noted: bool =
     note = f"database unavailable ({error.__class__.__name__}), retry {task.request.retries + 1}"
     return task.retry(args=[item_id], kwargs={"note": note} if noted else {}, countdown=delay,
                       exc=error)
+
+
+def _keep_the_nodes_logging(**_: object) -> None:
+    pass
+
+
+def _with_task_id(record: logging.LogRecord) -> bool:
+    from celery import current_task
+
+    if current_task and current_task.request.id and not hasattr(record, "task_id"):
+        record.task_id = current_task.request.id
+    return True

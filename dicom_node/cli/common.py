@@ -37,15 +37,29 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        from dicom_node.log_format import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
+    logging.captureWarnings(True)  # pydicom's warnings as log lines, in the same format
     # pynetdicom logs every PDU at INFO; the node logs what matters itself.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per copied module
     logging.getLogger("kombu.connection").setLevel(logging.ERROR)  # "no hostname" for files
+
+
+def announce(settings: Settings, message: str) -> None:
+    """A line for whoever started the node: printed, or logged where logs are JSON (so that
+    every line of the output is one JSON object)."""
+    if settings.log_format == "json":
+        logging.getLogger("spinenode").info(message)
+    else:
+        print(message, flush=True)
 
 
 class Fatal(Exception):

@@ -14,6 +14,7 @@ import threading
 from dicom_node.cli.common import (
     Fatal,
     add_settings_flags,
+    announce,
     check_broker_or_stop,
     check_bundle,
     configure_logging,
@@ -92,15 +93,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if reporter is not None:
         reporter.start()
     broker = "embedded queue" if settings.embedded_broker else redact(settings.broker_url)
-    print(
-        f"spinenode: {settings.ae_title} listening on {settings.bind_address}:{settings.port}; "
-        f"database {redact(settings.effective_database_url)}; {broker}; "
-        f"spool {settings.spool_dir.resolve()}; "
-        f"worker {'embedded' if worker else 'separate (spinenode worker)'}",
-        flush=True,
-    )
+    announce(settings,
+             f"spinenode: {settings.ae_title} listening on {settings.bind_address}:"
+             f"{settings.port}; database {redact(settings.effective_database_url)}; {broker}; "
+             f"spool {settings.spool_dir.resolve()}; "
+             f"worker {'embedded' if worker else 'separate (spinenode worker)'}")
     stop.wait()
-    print("spinenode: stopping", flush=True)
+    announce(settings, "spinenode: stopping")
     scp.stop()
     reconciler.stop()
     if reporter is not None:
