@@ -139,8 +139,82 @@ def cmd_instances(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from dicom_node.admin import show
+    from dicom_node.db.session import session_factory
+
+    if (args.uid is None) == (args.accession is None):
+        raise Fatal("give a Study or SOP Instance UID, or --accession")
+    settings = settings_from(args)
+    prepare_database(settings, upgrade_if_sqlite=False)
+    found = show(session_factory(settings.effective_database_url), uid=args.uid,
+                 accession=args.accession)
+    if found is None:
+        raise Fatal(f"no study or instance {args.uid or 'with accession ' + args.accession}")
+    if args.json:
+        print(json.dumps(found, indent=1))
+        return 0
+    print(f"study {found['study_uid']}  accession {found['accession_number'] or '-'}  "
+          f"date {found['study_date'] or '-'}  patient ID {found['patient_id'] or '-'}")
+    for report in found["reports"]:
+        print(f"  report v{report['version']}: {report['label']} (highest p = "
+              f"{report['probability']:.2f}, {report['image_count']} images, "
+              f"{report['finding_count']} findings) {report['created_at']}")
+        _print_objects(report["objects"], "    ")
+    for instance in found["instances"]:
+        print(f"  instance {instance['id']} {instance['sop_instance_uid']} "
+              f"({instance['modality'] or '-'}) {instance['status']} from "
+              f"{instance['calling_ae']} at {instance['received_at']}")
+        analysis = instance["analysis"]
+        if analysis is not None:
+            print(f"    {analysis['label']} p = {analysis['probability']:.3f} (threshold "
+                  f"{analysis['threshold']:.2f}), {analysis['bundle']} on {analysis['device']}")
+            for item in analysis["findings"]:
+                box = ", ".join(f"{value:.0f}" for value in item["box"])
+                print(f"      {item['class']} {item['score']:.2f} at [{box}]")
+            _print_objects(analysis["objects"], "    ")
+        for event in instance["events"]:
+            print(f"    {event['at']} {event['event']}: {event['detail']}")
+    return 0
+
+
+def _print_objects(objects: list[dict], indent: str) -> None:
+    for item in objects:
+        sent = ", ".join(f"{d['destination']} {d['status']}"
+                         + (f" ({d['last_error']})" if d["last_error"] else "")
+                         for d in item["deliveries"]) or "not sent anywhere"
+        print(f"{indent}{item['kind']} {item['sop_instance_uid']}: {sent}")
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    import csv
+    import sys
+
+    from dicom_node.admin import results
+    from dicom_node.db.session import session_factory
+
+    settings = settings_from(args)
+    prepare_database(settings, upgrade_if_sqlite=False)
+    rows = results(session_factory(settings.effective_database_url), accession=args.accession,
+                   study_uid=args.study, label=args.label, finding=args.finding,
+                   since=args.since, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif args.csv:
+        columns = list(rows[0]) if rows else ["study_uid", "sop_instance_uid", "label"]
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        for row in rows:
+            print(f"{row['received_at'][:19]} {row['label']:8} p={row['probability']:.3f} "
+                  f"{row['findings']:>3} findings  {row['accession_number'] or '-':16} "
+                  f"{row['sop_instance_uid']}")
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """db, status, instances, deliveries, echo"""
+    """db, status, instances, show, results, deliveries, echo"""
     from dicom_node.db.models import InstanceStatus
 
     db = commands.add_parser("db", help="database migrations")
@@ -185,3 +259,25 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     instances.add_argument("--limit", type=int, default=100)
     instances.add_argument("--json", action="store_true")
     instances.set_defaults(handler=cmd_instances)
+
+    show = commands.add_parser("show", help="one study or instance: results, objects, "
+                                            "deliveries, timeline")
+    add_settings_flags(show)
+    show.add_argument("uid", nargs="?", help="Study Instance UID or SOP Instance UID")
+    show.add_argument("--accession", help="the study with this accession number")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_show)
+
+    export = commands.add_parser("results", help="analysis results, one row per image, "
+                                                 "newest first (for export)")
+    add_settings_flags(export)
+    export.add_argument("--accession")
+    export.add_argument("--study", help="Study Instance UID")
+    export.add_argument("--label", choices=["normal", "abnormal"])
+    export.add_argument("--finding", help="only images with a finding of this class")
+    export.add_argument("--since", type=parse_since, help="ISO time or age (30m, 12h, 7d)")
+    export.add_argument("--limit", type=int, default=10_000)
+    output = export.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true")
+    output.add_argument("--csv", action="store_true")
+    export.set_defaults(handler=cmd_results)
