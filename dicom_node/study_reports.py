@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from pydicom import dcmread
-from sqlalchemy import case, func, select
+from sqlalchemy import ColumnElement, Select, case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -32,8 +32,8 @@ from dicom_node.db.models import (
     StudyReport,
     utcnow,
 )
-from dicom_node.files import fsync_file
 from dicom_node.outbox import destinations_for
+from dicom_node.results.common import save_object
 from dicom_node.results.identity import result_series_uid
 from dicom_node.results.sr import build_sr
 
@@ -48,29 +48,41 @@ EnqueueDelivery = Callable[[int], None]
 
 def studies_to_report(sessions: sessionmaker[Session], stable_seconds: float) -> list[int]:
     """Studies quiet for ``stable_seconds`` with every image finished and an analysis that their
-    latest report (if any) does not include."""
+    latest report (if any) does not include. Two set queries for all studies, not a load per
+    study: this runs every few seconds over the whole history."""
     quiet_since = utcnow() - timedelta(seconds=stable_seconds)
+    quiet = (select(Study.id)
+             .join(Series, Series.study_pk == Study.id)
+             .join(Instance, Instance.series_pk == Series.id)
+             .group_by(Study.id)
+             .having(func.max(Instance.received_at) < quiet_since)
+             .having(func.sum(case((Instance.status.in_(IN_FLIGHT), 1), else_=0)) == 0))
     with sessions() as session:
-        candidates = session.execute(
-            select(Study.id)
-            .join(Series, Series.study_pk == Study.id)
-            .join(Instance, Instance.series_pk == Series.id)
-            .group_by(Study.id)
-            .having(func.max(Instance.received_at) < quiet_since)
-            .having(func.sum(case((Instance.status.in_(IN_FLIGHT), 1), else_=0)) == 0)
-        ).scalars().all()
-        return [study for study in candidates if _unreported(session, study)]
+        analysed: dict[int, list[int]] = {}
+        for study, analysis_id in session.execute(
+                _latest_analysis_ids(Series.study_pk.in_(quiet))):
+            analysed.setdefault(study, []).append(analysis_id)
+        reported = dict(session.execute(  # by version: each study's latest comes last
+            select(StudyReport.study_pk, StudyReport.analysis_ids)
+            .where(StudyReport.study_pk.in_(quiet)).order_by(StudyReport.version)).all())
+    return [study for study, ids in sorted(analysed.items())
+            if reported.get(study) != sorted(ids)]
+
+
+def _latest_analysis_ids(*conditions: ColumnElement[bool]) -> Select:
+    """(study, analysis id) of each finished image's latest analysis."""
+    return (select(Series.study_pk, func.max(Analysis.id).label("analysis_id"))
+            .join(Instance, Analysis.instance_pk == Instance.id)
+            .join(Series, Instance.series_pk == Series.id)
+            .where(Instance.status == InstanceStatus.DONE, *conditions)
+            .group_by(Series.study_pk, Analysis.instance_pk))
 
 
 def _latest_analyses(session: Session, study_pk: int) -> list[Analysis]:
     """Each finished image's latest analysis, in the order the images arrived."""
-    latest = (select(func.max(Analysis.id))
-              .join(Instance, Analysis.instance_pk == Instance.id)
-              .join(Series, Instance.series_pk == Series.id)
-              .where(Series.study_pk == study_pk, Instance.status == InstanceStatus.DONE)
-              .group_by(Analysis.instance_pk))
+    latest = _latest_analysis_ids(Series.study_pk == study_pk).subquery()
     return list(session.scalars(
-        select(Analysis).where(Analysis.id.in_(latest))
+        select(Analysis).where(Analysis.id.in_(select(latest.c.analysis_id)))
         .options(selectinload(Analysis.findings), selectinload(Analysis.instance))
         .order_by(Analysis.instance_pk)))
 
@@ -78,12 +90,6 @@ def _latest_analyses(session: Session, study_pk: int) -> list[Analysis]:
 def _latest_report(session: Session, study_pk: int) -> StudyReport | None:
     return session.scalars(select(StudyReport).where(StudyReport.study_pk == study_pk)
                            .order_by(StudyReport.version.desc()).limit(1)).first()
-
-
-def _unreported(session: Session, study_pk: int) -> bool:
-    analyses = sorted(analysis.id for analysis in _latest_analyses(session, study_pk))
-    latest = _latest_report(session, study_pk)
-    return bool(analyses) and (latest is None or latest.analysis_ids != analyses)
 
 
 def result_of(analysis: Analysis) -> AnalysisResult:
@@ -124,10 +130,7 @@ def report_study(settings: Settings, sessions: sessionmaker[Session], study_pk: 
     sr = build_sr(images, series_uid=result_series_uid(study_uid, ResultKind.SR),
                   instance_number=version,
                   previous=dcmread(previous, stop_before_pixels=True) if previous else None)
-    path = settings.data_dir / "outputs" / f"{sr.SOPInstanceUID}.dcm"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sr.save_as(path, enforce_file_format=True)
-    fsync_file(path)  # on disk before the outbox row says it is
+    path = save_object(settings.data_dir, sr)
     destinations = {str(d): d for ae in sorted(calling_aes)
                     for d in destinations_for(settings, ae) if ResultKind.SR in d.kinds}
     try:
