@@ -42,11 +42,14 @@ def oldest_waiting(sessions: sessionmaker[Session]) -> dict | None:
                                   .order_by(Instance.received_at, Instance.id).limit(1))
     if instance is None:
         return None
-    since = instance.received_at
-    if since.tzinfo is None:  # SQLite hands back naive UTC
-        since = since.replace(tzinfo=UTC)
+    since = _aware(instance.received_at)
     return {"id": instance.id, "status": instance.status, "since": since.isoformat(),
             "age_seconds": round((utcnow() - since).total_seconds(), 1)}
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive UTC; PostgreSQL aware."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def list_instances(sessions: sessionmaker[Session], status: str | None = None,
@@ -88,11 +91,7 @@ def list_instances(sessions: sessionmaker[Session], status: str | None = None,
 
 
 def _iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # SQLite hands back naive UTC
-        moment = moment.replace(tzinfo=UTC)
-    return moment.isoformat(timespec="seconds")
+    return None if moment is None else _aware(moment).isoformat(timespec="seconds")
 
 
 def show(sessions: sessionmaker[Session], uid: str | None = None,

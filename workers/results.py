@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import dcmread
 
 from dicom_node.analysis import AnalysisResult
 from dicom_node.config import (
@@ -16,8 +16,8 @@ from dicom_node.config import (
     ResultKind,
     Settings,
 )
-from dicom_node.files import fsync_file
 from dicom_node.outbox import destinations_for
+from dicom_node.results.common import save_object
 from dicom_node.results.gsps import build_gsps
 from dicom_node.results.identity import result_series_uid
 from dicom_node.results.overlay import build_overlay
@@ -59,16 +59,7 @@ def build_outputs(settings: Settings, source_path: Path, image: DecodedImage,
             ds = build_overlay(source, grey, summary, jpeg=kind is ResultKind.SC_JPEG, **where)
         else:
             ds = build_gsps(source, summary, window=image.window, **where)
-        built.append(save_output(settings, kind, ds))
+        path = save_object(settings.data_dir, ds)
+        built.append(BuiltOutput(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                 str(ds.file_meta.TransferSyntaxUID), path))
     return built
-
-
-def save_output(settings: Settings, kind: ResultKind, ds: Dataset) -> BuiltOutput:
-    """Into the data dir's outputs, on disk before the outbox row says it is."""
-    folder = settings.data_dir / "outputs"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{ds.SOPInstanceUID}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    fsync_file(path)
-    return BuiltOutput(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                       str(ds.file_meta.TransferSyntaxUID), path)

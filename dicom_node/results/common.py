@@ -3,10 +3,13 @@ highdicom does not copy."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_node.files import fsync_file
 from dicom_node.results.identity import MANUFACTURER, MODEL_NAME
 from dicom_node.routing import modality_of
 
@@ -82,3 +85,14 @@ def date_the_series(target: Dataset) -> None:
     creation), not the source's acquisition."""
     target.SeriesDate = target.InstanceCreationDate
     target.SeriesTime = target.InstanceCreationTime
+
+
+def save_object(data_dir: Path, ds: Dataset) -> Path:
+    """Write one of our objects into the data dir's outputs, on disk (fsync) before the outbox
+    row that will send it says it is there."""
+    folder = data_dir / "outputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    fsync_file(path)
+    return path
