@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dicom_node.cli.common import free_port  # noqa: E402
+from tests.support.dcmtk import put_dcmtk_first_on_path  # noqa: E402
 from training.synthetic import make_radiograph  # noqa: E402
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -113,6 +114,7 @@ def round_node(files: list[Path], work: Path, database: str) -> float:
         redis.Redis.from_url(REDIS_URL).flushdb()
     port = free_port()
     env["SPINENODE_PORT"] = str(port)
+    env["SPINENODE_HTTP_PORT"] = "0"  # intake alone
     cli = [sys.executable, "-m", "dicom_node.cli"]
     subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
     # No worker: the benchmark measures intake, not decoding competing for the two cores.
@@ -145,6 +147,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where images and received files go (default: a temp dir)")
     args = parser.parse_args()
+    put_dcmtk_first_on_path()
     with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
         work = Path(folder)
         images = work / "images"

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dicom_node.cli.common import free_port  # noqa: E402
 from tests.support.bundles import make_test_bundle  # noqa: E402
+from tests.support.dcmtk import put_dcmtk_first_on_path  # noqa: E402
 from tests.support.node import NodeProcess, storescu  # noqa: E402
 from tests.support.orthanc import Orthanc  # noqa: E402
 from training.synthetic import make_radiograph  # noqa: E402
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--full", action="store_true", help="full-size random-weight models")
     args = parser.parse_args()
+    put_dcmtk_first_on_path()
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         bundle = (make_test_bundle(work / "bundle", input_size=384, image_size=640, scale="l")

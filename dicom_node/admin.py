@@ -3,22 +3,29 @@ or instance in full, and analysis results for export."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Select, and_, exists, func, select, tuple_
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from dicom_node.config import OVERLAY_KINDS
 from dicom_node.db.models import (
     Analysis,
     Finding,
     Instance,
     InstanceStatus,
     Output,
+    Patient,
     Series,
     Study,
     StudyReport,
+    aware,
     utcnow,
 )
+from dicom_node.heartbeat import heartbeats
 
 
 def status_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
@@ -42,14 +49,20 @@ def oldest_waiting(sessions: sessionmaker[Session]) -> dict | None:
                                   .order_by(Instance.received_at, Instance.id).limit(1))
     if instance is None:
         return None
-    since = _aware(instance.received_at)
+    since = aware(instance.received_at)
     return {"id": instance.id, "status": instance.status, "since": since.isoformat(),
             "age_seconds": round((utcnow() - since).total_seconds(), 1)}
 
 
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive UTC; PostgreSQL aware."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+def node_status(sessions: sessionmaker[Session], queue_depth: Callable[[], int]) -> dict:
+    """Instances per status, the broker's queue depth (None when the broker cannot be asked:
+    the rest still answers), the oldest waiting instance and the workers' heartbeats."""
+    try:
+        depth: int | None = queue_depth()
+    except Exception:  # noqa: BLE001 - a broker that is down is a value here, not an error
+        depth = None
+    return {"instances": status_counts(sessions), "queue_depth": depth,
+            "oldest_waiting": oldest_waiting(sessions), "workers": heartbeats(sessions)}
 
 
 def list_instances(sessions: sessionmaker[Session], status: str | None = None,
@@ -91,7 +104,8 @@ def list_instances(sessions: sessionmaker[Session], status: str | None = None,
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else _aware(moment).isoformat(timespec="seconds")
+    # Full precision: an API client pages and filters by these times.
+    return None if moment is None else aware(moment).isoformat()
 
 
 def show(sessions: sessionmaker[Session], uid: str | None = None,
@@ -130,7 +144,7 @@ def show(sessions: sessionmaker[Session], uid: str | None = None,
 
 def _object(output: Output) -> dict:
     return {"kind": output.kind, "sop_instance_uid": output.sop_instance_uid,
-            "deliveries": [{"destination": d.destination, "status": d.status,
+            "deliveries": [{"id": d.id, "destination": d.destination, "status": d.status,
                             "attempts": d.attempts, "last_error": d.last_error,
                             "delivered_at": _iso(d.delivered_at)} for d in output.deliveries]}
 
@@ -144,50 +158,190 @@ def _instance(instance: Instance) -> dict:
         "calling_ae": instance.calling_ae, "last_error": instance.last_error,
         "reason": instance.reason,
         "analysis": None if analysis is None else {
-            "label": analysis.label, "probability": analysis.probability,
-            "threshold": analysis.threshold,
-            "member_probabilities": analysis.member_probabilities,
-            "bundle": f"{analysis.bundle_name} {analysis.bundle_version}",
-            "device": analysis.device,
-            "seconds": {"decode": analysis.decode_seconds,
-                        "classify": analysis.classify_seconds,
-                        "detect": analysis.detect_seconds},
-            "findings": [{"class": f.class_name, "score": f.score,
-                          "box": [f.x0, f.y0, f.x1, f.y1]} for f in analysis.findings],
+            **_analysis(analysis, analysis.findings),
             "objects": [_object(o) for o in analysis.outputs]},
         "events": [{"at": _iso(e.at), "event": e.event, "detail": e.detail}
                    for e in instance.events],
     }
 
 
-def results(sessions: sessionmaker[Session], *, accession: str | None = None,
-            study_uid: str | None = None, label: str | None = None,
-            finding: str | None = None, since: datetime | None = None,
-            limit: int = 10_000) -> list[dict]:
-    """One row per analysed instance (its latest analysis), newest first, for export."""
-    latest = select(func.max(Analysis.id)).group_by(Analysis.instance_pk)
-    query = (select(Analysis, Instance, Study).join(Analysis.instance).join(Instance.series)
-             .join(Series.study).where(Analysis.id.in_(latest))
-             .order_by(Instance.received_at.desc(), Instance.id.desc()).limit(limit))
-    if accession:
-        query = query.where(Study.accession_number == accession)
-    if study_uid:
-        query = query.where(Study.study_uid == study_uid)
-    if label:
-        query = query.where(Analysis.label == label)
-    if since:
-        query = query.where(Instance.received_at >= since)
-    if finding:
-        query = query.where(Analysis.findings.any(Finding.class_name == finding))
+@dataclass(frozen=True)
+class Filters:
+    """What an admin searches by; every field left None matches all."""
+
+    accession: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_instance_uid: str | None = None
+    calling_ae: str | None = None
+    status: str | None = None
+    label: str | None = None  # of the latest analysis: normal | abnormal
+    finding: str | None = None  # a finding class in the latest analysis
+    since: datetime | None = None  # received at or after
+    until: datetime | None = None  # received before
+    analysed: bool = False  # only instances with an analysis
+
+
+class BadCursor(ValueError):
+    pass
+
+
+def encode_cursor(received_at: datetime, instance_id: int) -> str:
+    text = f"{aware(received_at).isoformat()}|{instance_id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        moment, instance_id = text.split("|")
+        return datetime.fromisoformat(moment), int(instance_id)
+    except ValueError as error:
+        raise BadCursor(f"cursor {cursor!r} is not one this server gave out") from error
+
+
+def _instance_search(filters: Filters) -> Select:
+    """Instances with their study, patient ID and latest analysis (None if not analysed),
+    newest first. "Latest" is "no later analysis of the same instance": one index probe a row,
+    so a page costs the same on a million instances as on ten."""
+    later = aliased(Analysis)
+    latest = and_(Analysis.instance_pk == Instance.id,
+                  ~exists().where(later.instance_pk == Analysis.instance_pk,
+                                  later.id > Analysis.id))
+    query = (select(Instance, Study, Patient.patient_id, Analysis)
+             .join(Instance.series).join(Series.study).join(Study.patient)
+             .join(Analysis, latest, isouter=not (filters.analysed or filters.label
+                                                  or filters.finding))
+             .order_by(Instance.received_at.desc(), Instance.id.desc()))
+    equal = ((Study.accession_number, filters.accession), (Patient.patient_id, filters.patient_id),
+             (Study.study_uid, filters.study_uid), (Series.series_uid, filters.series_uid),
+             (Instance.sop_instance_uid, filters.sop_instance_uid),
+             (Instance.calling_ae, filters.calling_ae), (Instance.status, filters.status),
+             (Analysis.label, filters.label))
+    for column, value in equal:
+        if value:
+            query = query.where(column == value)
+    if filters.finding:
+        query = query.where(exists().where(Finding.analysis_pk == Analysis.id,
+                                           Finding.class_name == filters.finding))
+    if filters.since:
+        query = query.where(Instance.received_at >= filters.since)
+    if filters.until:
+        query = query.where(Instance.received_at < filters.until)
+    return query
+
+
+def search(sessions: sessionmaker[Session], filters: Filters, limit: int = 50,
+           cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """One page of instances matching ``filters`` (newest first) and the cursor of the next
+    page (None on the last). Keyset pagination: a page is as fast at the end as at the start,
+    and rows that arrive meanwhile do not shift it."""
+    query = _instance_search(filters).limit(limit + 1)
+    if cursor:
+        moment, instance_id = _decode_cursor(cursor)
+        query = query.where(tuple_(Instance.received_at, Instance.id) < (moment, instance_id))
     with sessions() as session:
-        return [
-            {"study_uid": study.study_uid, "accession_number": study.accession_number,
-             "sop_instance_uid": instance.sop_instance_uid,
-             "received_at": _iso(instance.received_at), "calling_ae": instance.calling_ae,
-             "label": analysis.label, "probability": round(analysis.probability, 6),
-             "threshold": analysis.threshold,
-             "bundle": f"{analysis.bundle_name} {analysis.bundle_version}",
-             "findings": len(analysis.findings),
-             "finding_classes": ";".join(sorted({f.class_name for f in analysis.findings}))}
-            for analysis, instance, study in session.execute(query).all()
-        ]
+        rows = session.execute(query).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        findings = _findings_of(session, [a.id for *_, a in rows if a is not None])
+        items = [_search_row(instance, study, patient_id, analysis,
+                             findings.get(analysis.id, []) if analysis else [])
+                 for instance, study, patient_id, analysis in rows]
+    next_cursor = encode_cursor(rows[-1][0].received_at, rows[-1][0].id) if more else None
+    return items, next_cursor
+
+
+def _findings_of(session: Session, analysis_ids: list[int]) -> dict[int, list[Finding]]:
+    found: dict[int, list[Finding]] = {}
+    if analysis_ids:
+        for finding in session.scalars(select(Finding).where(Finding.analysis_pk.in_(analysis_ids))
+                                       .order_by(Finding.id)):
+            found.setdefault(finding.analysis_pk, []).append(finding)
+    return found
+
+
+def _search_row(instance: Instance, study: Study, patient_id: str, analysis: Analysis | None,
+                findings: list[Finding]) -> dict:
+    return {
+        "sop_instance_uid": instance.sop_instance_uid, "study_uid": study.study_uid,
+        "accession_number": study.accession_number, "patient_id": patient_id,
+        "study_date": study.study_date, "received_at": _iso(instance.received_at),
+        "calling_ae": instance.calling_ae, "status": instance.status,
+        "last_error": instance.last_error,
+        "analysis": None if analysis is None else _analysis(analysis, findings),
+    }
+
+
+def _analysis(analysis: Analysis, findings: list[Finding]) -> dict:
+    return {
+        "label": analysis.label, "probability": analysis.probability,
+        "threshold": analysis.threshold, "member_probabilities": analysis.member_probabilities,
+        "bundle": f"{analysis.bundle_name} {analysis.bundle_version}", "device": analysis.device,
+        "seconds": {"decode": analysis.decode_seconds, "classify": analysis.classify_seconds,
+                    "detect": analysis.detect_seconds},
+        "findings": [{"class": f.class_name, "score": f.score, "box": [f.x0, f.y0, f.x1, f.y1]}
+                     for f in findings],
+    }
+
+
+def results(sessions: sessionmaker[Session], filters: Filters, limit: int = 10_000
+            ) -> list[dict]:
+    """One flat row per analysed instance (its latest analysis), newest first, for export."""
+    rows, _ = search(sessions, replace(filters, analysed=True), limit=limit)
+    return [
+        {"study_uid": row["study_uid"], "accession_number": row["accession_number"],
+         "sop_instance_uid": row["sop_instance_uid"], "received_at": row["received_at"],
+         "calling_ae": row["calling_ae"], "label": row["analysis"]["label"],
+         "probability": round(row["analysis"]["probability"], 6),
+         "threshold": row["analysis"]["threshold"], "bundle": row["analysis"]["bundle"],
+         "findings": len(row["analysis"]["findings"]),
+         "finding_classes": ";".join(sorted({f["class"] for f in row["analysis"]["findings"]}))}
+        for row in rows
+    ]
+
+
+def recent_studies(sessions: sessionmaker[Session], filters: Filters, limit: int = 20,
+                   scan: int = 200) -> list[dict]:
+    """The newest studies among the newest ``scan`` instances matching ``filters``, each with
+    what its images say together (abnormal if any is, the highest probability, all findings)
+    and the SC overlay of its most suspicious image for a thumbnail."""
+    rows, _ = search(sessions, filters, limit=scan)
+    studies: dict[str, dict] = {}
+    for row in rows:
+        study = studies.get(row["study_uid"])
+        if study is None:
+            if len(studies) == limit:
+                continue
+            study = studies[row["study_uid"]] = {
+                "study_uid": row["study_uid"], "accession_number": row["accession_number"],
+                "patient_id": row["patient_id"], "study_date": row["study_date"],
+                "received_at": row["received_at"], "images": 0, "analysed": 0,
+                "label": None, "probability": None, "findings": [], "top_sop_instance_uid": None}
+        study["images"] += 1
+        analysis = row["analysis"]
+        if analysis is None:
+            continue
+        study["analysed"] += 1
+        study["findings"] += [f["class"] for f in analysis["findings"]]
+        if study["probability"] is None or analysis["probability"] > study["probability"]:
+            study["probability"] = analysis["probability"]
+            study["top_sop_instance_uid"] = row["sop_instance_uid"]
+        if study["label"] != "abnormal":
+            study["label"] = analysis["label"]
+    with sessions() as session:
+        for study in studies.values():
+            study["overlay_uid"] = _overlay_of(session, study["top_sop_instance_uid"])
+    return list(studies.values())
+
+
+def _overlay_of(session: Session, sop_instance_uid: str | None) -> str | None:
+    """The SOP Instance UID of the SC overlay made from this instance's latest analysis."""
+    if sop_instance_uid is None:
+        return None
+    return session.scalar(
+        select(Output.sop_instance_uid).join(Output.analysis).join(Analysis.instance)
+        .where(Instance.sop_instance_uid == sop_instance_uid,
+               Output.kind.in_(OVERLAY_KINDS))
+        .order_by(Analysis.id.desc()).limit(1))

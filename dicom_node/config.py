@@ -8,11 +8,20 @@ Lists in the environment are comma separated (``SPINENODE_DESTINATIONS=PACS@10.0
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from enum import StrEnum
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -29,6 +38,19 @@ DEFAULT_SPINE_BODY_PARTS = ("SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE")
 DEFAULT_SPINE_REGION_CODES = ("421060004", "122494005", "122495006", "122496007", "54735007")
 
 
+def redact(url: str) -> str:
+    """A URL fit to print anywhere (start-up line, errors, status, logs): its password is ***.
+    SQLAlchemy's URL parser knows every form we take (database, redis://:secret@host, amqp://),
+    and percent-escapes (Pw%40rd); a URL it cannot parse (an unescaped @ or : in the password)
+    loses everything between the user name and the last @."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - any unparseable text: fall back to the plain rule
+        return re.sub(r"(://[^:/@]*:).*@", r"\1***@", url)
+
+
 class SettingsError(ValueError):
     """A setting that cannot be used; its message is one line naming the setting."""
 
@@ -38,6 +60,39 @@ def check_ae_title(value: str) -> str:
     if not _AE_TITLE.match(value):
         raise ValueError(f"{value!r} is not a valid AE title (1-16 characters, no backslash)")
     return value
+
+
+@dataclass(frozen=True)
+class AllowedPeer:
+    """An allow-list entry: a calling AE title (``*`` = any) from an address or network
+    (``CT1@10.0.0.7``, ``PACS@10.0.0.0/24``, ``*@192.168.1.0/24``; a bare ``CT1`` = from
+    anywhere). AE titles alone are what the sender claims; the address is what it has."""
+
+    ae_title: str | None  # None: any
+    network: IPv4Network | IPv6Network | None  # None: any address
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedPeer:
+        title, _, where = text.strip().partition("@")
+        ae_title = None if title == "*" else check_ae_title(title)
+        try:
+            network = ip_network(where.strip(), strict=False) if where else None
+        except ValueError:
+            raise ValueError(f"{text!r}: {where!r} is not an IP address or network") from None
+        if ae_title is None and network is None:
+            raise ValueError(f"{text!r} allows everyone; leave the list empty for that")
+        return cls(ae_title, network)
+
+    def admits(self, calling_ae: str, address: str) -> bool:
+        if self.ae_title is not None and calling_ae != self.ae_title:
+            return False
+        try:
+            return self.network is None or ip_address(address) in self.network
+        except ValueError:  # not an IP address: a network entry cannot admit it
+            return False
+
+    def __str__(self) -> str:
+        return f"{self.ae_title or '*'}{f'@{self.network}' if self.network else ''}"
 
 
 class ResultKind(StrEnum):
@@ -50,6 +105,7 @@ class ResultKind(StrEnum):
 
 
 RESULT_KINDS = tuple(ResultKind)
+OVERLAY_KINDS = (ResultKind.SC, ResultKind.SC_JPEG)  # the result as a picture
 DEFAULT_RESULT_KINDS = (ResultKind.SR, ResultKind.SC)  # GSPS only where a destination asks
 
 
@@ -67,8 +123,9 @@ def _parse_kinds(text: str | None) -> tuple[ResultKind, ...]:
 
 
 class Destination(BaseModel):
-    """Where results go: a DICOM peer, ``AE@host:port[/sr+sc-jpeg+gsps]`` (C-STORE), or a
-    DICOMweb server, ``https://host/dicom-web[#sr+sc]`` (STOW-RS).
+    """Where results go: a DICOM peer, ``AE@host:port[/sr+sc-jpeg+gsps][;tls]`` (C-STORE, over
+    DICOM TLS with ``;tls``), or a DICOMweb server, ``https://host/dicom-web[#sr+sc]``
+    (STOW-RS).
 
     The objects are sr, sc (uncompressed), sc-jpeg (JPEG baseline) and gsps; default sr+sc.
     """
@@ -78,32 +135,37 @@ class Destination(BaseModel):
     port: int = 0
     url: str = ""  # a DICOMweb server's base URL (then no AE, host, port)
     kinds: tuple[ResultKind, ...] = DEFAULT_RESULT_KINDS
+    tls: bool = False  # DICOM TLS to the peer (its certificate checked against tls_ca_file)
 
     @classmethod
     def parse(cls, text: str) -> Destination:
         web = re.fullmatch(r"\s*(https?://[^\s#,]+?)/?(?:#([a-z+-]+))?\s*", text)
         if web:
+            if "@" in web.group(1).split("/", 3)[2]:  # user:password@host
+                raise ValueError(f"{redact(web.group(1))}: no credentials in a destination's "
+                                 "URL (it is stored and logged); put them in "
+                                 "SPINENODE_DICOMWEB_SECRETS_DIR")
             if len(web.group(0).strip()) > 128:  # the outbox keeps it in 128 characters
                 raise ValueError(f"{text!r}: a URL of at most 128 characters")
             return cls(url=web.group(1), kinds=_parse_kinds(web.group(2)))
-        match = re.fullmatch(r"\s*([^@]+)@([^:@/\s]+):(\d+)(?:/([a-z+-]+))?\s*", text)
+        match = re.fullmatch(r"\s*([^@]+)@([^:@/\s]+):(\d+)(?:/([a-z+-]+))?(;tls)?\s*", text)
         if not match:
-            raise ValueError(f"{text!r} is not AE@host:port[/sr+sc+gsps] or "
+            raise ValueError(f"{text!r} is not AE@host:port[/sr+sc+gsps][;tls] or "
                              "http(s)://host/dicom-web[#sr+sc+gsps]")
         port = int(match.group(3))
         if not 0 < port < 65536:
             raise ValueError(f"{text!r}: port out of range")
         return cls(ae_title=check_ae_title(match.group(1)), host=match.group(2), port=port,
-                   kinds=_parse_kinds(match.group(4)))
+                   kinds=_parse_kinds(match.group(4)), tls=bool(match.group(5)))
 
     @property
     def address(self) -> str:
         return self.url or f"{self.ae_title}@{self.host}:{self.port}"
 
     def __str__(self) -> str:
-        if self.kinds == DEFAULT_RESULT_KINDS:
-            return self.address
-        return self.address + ("#" if self.url else "/") + "+".join(self.kinds)
+        kinds = "" if self.kinds == DEFAULT_RESULT_KINDS else (
+            ("#" if self.url else "/") + "+".join(self.kinds))
+        return self.address + kinds + (";tls" if self.tls else "")
 
 
 def _split_list(value: Any) -> Any:
@@ -121,14 +183,32 @@ class Settings(BaseSettings):
     ae_title: str = "SPINENODE"
     bind_address: str = "0.0.0.0"
     port: int = Field(11112, gt=0, lt=65536)
+    # Who may associate: AE, AE@address, AE@network/prefix or *@network (empty: anyone).
     allowed_calling_aes: CommaList = Field(default_factory=list)
     require_called_ae: bool = True
     max_pdu: int = Field(131072, ge=0)
     max_associations: int = Field(16, ge=1)
+    # DICOM TLS: a second listener on tls_port (0: none), or only it (tls_only). Our certificate
+    # and key (also shown to peers we send to over TLS), the CA bundle that peers' certificates
+    # must chain to, and whether a sender must show one. TLS 1.2 at least.
+    tls_port: int = Field(0, ge=0, lt=65536)
+    tls_only: bool = False
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_require_client_cert: bool = True
+    # An association request must complete (ACSE), a DIMSE answer arrive, and a connection
+    # carry something within these, or the node drops it.
+    acse_timeout_seconds: float = Field(30.0, gt=0)
+    dimse_timeout_seconds: float = Field(30.0, gt=0)
+    network_timeout_seconds: float = Field(60.0, gt=0)
     data_dir: Path = Path("./var")
     database_url: str = ""
     broker_url: str = EMBEDDED_BROKER
     bundle: Path | None = None
+    # When set, a bundle is served only with a valid Ed25519 signature of its manifest by the
+    # key (spinenode bundle sign); the detector's checkpoint is a pickle, i.e. code.
+    bundle_public_key: Path | None = None
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
     # Results for images from a calling AE listed here also go back to it, e.g.
     # "CT1@10.0.0.7:104/sr+sc": the AE title is the calling AE it answers.
@@ -152,6 +232,19 @@ class Settings(BaseSettings):
     route_region_codes: CommaList = Field(
         default_factory=lambda: list(DEFAULT_SPINE_REGION_CODES)
     )
+
+    # Objects the routing rules do not select are recorded (patient, study, series, instance,
+    # reason) and acknowledged; their files are kept only with keep_skipped.
+    keep_skipped: bool = False
+
+    # Retention (unset: keep forever). The spool keeps a finished image's pixel data this long
+    # (and at most this much in all, oldest purged first); its header stays, as does its row.
+    # Overlays (SC) we made go this long after every delivery of theirs succeeded. Nothing
+    # whose analysis or delivery is pending is ever touched. The reconciler purges each round.
+    spool_retention_days: float | None = Field(None, gt=0)
+    spool_retention_max_mb: float | None = Field(None, gt=0)
+    outputs_retention_days: float | None = Field(None, gt=0)
+    outputs_retention_max_mb: float | None = Field(None, gt=0)
 
     # Below this much free space in the spool, C-STORE answers 0xA700 instead of filling the disk.
     min_free_disk_mb: int = Field(256, ge=0)
@@ -187,6 +280,16 @@ class Settings(BaseSettings):
     # keep only boxes scoring at least this (VinDr used 0.5).
     normal_min_box_score: float | None = Field(None, ge=0, le=1)
 
+    # The admins' HTTP side (results API, dashboard page, /health, /metrics); 0 turns it off.
+    # Local only by default: put it behind TLS (http_ssl_* or a reverse proxy) to open it up.
+    http_port: int = Field(8080, ge=0, lt=65536)
+    http_bind_address: str = "127.0.0.1"
+    http_ssl_certfile: Path | None = None
+    http_ssl_keyfile: Path | None = None
+    # Workers write a heartbeat this often; /health/ready wants one younger than the max age.
+    worker_heartbeat_seconds: float = Field(10.0, gt=0)
+    worker_heartbeat_max_age_seconds: float = Field(60.0, gt=0)
+
     log_level: str = "INFO"
     # "text" for people, "json" (one object a line, ids as fields) for a log pipeline.
     log_format: Literal["text", "json"] = "text"
@@ -199,7 +302,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_calling_aes", mode="before")
     @classmethod
     def _calling_aes(cls, value: Any) -> Any:
-        return [check_ae_title(item) for item in _split_list(value)]
+        return [str(AllowedPeer.parse(item)) for item in _split_list(value)]
 
     @field_validator("route_modalities", "route_body_parts", mode="before")
     @classmethod
@@ -283,6 +386,28 @@ class Settings(BaseSettings):
         it gives the work up (half the task's time limit: it is killed at the limit)."""
         return self.task_time_limit_seconds / 2
 
+    @model_validator(mode="after")
+    def _tls(self) -> Settings:
+        if self.tls_only and not self.tls_port:
+            raise ValueError("tls_only needs a tls_port")
+        if self.tls_port and not (self.tls_certfile and self.tls_keyfile):
+            raise ValueError("a tls_port needs tls_certfile and tls_keyfile")
+        if self.tls_port and self.tls_require_client_cert and not self.tls_ca_file:
+            raise ValueError("tls_require_client_cert needs tls_ca_file (the CA that client "
+                             "certificates chain to)")
+        if any(d.tls for d in self.destinations + self.reply_to_calling_ae) \
+                and not self.tls_ca_file:
+            raise ValueError("a ;tls destination needs tls_ca_file (to check its certificate)")
+        for name in ("tls_certfile", "tls_keyfile", "tls_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path} is not a file")
+        return self
+
+    @property
+    def allowed_peers(self) -> list[AllowedPeer]:
+        return [AllowedPeer.parse(item) for item in self.allowed_calling_aes]
+
     @property
     def embedded_broker(self) -> bool:
         return self.broker_url == EMBEDDED_BROKER
@@ -335,9 +460,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return settings_cls(**overrides)
     except ValidationError as error:
         first = error.errors()[0]
-        name = ".".join(str(part) for part in first["loc"]) or "settings"
-        env_name = f"SPINENODE_{str(first['loc'][0]).upper()}" if first["loc"] else name
         message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a rule between settings: its message names them
+            raise SettingsError(f"invalid settings: {message}") from None
+        env_name = f"SPINENODE_{str(first['loc'][0]).upper()}"
         raise SettingsError(f"invalid setting {env_name}: {message}") from None
     except Exception as error:  # a TOML syntax error, say
         raise SettingsError(f"cannot read settings: {error}") from None

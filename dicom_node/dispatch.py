@@ -5,7 +5,6 @@ sends it again. Nothing here is on an image's normal path (see README, "How an i
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from dicom_node.db.leases import lease_ran_out
 from dicom_node.db.models import Instance, InstanceEvent, InstanceStatus, utcnow
 from dicom_node.intake import Enqueue, mark_queued
 from dicom_node.outbox import due_deliveries
+from dicom_node.periodic import Periodic
+from dicom_node.retention import purge
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class ReconcileReport:
     model_now_configured: list[int] = field(default_factory=list)
     deliveries_due: list[int] = field(default_factory=list)
     stale_files_removed: list[str] = field(default_factory=list)
+    purged: int = 0  # files (or their pixel data) retention removed
     failed_duties: list[str] = field(default_factory=list)  # each failed alone; the rest ran
 
     @property
@@ -54,7 +56,7 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqu
     depth_before_round = cache(queue_depth)  # asked once, before this round adds messages
 
     def expired_leases() -> None:
-        report.lease_expired = _release_expired_leases(sessions)
+        report.lease_expired = _release_expired_leases(sessions, settings.task_lease_seconds)
         _send(sessions, enqueue, report.lease_expired, "lease expired", InstanceStatus.RECEIVED)
 
     def never_queued() -> None:
@@ -84,7 +86,7 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqu
         # died holding a retry's countdown, a broker restart). A duplicate finds nothing to
         # claim, but a slow queue is not flooded with them while their own messages wait.
         if enqueue_delivery is not None:
-            overdue = due_deliveries(sessions, due_before=settled)
+            overdue = due_deliveries(sessions, settings.task_lease_seconds, due_before=settled)
             if overdue and depth_before_round() == 0:
                 report.deliveries_due = overdue
                 _enqueue_each(enqueue_delivery, overdue, "delivery")
@@ -93,12 +95,16 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqu
         report.stale_files_removed = remove_incoming_files(
             settings.incoming_dir, older_than=settings.incoming_stale_seconds)
 
+    def retention() -> None:
+        report.purged = len(purge(settings, sessions))
+
     # Lost from the broker first: it reads the queue depth before this round adds to it.
     failures: dict[str, list[str]] = {}  # error -> the duties that met it
     for name, duty in (("lost from the broker", lost_from_broker),
                        ("lease expired", expired_leases), ("never queued", never_queued),
                        ("model bundle configured", model_now_configured),
-                       ("deliveries due", deliveries_due), ("stale incoming files", stale_files)):
+                       ("deliveries due", deliveries_due), ("stale incoming files", stale_files),
+                       ("retention", retention)):
         try:
             duty()
         except Exception as error:  # this duty waits for the next round; the others go on
@@ -117,10 +123,11 @@ def _ids(sessions: sessionmaker[Session], *conditions: ColumnElement[bool]) -> l
                                     .order_by(Instance.id)).all())
 
 
-def _release_expired_leases(sessions: sessionmaker[Session]) -> list[int]:
+def _release_expired_leases(sessions: sessionmaker[Session], lease_seconds: float) -> list[int]:
     """A worker died holding these (or lost the database for longer than its lease)."""
     now = utcnow()
-    expired_now = lease_ran_out(Instance, Instance.status == InstanceStatus.PROCESSING, now)
+    expired_now = lease_ran_out(Instance, Instance.status == InstanceStatus.PROCESSING, now,
+                                lease_seconds)
     with sessions.begin() as session:
         expired = list(session.scalars(select(Instance.id).where(expired_now)).all())
         if expired:
@@ -178,31 +185,19 @@ def remove_incoming_files(incoming_dir: Path, older_than: float) -> list[str]:
 
 
 class Reconciler:
-    """Runs ``reconcile`` at start-up and then every ``reconcile_interval_seconds``."""
+    """Runs ``reconcile`` at start-up and then every ``reconcile_interval_seconds``, and then
+    ``also`` (the embedded worker's watchdog)."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], enqueue: Enqueue,
                  queue_depth: QueueDepth, enqueue_delivery: Enqueue | None = None,
                  also: Callable[[], None] | None = None):
         self._args = (settings, sessions, enqueue, queue_depth, enqueue_delivery)
-        self._interval = settings.reconcile_interval_seconds
         self._also = also
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+        self._thread = Periodic("reconciler", settings.reconcile_interval_seconds, self._round,
+                                run_first=True)
+        self.start, self.stop = self._thread.start, self._thread.stop
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while True:
-            reconcile(*self._args)  # never raises: each duty guards itself
-            if self._also is not None:
-                try:
-                    self._also()
-                except Exception as error:
-                    log.warning("reconciler: %s", error)
-            if self._stop.wait(self._interval):
-                return
+    def _round(self) -> None:
+        reconcile(*self._args)  # never raises: each duty guards itself
+        if self._also is not None:
+            self._also()

@@ -8,10 +8,14 @@ the way returns a PS3.4 failure status and leaves nothing that claims to be stor
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import logging
 import os
 import re
 import shutil
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -19,11 +23,14 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import VR
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.codestreams import HEAD_BYTES, declared_size
 from dicom_node.config import Settings
 from dicom_node.db.models import (
     Instance,
@@ -44,7 +51,7 @@ log = logging.getLogger(__name__)
 
 Enqueue = Callable[[int], None]  # hands an instance (by id) to the workers' queue
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # whole value: fullmatch
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _REQUIRED_IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated", "PixelData")
 
@@ -73,7 +80,7 @@ class StoreOutcome:
 
 
 def is_valid_uid(value: str) -> bool:
-    return 0 < len(value) <= 64 and bool(_UID.match(value))
+    return 0 < len(value) <= 64 and bool(_UID.fullmatch(value))
 
 
 def spool_path_for(spool_dir: Path, sop_instance_uid: str, sha256: str) -> Path:
@@ -87,14 +94,38 @@ def spool_path_for(spool_dir: Path, sop_instance_uid: str, sha256: str) -> Path:
     return spool_dir / bucket[:2] / bucket[2:4] / f"{sop_instance_uid}.{sha256[:16]}.dcm"
 
 
-def read_header(path: Path) -> Dataset:
+# What a data set may hold besides its pixel data: a deflated one inflating to more than its
+# image needs plus this is a decompression bomb, not a radiograph.
+MAX_HEADER_BYTES = 16 * 2**20
+
+
+def read_header(path: Path, max_pixels: int) -> Dataset:
     """Parse everything but the bulk values, and check that the bulk values are really there."""
+    inflated = _inflated_size(path, limit=4 * max_pixels + MAX_HEADER_BYTES)
     try:
         ds = dcmread(path, defer_size=4096)
     except Exception as error:  # pydicom raises many kinds on garbage; none may reach the peer
         raise IntakeRefused(StoreStatus.CANNOT_UNDERSTAND,
                             f"unreadable data set: {error}") from None
-    if ds.file_meta.TransferSyntaxUID != DeflatedExplicitVRLittleEndian:
+    syntax = ds.file_meta.TransferSyntaxUID
+    # pydicom reads a data set encoded otherwise than its transfer syntax says (with only a
+    # warning); a sender that does that cannot be trusted with the rest either.
+    if syntax.is_transfer_syntax and syntax != DeflatedExplicitVRLittleEndian:
+        explicit = _first_element_has_vr(path, ds)
+        if explicit is not None and explicit == syntax.is_implicit_VR:
+            raise IntakeRefused(StoreStatus.CANNOT_UNDERSTAND,
+                                f"data set encoded {'explicit' if explicit else 'implicit'} VR, "
+                                f"sent as {syntax.name}")
+    _check_order(ds)
+    _read_every_value(ds)
+    if inflated is not None:
+        needs = _int(ds, "Rows") * _int(ds, "Columns") * max(_int(ds, "NumberOfFrames", 1), 1) \
+            * _int(ds, "SamplesPerPixel", 1) * _int(ds, "BitsAllocated") // 8
+        if inflated > needs + MAX_HEADER_BYTES:
+            raise IntakeRefused(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                f"deflated data set inflates to {inflated} bytes, its image "
+                                f"needs {needs}")
+    else:
         file_size = path.stat().st_size
         for tag in list(ds.keys()):
             element = ds.get_item(tag, keep_deferred=True)
@@ -110,9 +141,78 @@ def read_header(path: Path) -> Dataset:
     return ds
 
 
-def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
+def _inflated_size(path: Path, limit: int) -> int | None:
+    """The size a deflated data set inflates to, counted in bounded memory and refused past
+    LIMIT before anything holds it; None when the file is not deflated."""
     try:
-        return int(ds.get(keyword, default) or default)
+        meta = read_file_meta_info(path)
+    except Exception as error:  # noqa: BLE001 - garbage: read_header's dcmread says so
+        log.debug("no readable file meta: %s", error)
+        return None
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return None
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    with open(path, "rb") as file:
+        file.seek(132 + 12 + int(meta.get("FileMetaInformationGroupLength", 0)))
+        pending = b""
+        while chunk := pending or file.read(2**16):
+            try:
+                size += len(inflater.decompress(chunk, 2**20))
+            except zlib.error as error:
+                raise IntakeRefused(StoreStatus.CANNOT_UNDERSTAND,
+                                    f"deflated data set cannot be inflated: {error}") from None
+            pending = inflater.unconsumed_tail  # output was capped: go on with the same input
+            if size > limit:
+                raise IntakeRefused(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                    f"deflated data set inflates past {limit} bytes")
+    return size
+
+
+_VRS = {vr.value.encode() for vr in VR}
+
+
+def _first_element_has_vr(path: Path, ds: Dataset) -> bool | None:
+    """Whether the data set's first element carries a VR (explicit VR encoding); None when the
+    data set is empty."""
+    start = 132 + 12 + int(ds.file_meta.get("FileMetaInformationGroupLength", 0))
+    with open(path, "rb") as file:
+        file.seek(start)
+        head = file.read(6)
+    return None if len(head) < 6 else head[4:6] in _VRS
+
+
+def _check_order(ds: Dataset) -> None:
+    """PS3.5 7.1: elements in ascending tag order. pydicom reads them in any order (its keys
+    keep the order read) and writes them sorted, so a file kept as received would differ from
+    every copy made of it."""
+    tags = list(ds.keys())
+    for before, after in itertools.pairwise(tags):
+        if after < before:
+            raise IntakeRefused(StoreStatus.CANNOT_UNDERSTAND,
+                                f"elements out of order: {after} after {before}")
+
+
+def _read_every_value(ds: Dataset) -> None:
+    """Convert each value now (not the deferred bulk ones): a value that cannot be read (an FD
+    of 26 bytes, say) is the sender's error, answered as such, not a crash later."""
+    for tag in list(ds.keys()):
+        element = ds.get_item(tag, keep_deferred=True)
+        if isinstance(element, RawDataElement) and element.value is None:
+            continue  # deferred bulk data: its length is checked below
+        try:
+            ds[tag]
+        except Exception as error:  # noqa: BLE001 - whatever the parser raises
+            raise IntakeRefused(StoreStatus.CANNOT_UNDERSTAND,
+                                f"element {tag} cannot be read: {error}") from None
+
+
+def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":  # absent or empty: the default; a 0 stays a 0
+        return default
+    try:
+        return int(value)
     except (TypeError, ValueError):
         raise IntakeRefused(
             StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is not a number"
@@ -140,6 +240,8 @@ def check_dataset(ds: Dataset, command_sop_class: str, command_sop_instance: str
         raise IntakeRefused(bad, f"image without {', '.join(missing)}")
     rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
     frames = _int(ds, "NumberOfFrames", 1)
+    if frames < 1:
+        raise IntakeRefused(bad, "Number of Frames is 0")
     samples = _int(ds, "SamplesPerPixel", 1)
     bits_allocated = _int(ds, "BitsAllocated")
     pixels = rows * columns * frames * samples
@@ -147,18 +249,82 @@ def check_dataset(ds: Dataset, command_sop_class: str, command_sop_instance: str
         raise IntakeRefused(bad, "Rows, Columns or Bits Allocated out of range")
     if pixels > max_pixels:
         raise IntakeRefused(bad, f"image of {pixels} pixels exceeds the limit of {max_pixels}")
+    _check_pixel_description(ds, samples, bits_allocated)
     pixel_data = ds.get_item("PixelData", keep_deferred=True)
     if isinstance(pixel_data, RawDataElement):  # deferred: its length, without reading it
         length = pixel_data.length
-    else:
+        encapsulated = length == 0xFFFFFFFF
+    else:  # small enough to have been read already
         length = len(pixel_data.value or b"")
+        encapsulated = pixel_data.is_undefined_length
     native = not ds.file_meta.TransferSyntaxUID.is_compressed
-    if native and length != 0xFFFFFFFF:
+    if native == encapsulated:  # encapsulated exactly when compressed
+        raise IntakeRefused(StoreStatus.CANNOT_UNDERSTAND,
+                            f"Pixel Data {'encapsulated' if native else 'native'} but sent as "
+                            f"{ds.file_meta.TransferSyntaxUID.name}")
+    if native:
         expected = (pixels * bits_allocated + 7) // 8
-        if length < expected:
+        # One byte more is the padding to an even length; more than that is a contradiction.
+        if not expected <= length <= expected + 1:
             raise IntakeRefused(
                 bad, f"Pixel Data holds {length} bytes, Rows x Columns x frames needs {expected}"
             )
+
+
+# PS3.3 C.7.6.3.1.2: how many samples each photometric interpretation has.
+_SAMPLES = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3, "YBR_FULL": 3,
+            "YBR_FULL_422": 3, "YBR_ICT": 3, "YBR_RCT": 3, "YBR_PARTIAL_420": 3}
+
+
+def _check_pixel_description(ds: Dataset, samples: int, bits_allocated: int) -> None:
+    """The Image Pixel module's attributes must agree with each other (PS3.3 C.7.6.3)."""
+    bad = StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    if photometric in _SAMPLES and samples != _SAMPLES[photometric]:
+        raise IntakeRefused(bad, f"{photometric} with {samples} samples per pixel")
+    bits_stored = _int(ds, "BitsStored", bits_allocated)
+    if not 0 < bits_stored <= bits_allocated:
+        raise IntakeRefused(bad, f"Bits Stored {bits_stored} with Bits Allocated "
+                                 f"{bits_allocated}")
+    if _int(ds, "PixelRepresentation", 0) not in (0, 1):
+        raise IntakeRefused(bad, "Pixel Representation is neither 0 nor 1")
+
+
+def check_frame_header(ds: Dataset, path: Path) -> None:
+    """Refuse a compressed image whose first frame's own header declares another size than
+    Rows and Columns (a decoder believes the frame and allocates for it)."""
+    if "PixelData" not in ds or not ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    element = ds.get_item("PixelData", keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.value is None:  # deferred: read its head
+        with open(path, "rb") as file:
+            file.seek(element.value_tell)
+            head = _first_fragment_head(file.read)
+    else:
+        head = _first_fragment_head(io.BytesIO(ds.PixelData).read)
+    declared = declared_size(head) if head else None
+    if declared is None:
+        return
+    rows, columns = declared
+    expected = _int(ds, "Rows"), _int(ds, "Columns")
+    if columns != expected[1] or rows not in (0, expected[0]):  # JPEG rows 0: given later (DNL)
+        raise IntakeRefused(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                            f"compressed frame declares {rows} x {columns} pixels, Rows x "
+                            f"Columns say {expected[0]} x {expected[1]}")
+
+
+def _first_fragment_head(read: Callable[[int], bytes]) -> bytes | None:
+    """The first HEAD_BYTES of the first fragment of encapsulated pixel data read from READ
+    (positioned at the value): the Basic Offset Table item is skipped."""
+    for item in range(2):
+        header = read(8)
+        if len(header) < 8 or header[:4] != b"\xfe\xff\x00\xe0":  # (FFFE,E000) Item
+            return None
+        (length,) = struct.unpack("<I", header[4:])
+        if item == 1:
+            return read(min(length, HEAD_BYTES))
+        read(length)  # the offset table: 4 bytes a frame
+    return None
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
@@ -202,8 +368,9 @@ class Intake:
         if free < self.settings.min_free_disk_mb * 1024 * 1024:
             raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES,
                                 f"spool has {free // 2**20} MiB free, below the minimum")
-        ds = read_header(received)
+        ds = read_header(received, self.settings.max_pixels)
         check_dataset(ds, sop_class_uid, sop_instance_uid, self.settings.max_pixels)
+        check_frame_header(ds, received)
         try:
             digest, size = sha256_of(received), received.stat().st_size
             fsync_file(received)
@@ -234,6 +401,8 @@ class Intake:
                 final.unlink(missing_ok=True)
             log.error("database unavailable while storing %s: %s", uid, error.__class__.__name__)
             raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES, "database unavailable") from None
+        if not decision.analyse and not self.settings.keep_skipped:
+            final.unlink(missing_ok=True)  # recorded; the bytes are not ours to keep
         log.info("stored %s (%s) from %s: %s", uid, ds.file_meta.TransferSyntaxUID.name,
                  calling_ae, "analyse" if decision.analyse else f"skipped: {decision.reason}",
                  extra={"instance_id": instance_id, "sop_instance_uid": uid,
@@ -322,8 +491,10 @@ class Intake:
             detail = f"from {calling_ae}, {size} bytes"
             session.add(InstanceEvent(instance=instance, event=event, detail=detail))
             if not decision.analyse:
+                kept = "file kept" if self.settings.keep_skipped else "file not kept"
+                instance.purged_at = None if self.settings.keep_skipped else utcnow()
                 session.add(InstanceEvent(instance=instance, event="skipped",
-                                          detail=decision.reason))
+                                          detail=f"{decision.reason}; {kept}"))
             session.flush()
             return instance.id, decision.analyse
 
@@ -350,3 +521,26 @@ def mark_queued(sessions: sessionmaker[Session], instance_ids: list[int], reason
                 InstanceEvent(instance_pk=pk, event="requeued", detail=reason)
                 for pk in instance_ids
             )
+
+
+def requeue_failed(sessions: sessionmaker[Session], sop_instance_uid: str, by: str,
+                   enqueue: Enqueue) -> bool:
+    """An operator sends a failed instance through analysis again (fresh attempt count): False
+    when there is no such failed instance (or retention took its pixel data). The event
+    names who asked."""
+    with sessions.begin() as session:
+        instance = session.scalar(select(Instance).where(
+            Instance.sop_instance_uid == sop_instance_uid,
+            Instance.status == InstanceStatus.FAILED,
+            Instance.purged_at.is_(None)))  # its pixel data must still be there
+        if instance is None:
+            return False
+        instance.status = InstanceStatus.RECEIVED
+        instance.attempts = 0
+        instance.updated_at = utcnow()
+        session.add(InstanceEvent(instance_pk=instance.id, event="retry-requested",
+                                  detail=f"by {by} (was: {instance.last_error})"[:2000]))
+        instance_id = instance.id
+    enqueue(instance_id)  # if this fails, the reconciler queues the received row
+    mark_queued(sessions, [instance_id], "")
+    return True

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import base64
 import logging
+import random
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.status import code_to_category
 from sqlalchemy import ColumnElement, select
@@ -20,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import Destination, Settings
 from dicom_node.db.leases import abandoned_or, extend, renewed, take, when_database_returns
 from dicom_node.db.models import Delivery, DeliveryStatus, Output, utcnow
+from dicom_node.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,12 @@ def backoff_seconds(settings: Settings, attempts: int) -> float:
     """Delay before attempt ``attempts + 1``: base * 2^(attempts - 1), capped."""
     return min(settings.delivery_retry_seconds * 2 ** max(attempts - 1, 0),
                settings.delivery_max_backoff_seconds)
+
+
+def retry_delay(settings: Settings, attempts: int) -> float:
+    """The backoff give or take 20 %: deliveries that failed together (a PACS went down) do
+    not all come back to it in the same second when it recovers."""
+    return backoff_seconds(settings, attempts) * random.uniform(0.8, 1.2)
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,8 @@ def deliver(settings: Settings, sessions: sessionmaker[Session],
         try:
             result = (stow_file(path, destination, settings.dicomweb_secrets_dir)
                       if destination.url else
-                      send_file(path, destination, settings.ae_title, settings.max_pdu))
+                      send_file(path, destination, settings.ae_title, settings.max_pdu,
+                                tls=client_context(settings) if destination.tls else None))
         except Exception as error:  # a missing file, a network error: try again later
             result_reason = f"{error.__class__.__name__}: {error}"
             delivered, permanent = False, not path.exists()
@@ -118,7 +130,7 @@ def _record_attempt(settings: Settings, sessions: sessionmaker[Session], deliver
             log.warning("delivery %d to %s failed for good: %s", delivery_id,
                         destination.address, delivery.last_error)
             return DeliveryOutcome("failed", reason=delivery.last_error)
-        delay = backoff_seconds(settings, attempts)
+        delay = retry_delay(settings, attempts)
         delivery.status = DeliveryStatus.PENDING
         delivery.next_attempt_at = now + timedelta(seconds=delay)
         log.info("delivery %d to %s will be retried in %.0f s: %s", delivery_id,
@@ -126,18 +138,20 @@ def _record_attempt(settings: Settings, sessions: sessionmaker[Session], deliver
         return DeliveryOutcome("pending", retry_in=delay, reason=result_reason)
 
 
-def due_deliveries(sessions: sessionmaker[Session], due_before: datetime | None = None
-                   ) -> list[int]:
+def due_deliveries(sessions: sessionmaker[Session], lease_seconds: float,
+                   due_before: datetime | None = None) -> list[int]:
     """Pending deliveries due (before ``due_before``, default now), and sends whose worker died
     (lease ran out before ``due_before``)."""
     before = due_before or utcnow()
-    due = abandoned_or(Delivery, _pending_before(before), _SENDING, before)
+    due = abandoned_or(Delivery, _pending_before(before), _SENDING, before, lease_seconds)
     with sessions() as session:
         return list(session.scalars(select(Delivery.id).where(due).order_by(Delivery.id)).all())
 
 
-def retry_deliveries(sessions: sessionmaker[Session], ids: list[int] | None) -> list[int]:
-    """Make failed deliveries (these, or all of them) due again with a fresh attempt count."""
+def retry_deliveries(sessions: sessionmaker[Session], ids: list[int] | None,
+                     enqueue_delivery: Callable[[int], None]) -> list[int]:
+    """Make failed deliveries (these, or all of them) due again with a fresh attempt count, and
+    queue them (one the queue misses is due: the reconciler sends it)."""
     with sessions.begin() as session:
         query = select(Delivery).where(Delivery.status == DeliveryStatus.FAILED)
         if ids is not None:
@@ -147,7 +161,10 @@ def retry_deliveries(sessions: sessionmaker[Session], ids: list[int] | None) -> 
             delivery.status = DeliveryStatus.PENDING
             delivery.attempts = 0
             delivery.next_attempt_at = utcnow()
-        return [delivery.id for delivery in rows]
+        retried = [delivery.id for delivery in rows]
+    for delivery_id in retried:
+        enqueue_delivery(delivery_id)
+    return retried
 
 
 def list_deliveries(sessions: sessionmaker[Session], status: str | None = None,
@@ -187,16 +204,20 @@ def _refused(destination: Destination, sop_class, syntax, result: int | None) ->
 
 
 def send_file(path: Path, destination: Destination, calling_ae: str, max_pdu: int,
-              timeout: float = 60) -> SendResult:
+              timeout: float = 60, tls: ssl.SSLContext | None = None) -> SendResult:
     ds = dcmread(path)
     sop_class = ds.SOPClassUID
     syntax = ds.file_meta.TransferSyntaxUID
     ae = AE(ae_title=calling_ae)
     ae.maximum_pdu_size = max_pdu
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    # One presentation context for exactly this object's SOP class and transfer syntax.
+    # This object's SOP class in its own transfer syntax and, where that is compressed, in
+    # Explicit VR Little Endian: a PACS that takes no JPEG still gets the object, decompressed.
     ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if syntax.is_compressed:
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         tls_args=(tls, destination.host) if tls else None)
     if not assoc.is_established and assoc.rejected_contexts:
         # The peer answered but took none of our contexts: pynetdicom then aborts.
         return _refused(destination, sop_class, syntax, assoc.rejected_contexts[0].result)
@@ -206,10 +227,16 @@ def send_file(path: Path, destination: Destination, calling_ae: str, max_pdu: in
         return SendResult(False, False, f"no association with {destination.address} "
                                         "(peer down or unreachable)")
     try:
-        if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
+        accepted = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts
+                     if cx.abstract_syntax == sop_class}
+        if not accepted:
             rejected = assoc.rejected_contexts[0] if assoc.rejected_contexts else None
             return _refused(destination, sop_class, syntax,
                             rejected.result if rejected is not None else None)
+        if syntax not in accepted:
+            # To Explicit VR Little Endian, the context the peer took. The same pixels, so the
+            # same object: its UID stays (pydicom would make a new one).
+            ds.decompress(generate_instance_uid=False)
         status = assoc.send_c_store(ds)
     finally:
         if assoc.is_established:

@@ -9,6 +9,7 @@ and the reconciler sends it later.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import tempfile
 import threading
@@ -18,9 +19,12 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import pynetdicom_fixes
 from dicom_node.config import Settings
 from dicom_node.intake import Enqueue, Intake, StoreStatus, mark_queued
+from dicom_node.metrics import IntakeMetrics
 from dicom_node.sop_classes import STORAGE_SOP_CLASSES, decodable_transfer_syntaxes
+from dicom_node.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -89,27 +93,67 @@ class StoreSCP:
     """The listening node: stores what it is sent and hands it to the dispatcher. The process
     must have called ``receive_into_spool`` first."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], enqueue: Enqueue):
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], enqueue: Enqueue,
+                 metrics: IntakeMetrics | None = None):
         self.settings = settings
+        self.metrics = metrics
+        self._allowed = settings.allowed_peers
         self.intake = Intake(settings, sessions)
         self.dispatcher = Dispatcher(sessions, enqueue)
         self.ae = self._make_ae()
-        self._server = None
+        self._servers: list = []
 
     def _make_ae(self) -> AE:
+        pynetdicom_fixes.apply()  # process-wide; applying it again changes nothing
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = self.settings.max_pdu
         ae.maximum_associations = self.settings.max_associations
-        ae.require_called_aet = self.settings.require_called_ae
-        if self.settings.allowed_calling_aes:
-            ae.require_calling_aet = list(self.settings.allowed_calling_aes)
+        ae.acse_timeout = self.settings.acse_timeout_seconds
+        ae.dimse_timeout = self.settings.dimse_timeout_seconds
+        ae.network_timeout = self.settings.network_timeout_seconds
+        # Called and calling AE (with the peer's address) are checked by handle_request, which
+        # can say why and count it; pynetdicom's own checks stay off.
+        ae.require_called_aet = False
         ae.add_supported_context(Verification)
         syntaxes = decodable_transfer_syntaxes()
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, syntaxes)
         return ae
 
+    def refusal(self, called_ae: str, calling_ae: str, address: str) -> tuple[int, str] | None:
+        """(PS3.8 diagnostic, reason) to reject an association request with, or None."""
+        if self.settings.require_called_ae and called_ae.strip() != self.settings.ae_title:
+            return 0x07, "called-ae"  # called AE title not recognised
+        peers = self._allowed
+        if peers and not any(peer.admits(calling_ae.strip(), address) for peer in peers):
+            return 0x03, "not-allowed"  # calling AE title not recognised
+        return None
+
+    def handle_request(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        calling, called = request.calling_ae_title, request.called_ae_title
+        address = assoc.requestor.address
+        refused = self.refusal(called, calling, address)
+        if refused is None:
+            return
+        diagnostic, reason = refused
+        log.warning("association rejected: calling AE %r from %s to called AE %r: %s", calling,
+                    address, called, reason)
+        if self.metrics is not None:
+            self.metrics.associations_rejected.labels(reason).inc()
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected-permanent, by the service user
+        assoc.kill()  # as pynetdicom does after its own rejections: the A-ASSOCIATE-RJ goes out
+
     def handle_store(self, event: evt.Event) -> Dataset | int:
+        size = os.path.getsize(event.dataset_path) if self.metrics else 0
+        response = self._store(event)
+        if self.metrics is not None:
+            status = response if isinstance(response, int) else int(response.Status)
+            self.metrics.stored(status, event.assoc.requestor.ae_title, size)
+        return response
+
+    def _store(self, event: evt.Event) -> Dataset | int:
         request = event.request
         try:
             outcome = self.intake.store(
@@ -130,13 +174,30 @@ class StoreSCP:
         return 0x0000
 
     def start(self) -> None:
+        """Listen on the plain port (unless tls_only) and on the TLS port (if set)."""
         self.dispatcher.start()
-        handlers = [(evt.EVT_C_STORE, self.handle_store)]
-        address = (self.settings.bind_address, self.settings.port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
-        log.info("%s listening on %s:%d", self.settings.ae_title, *address)
+        handlers = [(evt.EVT_REQUESTED, self.handle_request),
+                    (evt.EVT_C_STORE, self.handle_store)]
+        for port, tls in self._ports():
+            address = (self.settings.bind_address, port)
+            self._servers.append(self.ae.start_server(
+                address, block=False, evt_handlers=handlers,
+                ssl_context=server_context(self.settings) if tls else None))
+            log.info("%s listening on %s:%d%s", self.settings.ae_title, *address,
+                     " (DICOM TLS)" if tls else "")
+
+    def _ports(self) -> list[tuple[int, bool]]:
+        """(port, over TLS): the plain port unless tls_only, and the TLS port if set."""
+        ports = [] if self.settings.tls_only else [(self.settings.port, False)]
+        return ports + ([(self.settings.tls_port, True)] if self.settings.tls_port else [])
+
+    @property
+    def listening(self) -> str:
+        """Where associations are taken, for the start-up line."""
+        return " and ".join(f"{self.settings.bind_address}:{port}{' (DICOM TLS)' if tls else ''}"
+                            for port, tls in self._ports())
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
+        for server in self._servers:
+            server.shutdown()
         self.dispatcher.stop()

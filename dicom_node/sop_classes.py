@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydicom.pixels.decoders import base as pixel_decoders
+from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
+    AllTransferSyntaxes,
     ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -17,6 +18,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
 )
+from pynetdicom import AllStoragePresentationContexts
 
 # Image SOP classes we may analyse, with the modality each implies when the Modality tag is absent.
 IMAGE_SOP_CLASS_MODALITY: dict[UID, str] = {
@@ -36,7 +38,14 @@ NON_IMAGE_SOP_CLASSES: tuple[UID, ...] = (
     GrayscaleSoftcopyPresentationStateStorage,
 )
 
-STORAGE_SOP_CLASSES: tuple[UID, ...] = (*IMAGE_SOP_CLASS_MODALITY, *NON_IMAGE_SOP_CLASSES)
+# Every storage SOP class: a PACS that auto-routes whole studies also sends CT scouts, chest
+# images and reports, and an object we cannot take stays a failed job in its routing queue.
+# What the routing rules do not select is acknowledged, recorded as skipped, and not analysed.
+OTHER_STORAGE_SOP_CLASSES: tuple[UID, ...] = tuple(
+    UID(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+    if cx.abstract_syntax not in (*IMAGE_SOP_CLASS_MODALITY, *NON_IMAGE_SOP_CLASSES))
+STORAGE_SOP_CLASSES: tuple[UID, ...] = (*IMAGE_SOP_CLASS_MODALITY, *NON_IMAGE_SOP_CLASSES,
+                                        *OTHER_STORAGE_SOP_CLASSES)
 
 _UNCOMPRESSED = (
     ExplicitVRLittleEndian,
@@ -51,10 +60,13 @@ def decodable_transfer_syntaxes() -> list[UID]:
 
     Offered in this order; uncompressed first so a peer that proposes several gets the cheap one.
     """
-    registered = sorted(pixel_decoders._PIXEL_DATA_DECODERS, key=str)
-    compressed = [
-        UID(uid)
-        for uid in registered
-        if uid not in _UNCOMPRESSED and pixel_decoders.get_decoder(uid).is_available
-    ]
+    compressed = [uid for uid in sorted(AllTransferSyntaxes, key=str)
+                  if uid not in _UNCOMPRESSED and _decodable(uid)]
     return [*_UNCOMPRESSED, *compressed]
+
+
+def _decodable(uid: UID) -> bool:
+    try:
+        return get_decoder(uid).is_available
+    except NotImplementedError:  # pydicom has no decoder for it at all (video, say)
+        return False

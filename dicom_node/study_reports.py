@@ -9,7 +9,6 @@ which names the one it supersedes; the older stays, in the PACS and in ``study_r
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -33,6 +32,7 @@ from dicom_node.db.models import (
     utcnow,
 )
 from dicom_node.outbox import destinations_for
+from dicom_node.periodic import Periodic
 from dicom_node.results.common import save_object
 from dicom_node.results.identity import result_series_uid
 from dicom_node.results.sr import build_sr
@@ -168,17 +168,9 @@ class StudyReporter:
         self._settings = settings
         self._sessions = sessions
         self._enqueue_delivery = enqueue_delivery
-        self._interval = max(1.0, settings.study_stable_seconds / 5)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="study-reporter", daemon=True)
-        self._last_error = ""
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        self._thread = Periodic("study reports", max(1.0, settings.study_stable_seconds / 5),
+                                self.run_once)
+        self.start, self.stop = self._thread.start, self._thread.stop
 
     def run_once(self) -> int:
         """Report every stable study now; the number reported."""
@@ -192,14 +184,3 @@ class StudyReporter:
                 except Exception as error:
                     log.warning("could not queue delivery %d: %s", delivery_id, error)
         return reported
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.run_once()
-                self._last_error = ""
-            except Exception as error:  # the database is down, a spool file is gone...
-                message = f"{error.__class__.__name__}: {error}".splitlines()[0]
-                if message != self._last_error:  # said once, not every few seconds
-                    log.warning("study reports: %s", message)
-                self._last_error = message

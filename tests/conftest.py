@@ -12,9 +12,11 @@ import pytest
 import redis
 
 from tests.support import no_network
+from tests.support.dcmtk import put_dcmtk_first_on_path
 from tests.support.node import POSTGRES_ADMIN_URL, REDIS_HOST_URL, NodeProcess
 
 no_network.block()  # every test in this process: only this machine is reachable
+put_dcmtk_first_on_path()
 
 
 @pytest.fixture(scope="session")

@@ -93,3 +93,13 @@ def test_import_rule_holds_for_the_whole_cli_help() -> None:
                             cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_one_opencv_package() -> None:
+    """Ultralytics brings opencv-python; a second OpenCV package (headless, contrib) would
+    write the same cv2 module over it (a known ultralytics problem)."""
+    import importlib.metadata
+
+    opencv = sorted({dist.metadata["Name"].lower() for dist in importlib.metadata.distributions()
+                     if dist.metadata["Name"].lower().startswith("opencv")})
+    assert opencv == ["opencv-python"]

@@ -41,6 +41,7 @@ class BundleContents:
     detector_scale: str = DETECTOR_SCALE
     class_names: tuple[str, ...] = VINDR_CLASSES
     input_size: int = CLASSIFIER_INPUT_SIZE
+    source_size: int | None = None  # the training cache's long side (see ClassifierSpec)
     image_size: int = DETECTOR_IMAGE_SIZE
     tta: list[str] | None = None
     clinical_use: bool = False
@@ -65,6 +66,7 @@ def save_bundle(folder: Path, contents: BundleContents) -> Path:
     torch.save({"model": contents.detector, "date": datetime.now(UTC).isoformat()},
                detector_file)
     classifier = ClassifierSpec(members=members, input_size=contents.input_size,
+                                source_size=contents.source_size,
                                 threshold=contents.threshold,
                                 **({"tta": contents.tta} if contents.tta else {}))
     detector = DetectorSpec(scale=contents.detector_scale, weights=detector_file.name,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,11 @@ from tqdm import tqdm
 from training.augment import augment
 from training.config import ClassifyConfig, TrainingConfig
 from training.dataset_index import DatasetIndex, IndexedImage
+from training.init_weights import member_start, record_start
 from training.metrics import auroc, ensemble_weight_search, youden_threshold
+from training.progress import Epoch, EpochLog
 from workers.bundle import IMAGENET_MEAN, IMAGENET_STD, TTA_NAMES
-from workers.dernet import autocast, build_member, resize_and_normalise, tta_views
+from workers.dernet import autocast, resize_and_normalise, tta_views
 from workers.runtime import cpu_has_native_bfloat16
 
 CPU = torch.device("cpu")
@@ -88,10 +91,13 @@ def predict(model: torch.nn.Module, run: Path, items: list[IndexedImage], size: 
 def train_fold(run: Path, architecture: str, train_items: list[IndexedImage],
                val_items: list[IndexedImage],
                config: ClassifyConfig, seed: int,
-               device: torch.device = CPU) -> tuple[torch.nn.Module, dict, dict]:
-    """(the model holding its best state, that state on the CPU, best epoch and AUROC)."""
+               device: torch.device = CPU,
+               progress: EpochLog | None = None) -> tuple[torch.nn.Module, dict, dict]:
+    """(the model holding its best state, that state on the CPU, best epoch and AUROC); each
+    epoch's numbers go to PROGRESS."""
     torch.manual_seed(seed)
-    model = build_member(architecture).to(device, memory_format=torch.channels_last)
+    model = member_start(architecture, config.init_weights.get(architecture)).to(
+        device, memory_format=torch.channels_last)
     dtype = training_dtype(device, config.mixed_precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
@@ -101,7 +107,12 @@ def train_fold(run: Path, architecture: str, train_items: list[IndexedImage],
              else config.batch_size)
     labels = np.array([item.abnormal for item in val_items])
     best = {"auroc": -math.inf, "epoch": -1, "state": None}
+    # Without validation images (a final member on all of train) every epoch runs and the
+    # last one is kept.
+    validate = bool(val_items)
     for epoch in range(config.epochs):
+        started, losses, seen = time.monotonic(), [], 0
+        lr = optimizer.param_groups[0]["lr"]
         model.train()
         loader = DataLoader(CachedImages(run, train_items, _size_at(config, architecture, epoch),
                                          train=True, seed=seed * 1000 + epoch),
@@ -115,15 +126,25 @@ def train_fold(run: Path, architecture: str, train_items: list[IndexedImage],
             loss = loss_fn(logits, targets.to(device))
             loss.backward()
             optimizer.step()
+            losses.append(float(loss.detach()) * len(targets))
+            seen += len(targets)
+        train_seconds = time.monotonic() - started
         scheduler.step()
-        probabilities = predict(model, run, val_items, config.input_size, ["identity"], device,
-                                config.loader_workers)
-        score = auroc(labels, probabilities) if 0 < labels.sum() < len(labels) else 0.5
-        if score > best["auroc"]:
-            best = {"auroc": score, "epoch": epoch,
+        if validate:
+            probabilities = predict(model, run, val_items, config.input_size, ["identity"],
+                                    device, config.loader_workers)
+            score = auroc(labels, probabilities) if 0 < labels.sum() < len(labels) else 0.5
+        else:
+            score = math.nan
+        if not validate or score > best["auroc"]:
+            best = {"auroc": score if validate else -math.inf, "epoch": epoch,
                     "state": {k: v.detach().cpu().clone().contiguous()
                               for k, v in model.state_dict().items()}}
-        elif epoch - best["epoch"] >= config.patience:
+        if progress is not None:
+            progress.add(Epoch(epoch + 1, sum(losses) / max(seen, 1), score, lr,
+                               seen / max(train_seconds, 1e-9),
+                               time.monotonic() - started), (best["auroc"], best["epoch"] + 1))
+        if validate and epoch - best["epoch"] >= config.patience:
             break  # early stopping
     model.load_state_dict(best["state"])
     return model, best["state"], {"best_epoch": best["epoch"], "val_auroc": best["auroc"]}
@@ -141,6 +162,7 @@ def cross_validate(run: Path, config: TrainingConfig,
         if summary_path.exists():  # resumable: a finished member is not trained again
             results[architecture] = json.loads(summary_path.read_text())
             continue
+        record_start(folder, config.classify.init_weights.get(architecture), architecture)
         oof: dict[str, float] = {}
         per_fold = []
         for fold in tqdm(folds, desc=architecture, unit="fold"):
@@ -152,9 +174,11 @@ def cross_validate(run: Path, config: TrainingConfig,
                 continue
             train_items = [i for i in train if i.fold != fold]
             val_items = [i for i in train if i.fold == fold]
+            progress = EpochLog(folder / f"fold{fold}.metrics.csv",
+                                f"{architecture} fold {fold}", config.classify.epochs)
             model, state, info = train_fold(run, architecture, train_items, val_items,
                                             config.classify, seed=config.classify.seed + fold,
-                                            device=device)
+                                            device=device, progress=progress)
             torch.save(state, folder / f"fold{fold}.pt")
             probabilities = predict(model, run, val_items, config.classify.input_size,
                                     list(TTA_NAMES), device, config.classify.loader_workers)
@@ -166,6 +190,33 @@ def cross_validate(run: Path, config: TrainingConfig,
         best_fold = max(per_fold, key=lambda f: f["val_auroc"])["fold"]
         results[architecture] = {"folds": per_fold, "best_fold": best_fold, "oof": oof}
         summary_path.write_text(json.dumps(results[architecture], indent=1))
+    return results
+
+
+def train_final_members(run: Path, config: TrainingConfig,
+                        device: torch.device = CPU) -> dict[str, dict]:
+    """The paper's final models: each member trained again on all of train, for the median of
+    its folds' best epoch counts (cross-validation chose the epochs). RUN/classify/<member>/
+    final.pt and final.json; resumable like the folds."""
+    train = DatasetIndex.read(run).split("train")
+    results = {}
+    for architecture in config.classify.members:
+        folder = run / "classify" / architecture
+        done = folder / "final.json"
+        if done.exists():
+            results[architecture] = json.loads(done.read_text())
+            continue
+        cv = json.loads((folder / "cv.json").read_text())
+        epochs = max(1, round(float(np.median([f["best_epoch"] + 1 for f in cv["folds"]]))))
+        member_config = config.classify.model_copy(update={"epochs": epochs})
+        progress = EpochLog(folder / "final.metrics.csv", f"{architecture} final", epochs)
+        _, state, _ = train_fold(run, architecture, train, [], member_config,
+                                 seed=config.classify.seed + 1000, device=device,
+                                 progress=progress)
+        torch.save(state, folder / "final.pt")
+        results[architecture] = {"epochs": epochs, "images": len(train),
+                                 "fold_best_epochs": [f["best_epoch"] + 1 for f in cv["folds"]]}
+        done.write_text(json.dumps(results[architecture], indent=1))
     return results
 
 

@@ -4,6 +4,7 @@ YAML file of the same shape."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -43,6 +44,13 @@ class ClassifyConfig(BaseModel):
     # Processes that load and augment images; a GPU needs several to be kept busy.
     loader_workers: int = Field(0, ge=0)
     seed: int = 0
+    # Pretrained starts: member -> a local timm checkpoint or safetensors file (ImageNet
+    # weights, say); a member not named here starts from random weights.
+    init_weights: dict[str, Path] = Field(default_factory=dict)
+    # The members a bundle serves: each one's best cross-validation fold, or (retrain, the
+    # paper's final models) one trained on all of train for the median of the folds' best
+    # epoch counts. The ensemble weights and threshold come from the folds either way.
+    final_members: Literal["best_fold", "retrain"] = "best_fold"
 
 
 class DetectConfig(BaseModel):
@@ -73,6 +81,7 @@ class DetectConfig(BaseModel):
     copy_paste_below: float = Field(0.05, ge=0, le=1)
     seed: int = 0
     loader_workers: int = Field(0, ge=0)  # as classify.loader_workers
+    init_weights: Path | None = None  # an ultralytics checkpoint to start from (COCO, say)
 
 
 class TrainingConfig(BaseModel):

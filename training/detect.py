@@ -18,25 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import WeightedRandomSampler
+from torchvision.ops import sigmoid_focal_loss
+from tqdm import tqdm
 
 from training.config import DetectConfig
+from training.init_weights import record_start
+from training.progress import detector_epoch_line
 from workers.offline import prepare_offline, ultralytics_modules
 
 
 class FocalBCE(nn.Module):
     """Element-wise focal loss on logits: alpha_t * (1 - p_t)^gamma * BCE (no reduction), the
-    drop-in for ultralytics' ``nn.BCEWithLogitsLoss(reduction="none")``."""
+    drop-in for ultralytics' ``nn.BCEWithLogitsLoss(reduction="none")``; torchvision's."""
 
     def __init__(self, gamma: float = 2.0, alpha: float = 0.25):
         super().__init__()
         self.gamma, self.alpha = gamma, alpha
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        p = torch.sigmoid(logits)
-        p_t = targets * p + (1 - targets) * (1 - p)
-        alpha_t = targets * self.alpha + (1 - targets) * (1 - self.alpha)
-        return alpha_t * (1 - p_t) ** self.gamma * bce
+        return sigmoid_focal_loss(logits, targets, alpha=self.alpha, gamma=self.gamma,
+                                  reduction="none")
 
 
 def balanced_weights(image_classes: list[set[int]]) -> np.ndarray:
@@ -168,16 +169,33 @@ def make_trainer(config: DetectConfig) -> type:
     return SpineTrainer
 
 
-def training_state(last: Path) -> str:
-    """``none``, ``partial`` (resumable) or ``finished``: ultralytics strips the optimiser and
-    sets the epoch to -1 when a run ends."""
+def saved_epoch(last: Path) -> int | None:
+    """The 0-based epoch LAST holds; -1 once the run finished (ultralytics then strips the
+    optimiser and sets it so); None without a readable checkpoint."""
     if not last.exists():
-        return "none"
+        return None
     try:
         checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     except Exception:  # noqa: BLE001 (cut short while written: start that run again)
-        return "none"
-    return "finished" if checkpoint.get("epoch", -1) == -1 else "partial"
+        return None
+    return checkpoint.get("epoch", -1)
+
+
+def training_state(last: Path) -> str:
+    """``none``, ``partial`` (resumable) or ``finished``."""
+    epoch = saved_epoch(last)
+    return "none" if epoch is None else "finished" if epoch == -1 else "partial"
+
+
+def drop_unsaved_epochs(results: Path, epoch: int) -> None:
+    """Keep RESULTS' rows up to the checkpoint's EPOCH (0-based). Ultralytics writes an epoch's
+    row before its checkpoint, so a run stopped between the two would otherwise list that epoch
+    twice once resumed."""
+    if not results.exists():
+        return
+    header, *rows = results.read_text().splitlines(keepends=True)
+    kept = [row for row in rows if int(float(row.split(",")[0])) <= epoch + 1]
+    results.write_text("".join([header, *kept]))
 
 
 def train_detector(run: Path, training: DetectConfig, device: str = "cpu",
@@ -189,14 +207,22 @@ def train_detector(run: Path, training: DetectConfig, device: str = "cpu",
     from ultralytics import YOLO
 
     weights = run / "detect" / name / "weights"
-    state = training_state(weights / "last.pt")
-    if state == "finished":
+    epoch = saved_epoch(weights / "last.pt")
+    if epoch == -1:
         return weights / "best.pt"
-    model = YOLO(str(weights / "last.pt") if state == "partial"
+    partial = epoch is not None
+    if partial:
+        drop_unsaved_epochs(run / "detect" / name / "results.csv", epoch)
+    model = YOLO(str(weights / "last.pt") if partial
                  else f"yolo11{training.scale}.yaml")
+    model.add_callback("on_fit_epoch_end",
+                       lambda trainer: tqdm.write(detector_epoch_line(trainer)))
+    if not partial and training.init_weights is not None:  # a resumed run has its own start
+        record_start(run / "detect", training.init_weights, f"yolo11{training.scale}")
+        model.load(str(training.init_weights))
     model.train(
         trainer=make_trainer(training), data=str(run / "yolo" / "data.yaml"),
-        resume=str(weights / "last.pt") if state == "partial" else False,
+        resume=str(weights / "last.pt") if partial else False,
         epochs=training.epochs, imgsz=training.image_size, batch=training.batch,
         nbs=training.nominal_batch, optimizer="SGD", lr0=training.lr0, cos_lr=True,
         momentum=training.momentum, weight_decay=training.weight_decay,

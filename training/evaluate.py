@@ -8,19 +8,25 @@ Writes RUN/evaluation.json and RUN/report/ (report.md, roc.png, pr.png, threshol
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
 
 from dicom_node.config import load_settings
-from training.metrics import binary_report
+from training.metrics import auroc, binary_report
+from training.phantoms import read_bands
+from training.progress import read as read_epochs
 from training.vindr import read_split
 from workers.bundle import VINDR_CLASSES
+from workers.dernet import classifier_input, tta_views
 from workers.imaging import decode
 from workers.runtime import runtime_for
 
@@ -118,13 +124,16 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
     operating = runtime.bundle.manifest.detector.confidence
     records = read_split(data, "test")
     spec = runtime.bundle.manifest.classifier
-    labels, probabilities, members, views = [], [], {}, {}
+    labels, probabilities, members, views, served_float32 = [], [], {}, {}, []
     ground_truth, detections, sizes = [], [], {}
-    for record in records:
+    for record in tqdm(records, desc="test images", unit="image"):
         image = decode(record.path)
         (result,) = runtime.analyse([image.pixels], confidence=MAP_CONFIDENCE)
         labels.append(record.abnormal)
         probabilities.append(result.classification.probability)
+        served_float32.append(_float32_probability(runtime, image.pixels)
+                              if runtime.classifier.dtype != torch.float32
+                              else result.classification.probability)
         for name, p in result.classification.member_probabilities.items():
             members.setdefault(name, []).append(p)
         for name, p in result.classification.view_probabilities.items():
@@ -136,6 +145,7 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
                         "score": b.score, "box": [b.x0, b.y0, b.x1, b.y1]}
                        for b in result.findings]
     labels_array, scores = np.array(labels), np.array(probabilities)
+    paths = pixel_path_difference(run, runtime, records, np.array(served_float32))
     threshold = runtime.bundle.manifest.classifier.threshold
     report = binary_report(labels_array, scores, threshold)
     member_reports = {name: asdict(binary_report(labels_array, np.array(p), threshold))
@@ -153,14 +163,125 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
             {m.architecture: m.ensemble_weight for m in spec.members}, list(spec.tta),
             threshold),
         "detection": {key: coco[key] for key in ("map50", "map50_95", "ap50")},
+        "pixel_paths": paths,
+        "members_served": runtime.bundle.manifest.metrics.get("members", {}),
         "detection_at_operating_point": precision_recall(
             ground_truth, [d for d in detections if d["score"] >= operating]),
         "threshold_sweep": sweep,
         "threshold_table": threshold_table(labels_array, scores, threshold),
+        "bands": quality_per_band(read_bands(data, "test"), [r.image_id for r in records],
+                                  labels_array, scores, threshold, ground_truth, detections,
+                                  sizes),
     }
     (run / "evaluation.json").write_text(json.dumps(result, indent=1))
     write_report(run / "report", result, labels_array, scores, coco["pr_curves"])
+    if write_training_curves(run, run / "report" / "curves.png"):
+        with open(run / "report" / "report.md", "a") as report:
+            report.write("\n## Training curves\n\nPer member and fold: training loss and "
+                         "validation AUROC per epoch; the detector: its losses and validation "
+                         "mAP@0.5 per epoch.\n\n![training curves](curves.png)\n")
     return result
+
+
+def quality_per_band(bands: dict[str, str], image_ids: list[str], labels: np.ndarray,
+                     scores: np.ndarray, threshold: float, ground_truth: list[dict],
+                     detections: list[dict], sizes: dict[str, tuple[int, int]]) -> list[dict]:
+    """Classification and detection on each difficulty band of varied phantoms (none for other
+    data): a recipe that only fits one look shows it in the hard band."""
+    rows = []
+    for band in sorted(set(bands.values()), key=["easy", "medium", "hard"].index):
+        keep = np.array([bands.get(image_id) == band for image_id in image_ids])
+        members = {image_id for image_id, kept in zip(image_ids, keep, strict=True) if kept}
+        truth, called = labels[keep].astype(bool), scores[keep] >= threshold
+        coco = coco_evaluate([g for g in ground_truth if g["image_id"] in members],
+                             [d for d in detections if d["image_id"] in members],
+                             {i: sizes[i] for i in members})
+        rows.append({"band": band, "images": int(keep.sum()), "abnormal": int(truth.sum()),
+                     "auroc": auroc(truth, scores[keep]) if 0 < truth.sum() < len(truth)
+                     else None,
+                     "sensitivity": float(called[truth].mean()) if truth.any() else None,
+                     "specificity": float((~called[~truth]).mean()) if (~truth).any() else None,
+                     "map50": coco["map50"] if coco["map50"] >= 0 else None})
+    return rows
+
+
+def write_training_curves(run: Path, target: Path) -> bool:
+    """Loss and validation score per epoch, each member fold (RUN/classify/*/fold*.metrics.csv)
+    and the detector (ultralytics' RUN/detect/train/results.csv); False when there are none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    members = sorted(run.glob("classify/*/fold*.metrics.csv"))
+    detector = run / "detect" / "train" / "results.csv"
+    if not members and not detector.exists():
+        return False
+    figure, (loss_axis, auroc_axis, detector_axis) = plt.subplots(1, 3, figsize=(13, 4))
+    for path in members:
+        rows = read_epochs(path)
+        label = f"{path.parent.name} {path.name.split('.')[0]}"
+        epochs = [row["epoch"] for row in rows]
+        loss_axis.plot(epochs, [row["train_loss"] for row in rows], label=label)
+        auroc_axis.plot(epochs, [row["val_auroc"] for row in rows], label=label)
+    loss_axis.set(title="DERNet members: training loss", xlabel="epoch")
+    auroc_axis.set(title="DERNet members: validation AUROC", xlabel="epoch")
+    if members:
+        auroc_axis.legend(fontsize=6)
+    if detector.exists():
+        with open(detector, newline="") as file:
+            rows = [{key.strip(): float(value) for key, value in row.items()}
+                    for row in csv.DictReader(file)]
+        epochs = [row["epoch"] for row in rows]
+        for key in ("train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/mAP50(B)"):
+            detector_axis.plot(epochs, [row.get(key, np.nan) for row in rows],
+                               label=key.split("/")[-1])
+        detector_axis.legend(fontsize=6)
+    detector_axis.set(title="detector: losses and validation mAP@0.5", xlabel="epoch")
+    figure.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return True
+
+
+# How far the ensemble probability may move between the pixels training saw (the prepare
+# cache, resized again) and those serving sees (the full-resolution decode resized once).
+PIXEL_PATH_TOLERANCE = 0.02
+
+
+@torch.inference_mode()
+def _float32_probability(runtime, pixels: np.ndarray) -> float:  # noqa: ANN001
+    """The ensemble probability from serving's pixels with the members in float32 (as training
+    evaluates them), so that the comparison below is about pixels, not precision."""
+    spec = runtime.bundle.manifest.classifier
+    views = tta_views(classifier_input(pixels, spec)[None].to(runtime.device), spec.tta)
+    members = runtime.classifier.members
+    total = sum(weight * float(torch.sigmoid(model(views).float()).mean())
+                for _, weight, model in members)
+    return total / sum(weight for _, weight, _ in members)
+
+
+def pixel_path_difference(run: Path, runtime, records: list, served: np.ndarray) -> dict:  # noqa: ANN001
+    """The test images through the training pipeline (RUN's cache, the DataLoader the members
+    were validated with) beside serving's pixels (SERVED, float32 both): the ensemble
+    probability's difference and the decisions that differ at the bundle's threshold."""
+    from training.classify import predict
+    from training.dataset_index import DatasetIndex
+
+    items = {item.image_id: item for item in DatasetIndex.read(run).images}
+    ordered = [items[record.image_id] for record in records]
+    spec = runtime.bundle.manifest.classifier
+    members = runtime.classifier.members
+    trained = sum(weight * predict(model, run, ordered, spec.input_size, list(spec.tta),
+                                   runtime.device) for _, weight, model in members)
+    trained = trained / sum(weight for _, weight, _ in members)
+    difference = np.abs(trained - served)
+    return {"max_abs_dp": float(difference.max()), "mean_abs_dp": float(difference.mean()),
+            "decisions_differ": int(((trained >= spec.threshold)
+                                     != (served >= spec.threshold)).sum()),
+            "tolerance": PIXEL_PATH_TOLERANCE,
+            "within_tolerance": bool(difference.max() <= PIXEL_PATH_TOLERANCE)}
 
 
 def ensemble_ablation(labels: np.ndarray, views: dict[str, np.ndarray],
@@ -266,7 +387,9 @@ def write_report(folder: Path, result: dict, labels: np.ndarray, scores: np.ndar
         f"| {c['auroc']:.4f} ({c['auroc_ci'][0]:.4f}-{c['auroc_ci'][1]:.4f}) | "
         f"{c['sensitivity']:.4f} | {c['specificity']:.4f} | {c['f1']:.4f} | "
         f"{c['threshold']:.3f} |", "",
-        "## Ensemble members (same threshold)", "", "| member | AUROC | sensitivity | "
+        "## Ensemble members (same threshold)", "",
+        *[f"- {name}: {which}" for name, which in result["members_served"].items()], "",
+        "| member | AUROC | sensitivity | "
         "specificity | F1 |", "|---|---|---|---|---|",
         *[f"| {n} | {m['auroc']:.4f} | {m['sensitivity']:.4f} | {m['specificity']:.4f} | "
           f"{m['f1']:.4f} |" for n, m in result["members"].items()], "",
@@ -290,9 +413,35 @@ def write_report(folder: Path, result: dict, labels: np.ndarray, scores: np.ndar
         *[f"| {n} | {_fmt(ap)} | {_fmt(result['detection_at_operating_point'][n]['precision'])}"
           f" | {_fmt(result['detection_at_operating_point'][n]['recall'])} |"
           for n, ap in result["detection"]["ap50"].items()], "",
+        *_band_lines(result["bands"]),
+        "## Training pixels vs serving pixels", "",
+        _pixel_paths_line(result["pixel_paths"]), "",
         "![ROC](roc.png) ![PR](pr.png) ![threshold sweep](threshold.png)", "",
     ]
     (folder / "report.md").write_text("\n".join(lines))
+
+
+def _band_lines(bands: list[dict]) -> list[str]:
+    if not bands:
+        return []
+    return ["## Quality per difficulty band (varied phantoms: lesion contrast and size, noise, "
+            "exposure)", "",
+            "| band | images | abnormal | AUROC | sensitivity | specificity | mAP@0.5 |",
+            "|---|---|---|---|---|---|---|",
+            *[f"| {b['band']} | {b['images']} | {b['abnormal']} | {_fmt(b['auroc'])} | "
+              f"{_fmt(b['sensitivity'])} | {_fmt(b['specificity'])} | {_fmt(b['map50'])} |"
+              for b in bands], ""]
+
+
+def _pixel_paths_line(paths: dict) -> str:
+    verdict = "within" if paths["within_tolerance"] else "OUTSIDE"
+    return (f"The ensemble probability of each test image from the pixels training used (the "
+            f"prepare cache) against the pixels serving used (the decoded "
+            f"image through the cache's view), both in float32: max |dp| "
+            f"{paths['max_abs_dp']:.4f}, mean "
+            f"{paths['mean_abs_dp']:.4f}, {verdict} the tolerance of {paths['tolerance']}; "
+            f"{paths['decisions_differ']} decision(s) differ at the threshold. Detection: "
+            f"ultralytics' validator (training's pixels) beside ours (serving's) above.")
 
 
 def _threshold_row(row: dict) -> str:

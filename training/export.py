@@ -16,8 +16,10 @@ import torch
 
 from dicom_node import __version__
 from training.bundle_writer import BundleContents, ClassifierMember, save_bundle
-from training.config import TrainingConfig
+from training.config import ConfigError, TrainingConfig
 from training.dataset_index import DatasetIndex
+from training.init_weights import recorded_starts
+from training.provenance import git_commit, library_versions
 from workers.bundle import Manifest, ValidatedPrecisions, load_bundle, write_manifest
 from workers.dernet import DERNet, build_member
 from workers.detector import Detector, letterbox, load_detection_model
@@ -56,31 +58,52 @@ def check_precision(bundle_path: Path, images: list[np.ndarray],
             "score": float((full[:, 4:] - approximate[:, 4:]).abs().max())}
 
 
+def _which_members(run: Path, config: TrainingConfig, ensemble: dict) -> dict[str, str]:
+    """Member -> what the bundle serves of it, in words (the report says it too)."""
+    if config.classify.final_members == "retrain":
+        return {name: (f"retrained on all {final['images']} training images for "
+                       f"{final['epochs']} epochs (median of the folds' best "
+                       f"{final['fold_best_epochs']})")
+                for name in ensemble["weights"]
+                for final in [json.loads((run / "classify" / name / "final.json").read_text())]}
+    return {name: f"best cross-validation fold ({ensemble['best_folds'][name]})"
+            for name in ensemble["weights"]}
+
+
 def export_bundle(run: Path, config: TrainingConfig, target: Path, name: str,
                   version: str) -> Path:
     ensemble = json.loads((run / "ensemble.json").read_text())
     dataset = DatasetIndex.read(run)
     members = []
+    retrained = config.classify.final_members == "retrain"
     for architecture, weight in ensemble["weights"].items():
         model = build_member(architecture)
-        fold = ensemble["best_folds"][architecture]
-        model.load_state_dict(torch.load(run / "classify" / architecture / f"fold{fold}.pt",
-                                         weights_only=True))
+        folder = run / "classify" / architecture
+        if retrained and not (folder / "final.pt").exists():
+            raise ConfigError(f"{folder / 'final.pt'} missing: classify.final_members is "
+                              f"retrain, so run 'spinenode train final' before export")
+        weights = (folder / "final.pt" if retrained
+                   else folder / f"fold{ensemble['best_folds'][architecture]}.pt")
+        model.load_state_dict(torch.load(weights, weights_only=True))
         members.append(ClassifierMember(architecture, model, weight))
     prepare_offline(run / "ultralytics")
     detector = load_detection_model(str(run / "detect" / "train" / "weights" / "best.pt"))
     metrics = {"classification_oof_auroc": ensemble["oof_auroc"],
-               "member_oof_auroc": ensemble["member_oof_auroc"]}
+               "member_oof_auroc": ensemble["member_oof_auroc"],
+               "members": _which_members(run, config, ensemble)}
     evaluation = run / "evaluation.json"
     if evaluation.exists():
         metrics["test"] = json.loads(evaluation.read_text())
     save_bundle(target, BundleContents(
         name=name, version=version, members=members, threshold=ensemble["threshold"],
         detector=detector, detector_scale=config.detect.scale,
-        input_size=config.classify.input_size, image_size=config.detect.image_size,
+        input_size=config.classify.input_size, source_size=config.data.cache_size,
+        image_size=config.detect.image_size,
         clinical_use=False,  # only a validated, approved process may say otherwise
         provenance={"data_fingerprint": dataset.fingerprint, "data_source": dataset.source,
-                    "config": config.model_dump(), "spinenode": __version__},
+                    "config": config.model_dump(mode="json"), "spinenode": __version__,
+                    "git_commit": git_commit(), "libraries": library_versions(),
+                    "init_weights": recorded_starts(run, config.classify.members)},
         metrics=metrics,
     ))
     if cpu_has_native_bfloat16():

@@ -15,6 +15,12 @@ class frequencies following the paper's imbalance:
 
 The signs are sized to stay visible at the demo's reduced resolutions (96 px classifier, 192 px
 detector). Deterministic by seed; image size and counts are parameters.
+
+One look flatters a recipe, so ``generate(variety=True)`` draws each image's conditions: a
+difficulty band (easy, medium, hard: lesion contrast, lesion size, noise, exposure), and, across
+all bands, the image size (300 to 3,000 px by default), the number of vertebral levels, the
+column's position and both photometric interpretations. Each split's conditions go to
+``annotations/<split>_conditions.csv`` so that an evaluation can report quality per band.
 """
 
 from __future__ import annotations
@@ -47,6 +53,43 @@ CLASS_FREQUENCIES = {
 }
 BITS = 12
 TOP = 2**BITS - 1
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """How one phantom is drawn. The defaults are the one look of the plain generator."""
+
+    band: str = "plain"
+    levels: int = 5  # vertebrae in view
+    lesion_scale: float = 1.0  # lesion size against the plain look's
+    contrast: float = 1.0  # a lesion's difference from the bone it sits on, against the plain's
+    noise: float = 0.015  # standard deviation, image in [0, 1]
+    gamma: float = 1.0  # exposure: the image is raised to this power
+    column_offset: float = 0.0  # the spine's centre off the image's, in widths
+    unit: float = 1.0  # pixels per fixed-size detail (cortex, end plates, box margins)
+
+
+# Per band: (lesion_scale, contrast, noise, gamma) ranges, drawn uniformly.
+BANDS = {
+    "easy": ((0.9, 1.2), (0.9, 1.0), (0.008, 0.02), (0.9, 1.1)),
+    "medium": ((0.65, 0.9), (0.55, 0.85), (0.02, 0.04), (0.75, 1.35)),
+    "hard": ((0.45, 0.65), (0.3, 0.55), (0.04, 0.07), (0.6, 1.7)),
+}
+CONDITION_COLUMNS = ["image_id", "band", "rows", "columns", "levels", "lesion_scale", "contrast",
+                     "noise", "gamma", "photometric"]
+
+
+def draw_conditions(rng: np.random.Generator, sizes: tuple[int, int]
+                    ) -> tuple[Conditions, int, int]:
+    """(conditions, rows, columns) of one varied phantom: a band, then its ranges."""
+    band = str(rng.choice(list(BANDS)))
+    scale, contrast, noise, gamma = (rng.uniform(*limits) for limits in BANDS[band])
+    rows = int(round(np.exp(rng.uniform(np.log(sizes[0]), np.log(sizes[1])))))
+    columns = int(round(rows * rng.uniform(0.6, 0.85)))
+    conditions = Conditions(band=band, levels=int(rng.integers(4, 8)), lesion_scale=scale,
+                            contrast=contrast, noise=noise, gamma=gamma,
+                            column_offset=rng.uniform(-0.12, 0.12), unit=max(1.0, rows / 384))
+    return conditions, rows, columns
 
 
 @dataclass
@@ -85,13 +128,19 @@ def _clip_box(box: PhantomBox, width: int, height: int) -> PhantomBox:
                       min(float(width), box.x1), min(float(height), box.y1))
 
 
-def draw_phantom(rng: np.random.Generator, height: int, width: int,
-                 lesions: list[str]) -> tuple[np.ndarray, list[PhantomBox]]:
+def draw_phantom(rng: np.random.Generator, height: int, width: int, lesions: list[str],
+                 conditions: Conditions = Conditions()) -> tuple[np.ndarray, list[PhantomBox]]:
     """A [0, 1] image (bright bone) and the boxes of the lesions drawn on it."""
+    c = conditions
+    u = c.unit
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    centre = width / 2 + rng.uniform(-0.05, 0.05) * width
+    centre = width / 2 + (rng.uniform(-0.05, 0.05) + c.column_offset) * width
     image = 0.15 + 0.25 * np.exp(-(((x - centre) / (width * 0.3)) ** 2))
-    count = 5
+    count = c.levels
+
+    def sign(value: float, bone: float = 0.72) -> float:
+        """A lesion's grey value at this image's contrast: its difference from bone, scaled."""
+        return bone + c.contrast * (value - bone)
     body_h = height * 0.8 / (count * 1.35)
     gap = body_h * 0.35
     body_w = width * rng.uniform(0.2, 0.26)
@@ -107,27 +156,28 @@ def draw_phantom(rng: np.random.Generator, height: int, width: int,
         k = int(rng.integers(1, count - 1))
         v, below = vertebrae[k], vertebrae[k + 1]
         if lesion == "Spondylolysthesis":
-            shift = body_w * rng.uniform(0.2, 0.3) * rng.choice([-1, 1])
+            shift = body_w * rng.uniform(0.2, 0.3) * c.lesion_scale * rng.choice([-1, 1])
             v.x0 += shift
             v.x1 += shift
             boxes.append(PhantomBox(lesion, min(v.x0, below.x0), v.y0, max(v.x1, below.x1),
                                     below.y1))
         elif lesion == "Vertebral collapse":
-            v.y0 = v.y1 - body_h * rng.uniform(0.4, 0.55)
+            v.y0 = v.y1 - body_h * (1 - (1 - rng.uniform(0.4, 0.55)) * min(1.0, c.lesion_scale))
             boxes.append(PhantomBox(lesion, v.x0, v.y0, v.x1, v.y1))
         elif lesion == "Disc space narrowing":
-            below.y0 = v.y1 + gap * rng.uniform(0.0, 0.15)
+            below.y0 = v.y1 + gap * (1 - (1 - rng.uniform(0.0, 0.15)) * min(1.0, c.lesion_scale))
             narrowed.add(k)
             boxes.append(PhantomBox(lesion, v.x0, v.y1 - body_h * 0.15, v.x1,
                                     below.y0 + body_h * 0.15))
     for v in vertebrae:
         _fill_rect(image, v.x0, v.y0, v.x1, v.y1, 0.72)
-        _fill_rect(image, v.x0 + 3, v.y0 + 3, v.x1 - 3, v.y1 - 3, 0.62)  # cortex brighter
+        _fill_rect(image, v.x0 + 3 * u, v.y0 + 3 * u, v.x1 - 3 * u, v.y1 - 3 * u,
+                   0.62)  # cortex brighter
     for k in narrowed:  # sclerotic end plates either side of a narrowed disc
-        _fill_rect(image, vertebrae[k].x0, vertebrae[k].y1 - 4, vertebrae[k].x1,
-                   vertebrae[k].y1, 0.9)
+        _fill_rect(image, vertebrae[k].x0, vertebrae[k].y1 - 4 * u, vertebrae[k].x1,
+                   vertebrae[k].y1, sign(0.9))
         _fill_rect(image, vertebrae[k + 1].x0, vertebrae[k + 1].y0, vertebrae[k + 1].x1,
-                   vertebrae[k + 1].y0 + 4, 0.9)
+                   vertebrae[k + 1].y0 + 4 * u, sign(0.9))
     for lesion in lesions:
         k = int(rng.integers(0, count))
         v = vertebrae[k]
@@ -135,43 +185,48 @@ def draw_phantom(rng: np.random.Generator, height: int, width: int,
             side = rng.choice([-1, 1])
             edge = v.x0 if side < 0 else v.x1
             corner = v.y0 if rng.random() < 0.5 else v.y1
-            size = body_w * rng.uniform(0.25, 0.35)
+            size = body_w * rng.uniform(0.25, 0.35) * c.lesion_scale
             for step in range(int(size)):  # a triangle pointing outwards
                 half = (size - step) * 0.5
                 _fill_rect(image, edge + side * step - 1, corner - half, edge + side * step + 1,
-                           corner + half, 0.85)
+                           corner + half, sign(0.85))
             x_lo, x_hi = sorted((edge, edge + side * size))
-            boxes.append(PhantomBox(lesion, x_lo - 2, corner - size / 2 - 2, x_hi + 2,
-                                    corner + size / 2 + 2))
+            m = 2 * u
+            boxes.append(PhantomBox(lesion, x_lo - m, corner - size / 2 - m, x_hi + m,
+                                    corner + size / 2 + m))
         elif lesion == "Surgical implant":
             span = int(rng.integers(2, 4))
             first = vertebrae[min(k, count - span)]
             last = vertebrae[min(k, count - span) + span - 1]
             rod_x = first.x0 + (first.x1 - first.x0) * rng.uniform(0.25, 0.75)
-            rod_w = body_w * 0.06
-            _fill_rect(image, rod_x - rod_w, first.y0, rod_x + rod_w, last.y1, 1.0)
+            rod_w = body_w * 0.06 * c.lesion_scale
+            _fill_rect(image, rod_x - rod_w, first.y0, rod_x + rod_w, last.y1, sign(1.0))
             for vv in vertebrae[vertebrae.index(first):vertebrae.index(last) + 1]:
                 cy = (vv.y0 + vv.y1) / 2
                 _fill_rect(image, rod_x - rod_w * 4, cy - rod_w, rod_x + rod_w * 4, cy + rod_w,
-                           1.0)
-            boxes.append(PhantomBox(lesion, rod_x - rod_w * 4 - 2, first.y0 - 2,
-                                    rod_x + rod_w * 4 + 2, last.y1 + 2))
+                           sign(1.0))
+            m = 2 * u
+            boxes.append(PhantomBox(lesion, rod_x - rod_w * 4 - m, first.y0 - m,
+                                    rod_x + rod_w * 4 + m, last.y1 + m))
         elif lesion == "Foraminal stenosis":
             k = min(k, count - 2)
             cy = (vertebrae[k].y1 + vertebrae[k + 1].y0) / 2
             cx = vertebrae[k].x1 + body_w * 0.15
-            radius = gap * rng.uniform(0.6, 0.9)
-            _disc(image, cx, cy, radius, 0.8)
-            boxes.append(PhantomBox(lesion, cx - radius - 2, cy - radius - 2, cx + radius + 2,
-                                    cy + radius + 2))
+            radius = gap * rng.uniform(0.6, 0.9) * c.lesion_scale
+            _disc(image, cx, cy, radius, sign(0.8, bone=0.3))
+            m = 2 * u
+            boxes.append(PhantomBox(lesion, cx - radius - m, cy - radius - m, cx + radius + m,
+                                    cy + radius + m))
         elif lesion == "Other lesions":
             cx, cy = (v.x0 + v.x1) / 2, (v.y0 + v.y1) / 2
-            radius = min(v.x1 - v.x0, v.y1 - v.y0) * rng.uniform(0.25, 0.35)
-            _disc(image, cx, cy, radius, 0.1)
-            boxes.append(PhantomBox(lesion, cx - radius - 2, cy - radius - 2, cx + radius + 2,
-                                    cy + radius + 2))
-    image = image + rng.normal(0, 0.015, image.shape)
-    return np.clip(image, 0, 1).astype(np.float32), [_clip_box(b, width, height) for b in boxes]
+            radius = min(v.x1 - v.x0, v.y1 - v.y0) * rng.uniform(0.25, 0.35) * c.lesion_scale
+            _disc(image, cx, cy, radius, sign(0.1, bone=0.62))
+            m = 2 * u
+            boxes.append(PhantomBox(lesion, cx - radius - m, cy - radius - m, cx + radius + m,
+                                    cy + radius + m))
+    image = image + rng.normal(0, c.noise, image.shape)
+    image = np.clip(image, 0, 1) ** c.gamma
+    return image.astype(np.float32), [_clip_box(b, width, height) for b in boxes]
 
 
 def _uid(seed: int, *parts: object) -> str:
@@ -196,24 +251,35 @@ def write_dicom(path: Path, image: np.ndarray, ids: tuple[str, str, str], monoch
 
 def generate(root: Path, *, train: int = 40, test: int = 20, height: int = 512,
              width: int = 384, seed: int = 0, normal_fraction: float = 0.5,
-             compress: bool = False) -> Path:
-    """Write a phantom data set in VinDr-SpineXR's layout under ``root``."""
+             compress: bool = False, variety: bool = False,
+             sizes: tuple[int, int] = (300, 3000)) -> Path:
+    """Write a phantom data set in VinDr-SpineXR's layout under ``root``: each image
+    ``height`` x ``width`` in the plain look, or with ``variety`` in conditions drawn per image
+    (its long side log-uniform within ``sizes``; see the module's note)."""
     rng = np.random.default_rng(seed)
     classes = list(CLASS_FREQUENCIES)
     weights = np.array(list(CLASS_FREQUENCIES.values()))
     weights /= weights.sum()
     assert set(classes) == set(VINDR_CLASSES)
     for split, count in (("train", train), ("test", test)):
-        rows = []
+        rows, drawn = [], []
         for index in range(count):
             ids = tuple(f"{part}{rng.integers(0, 2**48):012x}" for part in ("st", "se", "im"))
             abnormal = rng.random() >= normal_fraction
             lesions = ([str(c) for c in rng.choice(classes, size=int(rng.integers(1, 4)),
                                                    p=weights)] if abnormal else [])
-            image, boxes = draw_phantom(rng, height, width, lesions)
-            write_dicom(image_path(root, split, ids[2]), image, ids,
-                        monochrome1=bool(rng.random() < 0.5), compress=compress,
-                        seed=seed)
+            conditions, rows_, columns = (draw_conditions(rng, sizes) if variety
+                                          else (Conditions(), height, width))
+            image, boxes = draw_phantom(rng, rows_, columns, lesions, conditions)
+            monochrome1 = bool(rng.random() < 0.5)
+            write_dicom(image_path(root, split, ids[2]), image, ids, monochrome1=monochrome1,
+                        compress=compress, seed=seed)
+            drawn.append({"image_id": ids[2], "band": conditions.band, "rows": rows_,
+                          "columns": columns, "levels": conditions.levels,
+                          "lesion_scale": f"{conditions.lesion_scale:.3f}",
+                          "contrast": f"{conditions.contrast:.3f}",
+                          "noise": f"{conditions.noise:.4f}", "gamma": f"{conditions.gamma:.3f}",
+                          "photometric": "MONOCHROME1" if monochrome1 else "MONOCHROME2"})
             base = {"study_id": ids[0], "series_id": ids[1], "image_id": ids[2],
                     "rad_id": f"R{index % 3 + 1}"}
             if not boxes:
@@ -228,4 +294,22 @@ def generate(root: Path, *, train: int = 40, test: int = 20, height: int = 512,
             writer = csv.DictWriter(handle, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
+        if variety:  # VinDr has no such file: only varied phantoms say how hard each image is
+            with open(conditions_path(root, split), "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=CONDITION_COLUMNS)
+                writer.writeheader()
+                writer.writerows(drawn)
     return root
+
+
+def conditions_path(root: Path, split: str) -> Path:
+    return csv_path(root, split).with_name(f"{split}_conditions.csv")
+
+
+def read_bands(root: Path, split: str) -> dict[str, str]:
+    """image_id -> difficulty band of a varied phantom split; empty for any other data."""
+    path = conditions_path(root, split)
+    if not path.exists():
+        return {}
+    with open(path, newline="") as handle:
+        return {row["image_id"]: row["band"] for row in csv.DictReader(handle)}

@@ -17,8 +17,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 import yaml
 from PIL import Image
 from tqdm import tqdm
@@ -27,6 +25,7 @@ from training.config import TrainingConfig
 from training.dataset_index import DatasetIndex, IndexedImage
 from training.vindr import ImageRecord, read_split
 from workers.bundle import VINDR_CLASSES
+from workers.dernet import cached_view
 from workers.imaging import decode
 
 
@@ -35,14 +34,9 @@ def cache_image(record: ImageRecord, cache_dir: Path, cache_size: int) -> Path:
     target = cache_dir / f"{record.image_id}.npy"
     if target.exists():
         return target
-    pixels = decode(record.path).pixels
-    scale = cache_size / max(pixels.shape)
-    if scale < 1:
-        size = (max(1, round(pixels.shape[0] * scale)), max(1, round(pixels.shape[1] * scale)))
-        pixels = F.interpolate(torch.from_numpy(pixels)[None, None], size=size, mode="bilinear",
-                               antialias=True, align_corners=False)[0, 0].numpy()
+    pixels = cached_view(decode(record.path).pixels, cache_size)  # as serving sees it too
     partial = target.with_suffix(".partial.npy")
-    np.save(partial, pixels.astype(np.float16))
+    np.save(partial, pixels)
     os.replace(partial, target)
     return target
 
@@ -102,7 +96,8 @@ def prepare(data: Path, run: Path, config: TrainingConfig) -> DatasetIndex:
         for r in records
     }
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    (run / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"),
+                                                     sort_keys=False))
     cache_dir = run / "cache"
     cache_dir.mkdir(exist_ok=True)
     yolo = run / "yolo"

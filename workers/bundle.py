@@ -7,6 +7,9 @@ No torch here: ``spinenode bundle verify`` runs on a machine without it.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import io
 import json
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +38,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# The libraries whose versions a bundle's provenance records: those that shape what the weights
+# compute (a different major version may load them and compute something else).
+RECORDED_LIBRARIES = ("torch", "torchvision", "timm", "ultralytics", "numpy", "pydicom")
+CHECKED_MAJOR_VERSIONS = ("torch", "timm", "ultralytics")
+
+
+def installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 class BundleError(ValueError):
     """A bundle that cannot be used; the message is one line."""
 
@@ -60,6 +76,10 @@ class MemberSpec(_Strict):
 class ClassifierSpec(_Strict):
     members: list[MemberSpec] = Field(min_length=1)
     input_size: int = Field(CLASSIFIER_INPUT_SIZE, ge=32)
+    # The long side of the training cache the members learnt from: serving brings an image
+    # there first, as the cache did, so that both see the same pixels. None (bundles made
+    # before it was recorded): straight to input_size.
+    source_size: int | None = Field(None, ge=32)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     tta: list[str] = Field(default_factory=lambda: list(TTA_NAMES), min_length=1)
@@ -135,6 +155,18 @@ class Manifest(_Strict):
         files[self.detector.weights] = self.detector.sha256
         return files
 
+    def version_mismatches(self) -> list[str]:
+        """The libraries this bundle was made with in another major version than this machine
+        runs ('torch 1.13.1 made it, 2.14.1 serves it'); empty when the manifest does not
+        say (bundles from before provenance was recorded)."""
+        made_with = self.provenance.get("libraries", {})
+        found = []
+        for name in CHECKED_MAJOR_VERSIONS:
+            made, running = made_with.get(name), installed_version(name)
+            if made and running and made.split(".")[0] != running.split(".")[0]:
+                found.append(f"{name} {made} made it, {running} serves it")
+        return found
+
 
 class Bundle(BaseModel):
     path: Path
@@ -147,13 +179,63 @@ class Bundle(BaseModel):
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def verified_bytes(self, name: str) -> io.BytesIO:
+        """A weight file's bytes, checked against the manifest's SHA-256 as they are handed
+        over: what torch.load reads is what was verified (the file cannot be swapped between
+        the check and the load). Raises BundleError before anything is unpickled."""
+        data = self.file(name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.manifest.weight_files()[name]:
+            raise BundleError(f"bundle {self.path}: weight file {name} does not match its "
+                              "SHA-256 (damaged or tampered); not loaded")
+        return io.BytesIO(data)
 
-def load_bundle(path: Path, verify_checksums: bool = True) -> Bundle:
-    """Read and check a bundle; raise BundleError (one line) if it cannot be used."""
+
+SIGNATURE = MANIFEST + ".sig"
+
+
+def sign_manifest(path: Path, private_key: Path) -> Path:
+    """Write the bundle's detached Ed25519 signature of its manifest (which holds every weight
+    file's SHA-256, so it signs them all). Keys: ``openssl genpkey -algorithm ed25519``."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    key = load_pem_private_key(Path(private_key).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BundleError(f"{private_key} is not an Ed25519 private key")
+    signature = Path(path) / SIGNATURE
+    signature.write_bytes(key.sign((Path(path) / MANIFEST).read_bytes()))
+    return signature
+
+
+def _check_signature(path: Path, public_key: Path) -> None:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(Path(public_key).read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"{public_key} is not an Ed25519 public key")
+    signature = path / SIGNATURE
+    if not signature.is_file():
+        raise BundleError(f"bundle {path}: not signed ({SIGNATURE} missing), and a signature "
+                          "is required")
+    try:
+        key.verify(signature.read_bytes(), (path / MANIFEST).read_bytes())
+    except InvalidSignature:
+        raise BundleError(f"bundle {path}: its signature does not match {public_key} "
+                          "(manifest changed or signed by another key)") from None
+
+
+def load_bundle(path: Path, verify_checksums: bool = True,
+                public_key: Path | None = None) -> Bundle:
+    """Read and check a bundle; raise BundleError (one line) if it cannot be used. With
+    ``public_key``, the manifest must carry a valid Ed25519 signature by it."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise BundleError(f"bundle {path}: no {MANIFEST}")
+    if public_key is not None:
+        _check_signature(path, public_key)
     try:
         raw = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as error:

@@ -20,9 +20,25 @@ from workers.bundle import Bundle, ClassifierSpec
 def classifier_input(pixels: np.ndarray | torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:
     """[0, 1] grey image (H, W) -> normalised (3, S, S) tensor, S = the bundle's input size.
 
-    The one preprocessing for the classifiers; training builds its inputs with it too.
+    The one preprocessing for the classifiers: through the training cache's view
+    (``cached_view``) where the bundle names its size, then ``resize_and_normalise``, which
+    training applies to its cached images too.
     """
+    if spec.source_size is not None:
+        pixels = cached_view(np.asarray(pixels, dtype=np.float32), spec.source_size)
     return resize_and_normalise(pixels, spec.input_size, spec.mean, spec.std)
+
+
+def cached_view(pixels: np.ndarray, long_side: int) -> np.ndarray:
+    """The image as training's cache holds it: at most LONG_SIDE pixels on its longer side
+    (antialiased bilinear) and stored as float16 (the cache's half-size files)."""
+    scale = long_side / max(pixels.shape)
+    if scale < 1:
+        size = (max(1, round(pixels.shape[0] * scale)), max(1, round(pixels.shape[1] * scale)))
+        pixels = F.interpolate(torch.from_numpy(np.ascontiguousarray(pixels))[None, None],
+                               size=size, mode="bilinear", antialias=True,
+                               align_corners=False)[0, 0].numpy()
+    return pixels.astype(np.float16)
 
 
 def resize_and_normalise(pixels: np.ndarray | torch.Tensor, size: int,
@@ -78,7 +94,7 @@ class DERNet:
         self.members: list[tuple[str, float, torch.nn.Module]] = []
         for member in self.spec.members:
             model = build_member(member.architecture)
-            state = torch.load(bundle.file(member.weights), map_location="cpu",
+            state = torch.load(bundle.verified_bytes(member.weights), map_location="cpu",
                                weights_only=True)
             model.load_state_dict(state)
             # channels_last: oneDNN's fast convolution layout on CPU, tensor cores on GPU.

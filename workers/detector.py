@@ -7,6 +7,7 @@ Ultralytics must be imported through ``workers.offline`` (no downloads, our font
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,10 @@ def letterbox(pixels: np.ndarray, size: int) -> tuple[torch.Tensor, Letterbox]:
     return canvas.expand(3, size, size), geometry
 
 
-def load_detection_model(weights: str) -> torch.nn.Module:
-    """An ultralytics checkpoint -> its DetectionModel, float32, for inference."""
+def load_detection_model(weights: str | io.BytesIO) -> torch.nn.Module:
+    """An ultralytics checkpoint (a path, or verified bytes) -> its DetectionModel, float32.
+    An ultralytics checkpoint is a pickle of the model's classes (weights_only cannot read
+    it): it must come from a bundle whose checksums (and signature) were checked."""
     ultralytics = ultralytics_modules()
     checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
     model = (checkpoint.get("ema") or checkpoint["model"]).float()
@@ -84,7 +87,8 @@ class Detector:
         self.spec: DetectorSpec = bundle.manifest.detector
         self.device = device
         self.dtype = dtype
-        model = load_detection_model(str(weights or bundle.file(self.spec.weights)))
+        model = load_detection_model(str(weights) if weights else
+                                     bundle.verified_bytes(self.spec.weights))
         self.model = model.to(device, memory_format=torch.channels_last)
         classes = self.model.model[-1].nc
         if classes != len(self.spec.class_names):

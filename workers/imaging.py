@@ -123,9 +123,12 @@ def decode(source: Path | Dataset, max_pixels: int | None = None) -> DecodedImag
         if max_pixels is not None and rows * columns > max_pixels:
             raise DecodeError(f"image of {rows}x{columns} exceeds the pixel limit")
         raw = ds.pixel_array
-    except DecodeError:
+    except (DecodeError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as error:  # pydicom and its plugins raise many kinds on bad pixel data
+    # pydicom and its plugins raise many kinds on bad pixel data, and the Rust codecs
+    # (pylibjpeg-rle) panic on some: pyo3's PanicException is a BaseException, which would
+    # otherwise pass every `except Exception` and leave the image held, unanswered, for good.
+    except BaseException as error:  # noqa: BLE001
         raise DecodeError(
             f"cannot decode pixel data: {error.__class__.__name__}: {error}") from None
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:

@@ -11,6 +11,7 @@ from pydicom import dcmread
 from dicom_node.analysis import AnalysisResult
 from dicom_node.config import (
     DEFAULT_RESULT_KINDS,
+    OVERLAY_KINDS,
     RESULT_KINDS,
     Destination,
     ResultKind,
@@ -55,7 +56,7 @@ def build_outputs(settings: Settings, source_path: Path, image: DecodedImage,
             if per_study:
                 continue
             ds = build_sr([(source, summary)], **where)
-        elif kind in (ResultKind.SC, ResultKind.SC_JPEG):
+        elif kind in OVERLAY_KINDS:
             ds = build_overlay(source, grey, summary, jpeg=kind is ResultKind.SC_JPEG, **where)
         else:
             ds = build_gsps(source, summary, window=image.window, **where)

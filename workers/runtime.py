@@ -123,7 +123,13 @@ def runtime_for(settings: Settings) -> ModelRuntime | None:
     key = (settings.bundle.resolve(), settings.device, settings.precision)
     if key not in _runtimes:
         prepare_offline(settings.data_dir / "ultralytics")
-        bundle = load_bundle(settings.bundle)
+        # Each weight file's SHA-256 is checked as it is loaded (Bundle.verified_bytes), so
+        # hashing them all here first would read every file twice.
+        bundle = load_bundle(settings.bundle, verify_checksums=False,
+                             public_key=settings.bundle_public_key)
+        for mismatch in bundle.manifest.version_mismatches():
+            log.warning("bundle %s: %s: its results may differ from those measured when it "
+                        "was made", bundle.label, mismatch)
         _runtimes[key] = ModelRuntime(bundle, select_device(settings.device),
                                       settings.torch_threads, settings.normal_min_box_score,
                                       settings.precision)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import setup_logging
+from celery.signals import setup_logging, worker_ready, worker_shutdown
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import Settings
@@ -125,12 +125,21 @@ def _celery_settings(settings: Settings) -> dict:
 def worker_app(settings: Settings) -> Celery:
     """A worker process's Celery app: the analysis and delivery tasks, bound to one pipeline."""
     from dicom_node.db.session import session_factory
+    from dicom_node.heartbeat import Heartbeat
     from dicom_node.outbox import deliver as deliver_one
+    from workers.bundle import load_bundle
     from workers.pipeline import RETRY_DELAY_SECONDS, Pipeline
 
     queue = TaskQueue(settings)
     sessions = session_factory(settings.effective_database_url)
     pipeline = Pipeline(settings, sessions, queue.enqueue_delivery)
+    # The heartbeat names the bundle this worker serves; `spinenode worker` verified its
+    # checksums before it got here.
+    bundle = (load_bundle(settings.bundle, verify_checksums=False).label
+              if settings.bundle else "")
+    heartbeat = Heartbeat(sessions, settings.worker_heartbeat_seconds, bundle)
+    worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
+    worker_shutdown.connect(lambda **_: heartbeat.stop(), weak=False)
     for handler in logging.getLogger().handlers:  # every line a task logs carries its id
         handler.addFilter(_with_task_id)
         # billiard (Celery's process pool) logs with propagation off: give it the same handler.

@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dicom_node.cli import admin, bundle, demo, serve, train
+from dicom_node.cli import admin, bundle, demo, serve, train, web
 from dicom_node.cli.common import Fatal
 from dicom_node.config import SettingsError
 
-GROUPS = (serve, demo, admin, bundle, train)
+GROUPS = (serve, web, demo, admin, bundle, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,8 @@ import json
 import re
 from datetime import UTC, datetime, timedelta
 
-from dicom_node.cli.common import Fatal, add_settings_flags, prepare_database, redact, settings_from
+from dicom_node.cli.common import Fatal, add_settings_flags, prepare_database, settings_from
+from dicom_node.config import redact
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -81,14 +82,12 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     if args.deliveries_command == "retry":
         if args.all_failed == (args.id is not None):
             raise Fatal("give a delivery ID or --all-failed")
-        retried = retry_deliveries(sessions, None if args.all_failed else [args.id])
-        if args.id is not None and not retried:
-            raise Fatal(f"delivery {args.id} is not failed (or does not exist)")
         from workers.tasks import TaskQueue
 
-        tasks = TaskQueue(settings)
-        for delivery_id in retried:
-            tasks.enqueue_delivery(delivery_id)
+        retried = retry_deliveries(sessions, None if args.all_failed else [args.id],
+                                   TaskQueue(settings).enqueue_delivery)
+        if args.id is not None and not retried:
+            raise Fatal(f"delivery {args.id} is not failed (or does not exist)")
         print(f"{len(retried)} deliveries queued again")
         return 0
     rows = list_deliveries(sessions, status=args.status, limit=args.limit)
@@ -104,7 +103,9 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
 
 
 def parse_since(text: str) -> datetime:
-    """ISO date/time, or an age such as 30m, 12h, 7d."""
+    """ISO date/time (naive = UTC), or an age such as 30m, 12h, 7d."""
+    from dicom_node.db.models import aware
+
     match = re.fullmatch(r"(\d+)([smhd])", text.strip())
     if match:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
@@ -114,7 +115,29 @@ def parse_since(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither an ISO date/time nor an age like 30m, 12h, 7d") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return aware(value)
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Retention now (the reconciler also runs it each round), or --dry-run: what would go."""
+    from dicom_node.db.session import session_factory
+    from dicom_node.retention import purge
+
+    settings = settings_from(args)
+    prepare_database(settings, upgrade_if_sqlite=False)
+    if not (settings.spool_retention_days or settings.spool_retention_max_mb
+            or settings.outputs_retention_days or settings.outputs_retention_max_mb):
+        raise Fatal("no retention configured (SPINENODE_SPOOL_RETENTION_DAYS, "
+                    "SPINENODE_SPOOL_RETENTION_MAX_MB, SPINENODE_OUTPUTS_RETENTION_DAYS, "
+                    "SPINENODE_OUTPUTS_RETENTION_MAX_MB)")
+    items = purge(settings, session_factory(settings.effective_database_url),
+                  dry_run=args.dry_run)
+    for item in items:
+        print(f"{'would purge' if args.dry_run else 'purged'} {item.kind:6} "
+              f"{item.size_bytes / 2**20:8.1f} MB  {item.path}  ({item.why})")
+    print(f"{len(items)} files, {sum(i.size_bytes for i in items) / 2**20:.1f} MB"
+          f"{' would go' if args.dry_run else ' purged'}")
+    return 0
 
 
 def cmd_instances(args: argparse.Namespace) -> int:
@@ -190,14 +213,14 @@ def cmd_results(args: argparse.Namespace) -> int:
     import csv
     import sys
 
-    from dicom_node.admin import results
+    from dicom_node.admin import Filters, results
     from dicom_node.db.session import session_factory
 
     settings = settings_from(args)
     prepare_database(settings, upgrade_if_sqlite=False)
-    rows = results(session_factory(settings.effective_database_url), accession=args.accession,
-                   study_uid=args.study, label=args.label, finding=args.finding,
-                   since=args.since, limit=args.limit)
+    filters = Filters(accession=args.accession, study_uid=args.study, label=args.label,
+                      finding=args.finding, since=args.since)
+    rows = results(session_factory(settings.effective_database_url), filters, limit=args.limit)
     if args.json:
         print(json.dumps(rows, indent=1))
     elif args.csv:
@@ -214,7 +237,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """db, status, instances, show, results, deliveries, echo"""
+    """db, status, instances, show, results, deliveries, echo, purge"""
     from dicom_node.db.models import InstanceStatus
 
     db = commands.add_parser("db", help="database migrations")
@@ -246,6 +269,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     retry.add_argument("id", type=int, nargs="?")
     retry.add_argument("--all-failed", action="store_true")
     add_settings_flags(retry)
+
+    purge_command = commands.add_parser("purge", help="retention: remove pixel data and "
+                                                      "overlays past their time")
+    add_settings_flags(purge_command)
+    purge_command.add_argument("--dry-run", action="store_true", help="only list what would go")
+    purge_command.set_defaults(handler=cmd_purge)
 
     status = commands.add_parser("status", help="instances per status and queue depth")
     add_settings_flags(status)

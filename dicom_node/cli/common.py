@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
+import signal
 import socket
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicom_node.config import Settings, load_settings
+from dicom_node.config import Settings, load_settings, redact
 
 if TYPE_CHECKING:
     from workers.tasks import TaskQueue
@@ -25,13 +26,15 @@ def add_settings_flags(parser: argparse.ArgumentParser, server: bool = False) ->
         parser.add_argument("--ae-title", help="our AE title (default SPINENODE)")
         parser.add_argument("--bind-address", help="address to listen on (default 0.0.0.0)")
         parser.add_argument("--port", type=int, help="port to listen on (default 11112)")
+        parser.add_argument("--http-port", type=int,
+                            help="results API and page port (default 8080, 0 = off)")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides = {
         name: getattr(args, name, None)
         for name in ("data_dir", "database_url", "broker_url", "ae_title", "bind_address", "port",
-                     "worker_concurrency")
+                     "http_port", "worker_concurrency")
     }
     return load_settings(getattr(args, "config", None), **overrides)
 
@@ -62,6 +65,15 @@ def announce(settings: Settings, message: str) -> None:
         print(message, flush=True)
 
 
+def stop_on_signal() -> threading.Event:
+    """An event set by SIGINT or SIGTERM (Ctrl-C, docker stop), from now on: a command asks
+    for it before it starts anything, so a stop during start-up is a clean stop too."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
 class Fatal(Exception):
     """Stop with this one line and exit status 2."""
 
@@ -84,10 +96,6 @@ def prepare_database(settings: Settings, upgrade_if_sqlite: bool) -> None:
     if current != head:
         raise Fatal(f"database {redact(url)} is at revision {current}, not {head}: "
                     "run 'spinenode db upgrade'")
-
-
-def redact(url: str) -> str:
-    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
 
 
 def check_broker_or_stop(settings: Settings, tasks: TaskQueue) -> None:
@@ -114,7 +122,7 @@ def check_bundle(settings: Settings) -> None:
     from workers.bundle import BundleError, load_bundle
 
     try:
-        load_bundle(settings.bundle)
+        load_bundle(settings.bundle, public_key=settings.bundle_public_key)
     except BundleError as error:
         raise Fatal(str(error)) from None
 

@@ -105,6 +105,9 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> i
         _wait_for_echo(settings, node)
         print(f"demo: node {settings.ae_title}@127.0.0.1:{settings.port} answers C-ECHO; "
               f"results go to {destination.address} ({received})", flush=True)
+        if settings.http_port:
+            print(f"demo: results page http://{settings.http_bind_address}:{settings.http_port}/"
+                  f" ; log in with the operator token {_demo_token(settings)}", flush=True)
         files = held_out_samples(phantoms, count) if phantoms else []
         if not files:
             from training.synthetic import make_radiograph
@@ -133,6 +136,17 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> i
             node.terminate()
             node.wait(60)
         server.shutdown()
+
+
+def _demo_token(settings: Settings) -> str:
+    """A fresh operator token for the person running the demo (its name says when)."""
+    from datetime import datetime
+
+    from dicom_node.db.session import session_factory
+    from dicom_node.tokens import create_token
+
+    name = f"demo-{datetime.now():%Y%m%d-%H%M%S}"
+    return create_token(session_factory(settings.effective_database_url), name, "operator")
 
 
 def _send(settings: Settings, files: list[Path]) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -19,10 +18,10 @@ from dicom_node.cli.common import (
     check_bundle,
     configure_logging,
     prepare_database,
-    redact,
     settings_from,
+    stop_on_signal,
 )
-from dicom_node.config import Settings
+from dicom_node.config import Settings, redact
 
 
 class EmbeddedWorker:
@@ -55,8 +54,10 @@ class EmbeddedWorker:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.cli.web import start_http
     from dicom_node.db.session import session_factory
     from dicom_node.dispatch import Reconciler, remove_incoming_files
+    from dicom_node.metrics import IntakeMetrics, node_registry
     from dicom_node.scp import StoreSCP, receive_into_spool
     from dicom_node.study_reports import StudyReporter
     from workers.tasks import TaskQueue
@@ -72,21 +73,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     remove_incoming_files(settings.incoming_dir, older_than=0)
     sessions = session_factory(settings.effective_database_url)
     receive_into_spool(settings)
-    scp = StoreSCP(settings, sessions, tasks.enqueue_analysis)
+    registry = node_registry(sessions, tasks.depth)
+    scp = StoreSCP(settings, sessions, tasks.enqueue_analysis, IntakeMetrics(registry))
     worker = None if args.no_worker else EmbeddedWorker(settings)
     reconciler = Reconciler(settings, sessions, tasks.enqueue_analysis, tasks.depth,
                             enqueue_delivery=tasks.enqueue_delivery,
                             also=worker.ensure_running if worker else None)
     reporter = (StudyReporter(settings, sessions, tasks.enqueue_delivery)
                 if settings.result_scope == "study" else None)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signal()
     try:
         scp.start()
     except OSError as error:
-        raise Fatal(f"cannot listen on {settings.bind_address}:{settings.port}: "
+        raise Fatal(f"cannot listen on {settings.bind_address} port {settings.port}"
+                    f"{f' or TLS port {settings.tls_port}' if settings.tls_port else ''}: "
                     f"{error.strerror or error}") from None
+    http = start_http(settings, sessions, tasks, registry)
     if worker is not None:
         worker.ensure_running()
     reconciler.start()
@@ -94,13 +96,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reporter.start()
     broker = "embedded queue" if settings.embedded_broker else redact(settings.broker_url)
     announce(settings,
-             f"spinenode: {settings.ae_title} listening on {settings.bind_address}:"
-             f"{settings.port}; database {redact(settings.effective_database_url)}; {broker}; "
+             f"spinenode: {settings.ae_title} listening on {scp.listening}; "
+             f"database {redact(settings.effective_database_url)}; {broker}; "
              f"spool {settings.spool_dir.resolve()}; "
-             f"worker {'embedded' if worker else 'separate (spinenode worker)'}")
+             f"worker {'embedded' if worker else 'separate (spinenode worker)'}; "
+             f"{'page and API ' + http.url if http else 'no HTTP (http_port 0)'}")
     stop.wait()
     announce(settings, "spinenode: stopping")
     scp.stop()
+    if http is not None:
+        http.stop()
     reconciler.stop()
     if reporter is not None:
         reporter.stop()

@@ -13,10 +13,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Training lives in its own package; the node never imports it except for this command."""
     from training.config import ConfigError, load_config, torch_device
     from training.dataset_index import DatasetIndex
+    from training.init_weights import InitWeightsError
     from training.vindr import DatasetError
 
     try:
-        config = load_config(args.train_config)
+        if args.train_command == "weights":
+            return _check_weights(args.file, args.arch)
+        config = _with_init_weights(load_config(args.train_config), args)
         if args.train_command == "prepare":
             from training.prepare import prepare
 
@@ -61,6 +64,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             torch_device(args.device)  # a clear error where the GPU is missing
             best = train_detector(args.out, config.detect, device=args.device)
             print(f"detector trained: {best}")
+        elif args.train_command == "final":
+            from training.classify import train_final_members
+
+            for name, final in train_final_members(args.out, config,
+                                                   torch_device(args.device)).items():
+                print(f"{name}: trained on all {final['images']} training images for "
+                      f"{final['epochs']} epochs (folds' best: {final['fold_best_epochs']})")
         elif args.train_command == "classify":
             for name, result in cross_validate(args.out, config,
                                                torch_device(args.device)).items():
@@ -72,13 +82,43 @@ def cmd_train(args: argparse.Namespace) -> int:
             weights = ", ".join(f"{k} {v:.2f}" for k, v in summary["weights"].items())
             print(f"ensemble weights {weights}; threshold {summary['threshold']:.3f}; "
                   f"out-of-fold AUROC {summary['oof_auroc']:.3f}")
-    except (ConfigError, DatasetError) as error:
+    except (ConfigError, DatasetError, InitWeightsError) as error:
         raise Fatal(str(error)) from None
     return 0
 
 
+def _with_init_weights(config, args: argparse.Namespace):  # noqa: ANN001, ANN202
+    """The config with the --init-weights flags (which win over its own)."""
+    from training.config import ConfigError
+
+    flags = getattr(args, "init_weights", None)
+    if not flags:
+        return config
+    if args.train_command == "detect":
+        return config.model_copy(update={"detect": config.detect.model_copy(
+            update={"init_weights": flags})})
+    starts = dict(config.classify.init_weights)
+    for flag in flags:
+        member, _, file = flag.partition("=")
+        if member not in config.classify.members or not file:
+            raise ConfigError(f"--init-weights {flag!r}: want MEMBER=FILE, MEMBER one of "
+                              f"{', '.join(config.classify.members)}")
+        starts[member] = Path(file)
+    return config.model_copy(update={"classify": config.classify.model_copy(
+        update={"init_weights": starts})})
+
+
+def _check_weights(file: Path, architecture: str) -> int:
+    from training.init_weights import check
+
+    result = check(file, architecture)
+    print(f"{file}: {'fits' if result.ok else 'does NOT fit'} {architecture}: "
+          f"{result.summary()}")
+    return 0 if result.ok else 1
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """train prepare|classify|ensemble|detect|export|evaluate|ablate"""
+    """train prepare|classify|ensemble|final|detect|export|evaluate|ablate|weights check"""
     train = commands.add_parser("train", help="train a model bundle (VinDr-SpineXR layout)")
     train_commands = train.add_subparsers(dest="train_command", required=True)
     prepare = train_commands.add_parser(
@@ -89,11 +129,27 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                          help="paper, smoke or a YAML file (default paper)")
     for name, text in (("classify", "train the DERNet members, 5-fold cross-validation"),
                        ("ensemble", "ensemble weights and threshold from the folds"),
+                       ("final", "train each member again on all of train, for the epochs "
+                                 "cross-validation chose (classify.final_members: retrain)"),
                        ("detect", "train YOLO11 with focal loss, copy-paste, balanced sampling")):
         step = train_commands.add_parser(name, help=text)
         step.add_argument("--out", type=Path, required=True, help="the prepared run folder")
         step.add_argument("--config", dest="train_config", default="paper")
         step.add_argument("--device", default="cpu", help="cpu, or 0 for the first GPU")
+        if name == "classify":
+            step.add_argument("--init-weights", action="append", default=[],
+                              metavar="MEMBER=FILE", help="start MEMBER from this local timm "
+                              "checkpoint or safetensors file (repeatable; beside the config's)")
+        elif name == "detect":
+            step.add_argument("--init-weights", type=Path, metavar="FILE",
+                              help="start from this local ultralytics checkpoint")
+    weights = train_commands.add_parser("weights", help="pretrained start files")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True)
+    weights_check = weights_commands.add_parser(
+        "check", help="whether a weights file fits an architecture (missing/unexpected keys)")
+    weights_check.add_argument("file", type=Path)
+    weights_check.add_argument("--arch", required=True,
+                               help="densenet121, tf_efficientnetv2_s, resnet50, yolo11n..x")
     evaluation = train_commands.add_parser("evaluate", help="the bundle on the test split")
     evaluation.add_argument("--out", type=Path, required=True, help="the trained run folder")
     evaluation.add_argument("--data", type=Path, required=True, help="VinDr-SpineXR folder")

@@ -4,6 +4,11 @@ A worker that claims an instance or a delivery holds a lease on it. The lease is
 worker's work is handed out again within about a minute), so a live worker renews it while it
 works. When the database goes away mid-task, the worker keeps its finished result and writes it
 as soon as the database answers again, instead of dropping it and waiting for the lease to run out.
+
+A restart of the database renews every lease: while it was down no holder could renew, so a
+lease that ran out then says nothing about its worker. Handing such work out at once would race
+the live holder writing its result (a delivery sent twice, an image analysed twice); after the
+restart each holder has one full lease to renew or to write.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from sqlalchemy import ColumnElement, update
+from sqlalchemy import Boolean, ColumnElement, update
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from dicom_node.db.models import Base, utcnow
 
@@ -35,7 +43,7 @@ def take(session: Session, table: type[Base], row_id: int, claimable: ColumnElem
     now = utcnow()
     result = session.execute(
         update(table).where(table.id == row_id)
-        .where(abandoned_or(table, claimable, working, now))
+        .where(abandoned_or(table, claimable, working, now, lease_seconds))
         .values(attempts=table.attempts + 1, lease_until=now + timedelta(seconds=lease_seconds),
                 **values)
     )
@@ -43,15 +51,36 @@ def take(session: Session, table: type[Base], row_id: int, claimable: ColumnElem
 
 
 def abandoned_or(table: type[Base], claimable: ColumnElement[bool],
-                 working: ColumnElement[bool], moment: datetime) -> ColumnElement[bool]:
+                 working: ColumnElement[bool], moment: datetime,
+                 lease_seconds: float) -> ColumnElement[bool]:
     """Rows that may be taken at ``moment``: ``claimable`` ones, and ``working`` ones whose
     lease had run out by then (their worker died)."""
-    return claimable | lease_ran_out(table, working, moment)
+    return claimable | lease_ran_out(table, working, moment, lease_seconds)
 
 
-def lease_ran_out(table: type[Base], working: ColumnElement[bool],
-                  moment: datetime) -> ColumnElement[bool]:
-    return working & (table.lease_until < moment)
+def lease_ran_out(table: type[Base], working: ColumnElement[bool], moment: datetime,
+                  lease_seconds: float) -> ColumnElement[bool]:
+    """``working`` rows whose lease ran out by ``moment``, on a database that has been up for a
+    whole lease by then (see the module's note on restarts)."""
+    return (working & (table.lease_until < moment)
+            & database_up_since(moment - timedelta(seconds=lease_seconds)))
+
+
+class database_up_since(FunctionElement[bool]):  # noqa: N801 (used like a SQL function)
+    """True when the database server has run without a restart since the given moment."""
+
+    type = Boolean()
+    inherit_cache = True
+
+
+@compiles(database_up_since)
+def _no_server(element: database_up_since, compiler: SQLCompiler, **kw: object) -> str:
+    return "1 = 1"  # SQLite: a file in the node's own process, never down on its own
+
+
+@compiles(database_up_since, "postgresql")
+def _postgresql(element: database_up_since, compiler: SQLCompiler, **kw: object) -> str:
+    return f"pg_postmaster_start_time() < {compiler.process(element.clauses, **kw)}"
 
 
 def extend(session: Session, table: type[Base], held: ColumnElement[bool],

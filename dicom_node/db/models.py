@@ -28,6 +28,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def aware(moment: datetime) -> datetime:
+    """A time read back as UTC-aware: SQLite hands back naive UTC, PostgreSQL aware."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 class InstanceStatus(enum.StrEnum):
     RECEIVED = "received"  # spooled and committed; not yet handed to the queue
     QUEUED = "queued"  # a task for it is in the broker
@@ -67,7 +72,7 @@ class Study(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
     patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
-    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
     study_date: Mapped[str] = mapped_column(String(8), default="")
     description: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -126,6 +131,8 @@ class Instance(Base):
     bits_stored: Mapped[int | None] = mapped_column(Integer)
     decode_seconds: Mapped[float | None] = mapped_column(Float)
     decoded_at: Mapped[datetime | None] = mapped_column()
+    # When retention took the pixel data out of the spool file (its header stays).
+    purged_at: Mapped[datetime | None] = mapped_column()
 
     series: Mapped[Series] = relationship(back_populates="instances")
     analyses: Mapped[list[Analysis]] = relationship(back_populates="instance",
@@ -154,6 +161,8 @@ class Analysis(Base):
 
     __tablename__ = "analyses"
     __table_args__ = (
+        # "An instance's latest analysis" is a NOT EXISTS on a later one: one index probe.
+        Index("ix_analyses_instance_latest", "instance_pk", "id"),
         UniqueConstraint("instance_pk", "source_sha256", "bundle_name", "bundle_version",
                          name="uq_analyses_instance_source_bundle"),
     )
@@ -189,7 +198,7 @@ class Finding(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     analysis_pk: Mapped[int] = mapped_column(ForeignKey("analyses.id"), index=True)
     class_index: Mapped[int] = mapped_column(Integer)
-    class_name: Mapped[str] = mapped_column(String(64))
+    class_name: Mapped[str] = mapped_column(String(64), index=True)
     score: Mapped[float] = mapped_column(Float)
     x0: Mapped[float] = mapped_column(Float)
     y0: Mapped[float] = mapped_column(Float)
@@ -240,6 +249,7 @@ class Output(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    purged_at: Mapped[datetime | None] = mapped_column()  # file removed by retention
 
     analysis: Mapped[Analysis | None] = relationship(back_populates="outputs")
     study_report: Mapped[StudyReport | None] = relationship(back_populates="outputs")
@@ -272,3 +282,49 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     output: Mapped[Output] = relationship(back_populates="deliveries")
+
+
+class TokenRole(enum.StrEnum):
+    VIEWER = "viewer"  # reads results
+    OPERATOR = "operator"  # also retries deliveries and re-queues failed instances
+
+
+class ApiToken(Base):
+    """A bearer token for the HTTP side. Only the SHA-256 of the secret is kept: a copy of the
+    database does not let anyone in."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class AuditEntry(Base):
+    """One HTTP access to patient data (or an attempt at it): who, when, what, and the answer."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    token_name: Mapped[str] = mapped_column(String(64), default="")  # "" = no valid token
+    role: Mapped[str] = mapped_column(String(16), default="")
+    client: Mapped[str] = mapped_column(String(64), default="")
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(Text)  # with its query string
+    status_code: Mapped[int] = mapped_column(Integer)
+
+
+class WorkerHeartbeat(Base):
+    """A worker process says it is alive (and which bundle it verified) every few seconds."""
+
+    __tablename__ = "worker_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    bundle: Mapped[str] = mapped_column(String(130), default="")  # "name version"; "" = none

@@ -96,3 +96,27 @@ def test_train_commands_do_not_read_the_node_settings(tmp_path: Path) -> None:
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "SPINENODE" not in result.stderr and "VinDr-SpineXR folder" in result.stderr
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql+psycopg://u:Pw%40rd@db.example/spinenode",
+     "postgresql+psycopg://u:***@db.example/spinenode"),
+    ("postgresql://u:a%3Ab%2Fc%40d@db:5432/x", "postgresql://u:***@db:5432/x"),  # : / @ escaped
+    ("amqp://guest:gu/est@rabbit:5672/vhost", "amqp://guest:***@rabbit:5672/vhost"),
+    ("redis://:secret@redis:6379/0", "redis://:***@redis:6379/0"),  # password, no user
+    ("postgresql://u:p@ss:w/rd@db/x", "postgresql://u:***@db/x"),  # unescaped: not a URL
+    ("redis://redis:6379/0", "redis://redis:6379/0"),
+    ("sqlite:////var/lib/spinenode/spinenode.sqlite",
+     "sqlite:////var/lib/spinenode/spinenode.sqlite"),
+    ("embedded", "embedded"),
+])
+def test_urls_are_printed_without_their_password(url: str, shown: str) -> None:
+    from dicom_node.config import redact
+
+    assert redact(url) == shown
+
+
+def test_a_destination_url_may_not_carry_credentials() -> None:
+    with pytest.raises(ValueError, match="no credentials") as raised:
+        Destination.parse("https://pacs:s3cret@vna.example/dicom-web#sr")
+    assert "s3cret" not in str(raised.value)

@@ -27,8 +27,8 @@ STATEMENT = Path(__file__).parents[2] / "docs" / "conformance.md"
 def table(heading: str) -> list[list[str]]:
     """The rows (cells) of the table under a heading of the statement."""
     text = STATEMENT.read_text().split(f"#### {heading}\n", 1)[1]
-    rows = [line for line in text.lstrip("\n").split("\n\n", 1)[0].splitlines()
-            if line.startswith("|")]
+    block = next(part for part in text.split("\n\n") if part.lstrip("\n").startswith("|"))
+    rows = [line for line in block.splitlines() if line.startswith("|")]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
 
 

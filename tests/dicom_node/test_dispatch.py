@@ -149,3 +149,30 @@ def test_the_embedded_queue_writes_only_under_the_data_dir(tmp_path: Path,
     tasks.enqueue_analysis(1)
     assert tasks.depth() == 1
     assert list(elsewhere.iterdir()) == []  # kombu's control exchange went under the data dir
+
+
+def test_a_database_restart_renews_every_lease(postgres_url: str) -> None:
+    """A lease that ran out while PostgreSQL was down is not taken from its holder until the
+    database has been up a whole lease: the holder may be alive, about to write its result."""
+    from sqlalchemy import text
+
+    from dicom_node.db.leases import take
+
+    migrate.upgrade(postgres_url)
+    sessions = session_factory(postgres_url)
+    with sessions.begin() as session:
+        _instance(session, "1.4", InstanceStatus.PROCESSING, 120, lease_in=-5)
+    with sessions() as session:
+        up_for = session.scalar(
+            text("SELECT extract(epoch FROM now() - pg_postmaster_start_time())"))
+        pk = session.scalar(select(Instance.id))
+    processing = Instance.status == InstanceStatus.PROCESSING
+
+    def taken(lease_seconds: float) -> bool:
+        with sessions.begin() as session:
+            return take(session, Instance, pk, Instance.status == InstanceStatus.RECEIVED,
+                        processing, lease_seconds)
+
+    assert not taken(float(up_for) + 30)  # "restarted" within the lease: still its holder's
+    assert taken(float(up_for) / 2)  # up longer than a lease: the worker died
+    assert not taken(float(up_for) / 2)  # and now ours, under a lease of its own

@@ -12,7 +12,8 @@ from dicom_node.db.models import Base
 from dicom_node.db.session import engine_for
 
 TABLES = {"patients", "studies", "series", "instances", "instance_events", "analyses",
-          "outputs", "deliveries", "findings", "study_reports"}
+          "outputs", "deliveries", "findings", "study_reports", "api_tokens", "audit_log",
+          "worker_heartbeats"}
 
 
 def _tables(url: str) -> set[str]:
@@ -22,7 +23,7 @@ def _tables(url: str) -> set[str]:
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     migrate.upgrade(database_url)
     assert _tables(database_url) == TABLES
-    assert migrate.current_revision(database_url) == "0004"
+    assert migrate.current_revision(database_url) == "0006"
     migrate.downgrade(database_url, "base")
     assert _tables(database_url) == set()
     assert migrate.current_revision(database_url) is None

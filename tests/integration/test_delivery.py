@@ -183,3 +183,33 @@ def test_reply_to_the_calling_ae_and_backoff() -> None:
     # The PACS is not sent the same object twice because it also asked for replies.
     assert len(destinations_for(settings, "PACS")) == 1
     assert [backoff_seconds(settings, n) for n in (1, 2, 3, 4, 10)] == [30, 60, 120, 240, 3600]
+    # Retries come with jitter: within 20 % of the backoff, and not all the same.
+    from dicom_node.outbox import retry_delay
+
+    delays = [retry_delay(settings, 2) for _ in range(200)]
+    assert all(48 <= delay <= 72 for delay in delays) and len(set(delays)) > 100
+
+
+def test_a_pacs_that_takes_no_jpeg_gets_the_overlay_uncompressed(
+        tmp_path: Path, sqlite_url: str, test_bundle: Path, start_node) -> None:
+    folder, pacs_port = tmp_path / "pacs", free_port()
+    folder.mkdir()
+    # storescp without +xa accepts uncompressed transfer syntaxes only.
+    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(folder), str(pacs_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        node = start_node(sqlite_url, env=_node_env(
+            test_bundle, f"PACS@127.0.0.1:{pacs_port}/sc-jpeg"))
+        assert storescu(node.port, [make_radiograph(tmp_path / "spine.dcm")]).returncode == 0
+        wait_for(lambda: [d["status"] for d in _deliveries(node)] == ["delivered"], 120,
+                 what="the SC delivered")
+        (received,) = list(folder.iterdir())
+        ds = dcmread(received)
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"  # Explicit VR LE
+        assert ds.pixel_array.shape == (ds.Rows, ds.Columns, 3)
+        # What the node keeps (and would send a JPEG-capable peer) is still the JPEG.
+        output = node.data_dir / "outputs" / f"{ds.SOPInstanceUID}.dcm"
+        assert dcmread(output).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    finally:
+        pacs.terminate()
+        pacs.wait(10)

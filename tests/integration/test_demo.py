@@ -13,8 +13,9 @@ from tests.support.node import SPINENODE, free_port
 
 
 def test_demo_shows_results_coming_back(tmp_path: Path, test_bundle: Path) -> None:
+    http_port = free_port()
     env = {**os.environ, "SPINENODE_DATA_DIR": str(tmp_path / "var"),
-           "SPINENODE_BUNDLE": str(test_bundle)}
+           "SPINENODE_BUNDLE": str(test_bundle), "SPINENODE_HTTP_PORT": str(http_port)}
     result = subprocess.run([*SPINENODE, "demo", "--exit", "--count", "2", "--port",
                              str(free_port())], env=env, capture_output=True, text=True,
                             timeout=600, cwd=tmp_path)
@@ -23,6 +24,8 @@ def test_demo_shows_results_coming_back(tmp_path: Path, test_bundle: Path) -> No
     assert out.count("-> status 0x0000") == 2
     assert out.count("(p = ") == 2 and "findings:" in out
     assert "4 result objects delivered" in out
+    assert f"results page http://127.0.0.1:{http_port}/ ; log in with the operator token sn_" \
+        in out
     received = sorted((tmp_path / "var" / "demo" / "received").glob("*.dcm"))
     assert [path.name[:3] for path in received] == ["OT-", "OT-", "SR-", "SR-"]
 

@@ -119,7 +119,9 @@ class Rig:
 
     def images(self, count: int) -> list[Path]:
         folder = self.tmp_path / "images"
-        return [make_radiograph(folder / f"{i}.dcm", seed=i) for i in range(count)]
+        folder.mkdir(exist_ok=True)
+        first = len(list(folder.iterdir()))  # new files each call: a stream may still be reading
+        return [make_radiograph(folder / f"{i}.dcm", seed=i) for i in range(first, first + count)]
 
     def stream(self, count: int = IMAGES, interval: float = INTERVAL) -> Modality:
         assert self.port is not None
@@ -282,17 +284,29 @@ def test_postgres_stopped_and_restarted(rig_for, own_postgres: OwnPostgres, work
         rig.worker()
         wait_for(lambda: rig.count_events("claimed") >= 1, 60, interval=0.05,
                  what="the first claim")
+        warm_up: list[Sent] = []
     else:
         rig.worker()
+        # Warm: one image analysed (the model loaded) before the stream starts, so the outage
+        # comes while images are still arriving however slow the machine is.
+        warm_up = rig.stream(1).join()
+        wait_for(lambda: rig.count_events("analysed") >= 1, 120, interval=0.1,
+                 what="the model loaded")
         modality = rig.stream(IMAGES + 4)
         wait_for(lambda: rig.count_events("analysed") >= 3, 90, interval=0.1,
                  what="a warm worker")
     own_postgres.stop_immediately()
+    # However fast the machine started the worker, a modality sends during the outage.
+    during = rig.stream(2, interval=DOWN["postgres"] / 4)
     time.sleep(DOWN["postgres"])
     own_postgres.start()
+    sent_during = during.join()
     row = settle_and_check(rig, f"PostgreSQL stopped (immediate), back after {DOWN['postgres']} "
-                                f"s, {worker} worker", modality.join())
-    assert row.refused_a7xx >= 1  # images sent during the outage are refused, not lost
+                                f"s, {worker} worker", warm_up + modality.join() + sent_during)
+    # Images sent during the outage are refused (0xA7xx, the sender retries), not lost.
+    statuses = [s.status for s in sent_during]
+    assert all(status is not None and status & 0xFF00 == 0xA700 for status in statuses), statuses
+    assert row.refused_a7xx >= len(sent_during)
 
 
 def test_a_task_that_cannot_reach_the_database_is_retried(rig_for, own_postgres: OwnPostgres
@@ -305,6 +319,9 @@ def test_a_task_that_cannot_reach_the_database_is_retried(rig_for, own_postgres:
     wait_for(lambda: rig.count_events("requeued") + rig.count_events("received") >= 1, 30,
              what="the image recorded")
     tasks = TaskQueue(load_settings(data_dir=rig.data_dir, broker_url=rig.broker_url))
+    # The node's dispatcher queues the image just after recording it: wait for that message,
+    # or the purge below may come before it and the worker gets it early.
+    wait_for(lambda: tasks.depth() >= 1, 30, what="the node's task in the broker")
     with tasks.app.connection_for_write() as connection:  # hold its message back for now
         tasks.app.amqp.queues[QUEUE].bind(connection.default_channel).purge()
     with session_factory(rig.database_url)() as session:

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from dicom_node.db.models import InstanceEvent
 from dicom_node.db.session import session_factory
+from tests.support.hostile import rle_overrun
 from tests.support.node import DECODED, instances, storescu, wait_until_settled
 from tests.support.samples import CR_SOP_CLASS, make_radiograph, real_cr, transcode, with_new_uids
 
@@ -35,11 +36,18 @@ def test_storescu_syntaxes_and_real_cr_end_decoded(tmp_path: Path, database_url:
     sent["cr-no-modality"] = (make_radiograph(tmp_path / "cr.dcm", sop_class=CR_SOP_CLASS,
                                               modality=None, body_part=None,
                                               photometric="MONOCHROME1"), "-xe")
+    # RLE whose runs expand past Rows x Columns: acknowledged (nothing in the header gives it
+    # away), then failed with its reason, never left in processing.
+    bomb = rle_overrun(with_new_uids(source, tmp_path / "fresh-bomb.dcm"))
+    bomb.save_as(tmp_path / "bomb.dcm")
+    assert storescu(node.port, [tmp_path / "bomb.dcm"], "-xr", "-R").returncode == 0
     for name, (path, propose) in sent.items():
         result = storescu(node.port, [path], propose, "-R")
         assert result.returncode == 0, f"{name}: {result.stderr}"
-    rows = {row.sop_instance_uid: row for row in wait_until_settled(database_url, len(sent))}
-    assert len(rows) == len(sent)
+    rows = {row.sop_instance_uid: row for row in wait_until_settled(database_url, len(sent) + 1)}
+    assert len(rows) == len(sent) + 1
+    failed = rows.pop(bomb.SOPInstanceUID)
+    assert failed.status == "failed" and "cannot decode pixel data" in failed.last_error
     for name, (path, _) in sent.items():
         ds = dcmread(path, stop_before_pixels=True)
         row = rows[ds.SOPInstanceUID]
@@ -92,6 +100,30 @@ def test_non_spine_and_non_image_are_stored_and_skipped(tmp_path: Path, sqlite_u
     assert [r.status for r in rows] == ["skipped", "skipped"]
     assert "CHEST" in rows[0].reason and "modality OT" in rows[1].reason
     assert all(r.attempts == 0 for r in instances(sqlite_url))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_routed_study_of_every_kind_is_acknowledged_and_skipped(
+        tmp_path: Path, sqlite_url: str, start_node, keep: bool) -> None:
+    """A PACS routes whole studies: CT, MR, US and an SR come along with the spine image. Each
+    gets 0x0000 (nothing left failed in the PACS's routing queue), is recorded as skipped with
+    why, and its file is dropped (kept with SPINENODE_KEEP_SKIPPED=true)."""
+    from pydicom.data import get_testdata_file
+
+    node = start_node(sqlite_url, env={"SPINENODE_KEEP_SKIPPED": "true" if keep else "false"})
+    others = {name: Path(get_testdata_file(name))
+              for name in ("CT_small.dcm", "MR_small.dcm", "US1_UNCR.dcm", "test-SR.dcm")}
+    for name, path in others.items():
+        # Each in its own transfer syntax (storescu proposes what the file is in, -R).
+        result = storescu(node.port, [path], "-R")
+        assert result.returncode == 0, (name, result.stderr)
+    rows = wait_until_settled(sqlite_url, 4)
+    assert [r.status for r in rows] == ["skipped"] * 4
+    reasons = sorted(r.reason for r in rows)
+    assert reasons == sorted(f"not an image SOP class ({kind})" for kind in (
+        "CT Image Storage", "MR Image Storage", "Ultrasound Image Storage",
+        "Comprehensive SR Storage"))
+    assert all(Path(r.spool_path).exists() is keep for r in rows)
 
 
 @pytest.mark.parametrize("calling,called,ok", [("MODALITY", "SPINENODE", True),

@@ -12,7 +12,7 @@ import pytest
 
 from dicom_node.cli.common import free_port
 from tests.support.fault_peers import OwnRedis
-from tests.support.node import SPINENODE, NodeProcess, storescu, wait_until_settled
+from tests.support.node import SPINENODE, NodeProcess, storescu, wait_for, wait_until_settled
 from tests.support.samples import make_radiograph
 
 
@@ -89,3 +89,25 @@ def test_a_broker_down_at_start_gets_the_images_once_back(tmp_path: Path, postgr
         redis.close()
     assert [row.status for row in rows] == ["waiting-for-model"] * len(files)
     assert status["queue_depth"] == 0 and status["oldest_waiting"] is None  # empty Redis queue
+
+
+def test_a_database_password_with_escaped_characters_works_and_is_never_shown(
+        tmp_path: Path, postgres_url: str) -> None:
+    """Pw@rd:/x written escaped in the URL: migrations (Alembic reads the URL through a
+    ConfigParser, where % means interpolation), the node's start and its start-up line."""
+    url = postgres_url.replace("postgresql://postgres@", "postgresql://postgres:Pw%40rd%3A%2Fx@")
+    assert url != postgres_url  # PostgreSQL here trusts local users: any password gets in
+    node = NodeProcess(tmp_path / "var", url)
+    upgrade = subprocess.run([*SPINENODE, "db", "upgrade"], env=node.env, capture_output=True,
+                             text=True, timeout=120)
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert "postgres:***@127.0.0.1" in upgrade.stdout and "Pw" not in upgrade.stdout
+    node.start()
+    try:
+        assert storescu(node.port, [make_radiograph(tmp_path / "a.dcm")]).returncode == 0
+        log = wait_for(lambda: node.log() if "spinenode: SPINENODE listening" in node.log()
+                       else None, 30, what="the start-up line")
+        assert "database postgresql://postgres:***@127.0.0.1" in log
+        assert "Pw" not in log and "%40" not in log
+    finally:
+        node.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -131,6 +132,8 @@ class Pacs:
         self.process = subprocess.Popen(
             ["storescp", "+xa", "+uf", "-aet", "PACS", "-od", str(self.folder), str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Listening before start() returns: a send right after it must find the peer up.
+        wait_for(lambda: _accepts(self.port), 20, interval=0.05, what="storescp to listen")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -141,6 +144,11 @@ class Pacs:
         """How often each SOP Instance UID arrived."""
         return Counter(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
                        for path in self.folder.iterdir() if path.is_file())
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,12 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def files_outside(root: Path, *allowed: Path) -> set[Path]:
+    """Files under ROOT that are in none of the ALLOWED folders."""
+    return {p for p in root.rglob("*")
+            if p.is_file() and not any(p.is_relative_to(folder) for folder in allowed)}
+
+
 def echo(port: int, ae_title: str = "SPINENODE") -> int | None:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(Verification)
@@ -60,10 +67,12 @@ class NodeProcess:
         self.data_dir = data_dir
         self.database_url = database_url
         self.port = port or free_port()
+        self.http_port = free_port()
         self.env = {
             **os.environ,
             "SPINENODE_DATA_DIR": str(data_dir),
             "SPINENODE_PORT": str(self.port),
+            "SPINENODE_HTTP_PORT": str(self.http_port),
             "SPINENODE_DATABASE_URL": database_url,
             "SPINENODE_BROKER_URL": broker_url,
             "SPINENODE_RECONCILE_INTERVAL_SECONDS": "2",
@@ -86,9 +95,17 @@ class NodeProcess:
             [*SPINENODE, self.command, *self.args], env=self.env, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
-        if self.command == "serve":
+        if self.command == "serve" and self.env.get("SPINENODE_TLS_ONLY") == "true":
+            # No plain port to C-ECHO: its start-up line says it listens.
+            wait_for(lambda: self._alive() and "spinenode: SPINENODE listening" in self.log(),
+                     60, what=f"spinenode serve to listen (log: {self.log()})")
+        elif self.command == "serve":
             wait_for(lambda: self._alive() and echo(self.port) == 0, 60,
                      what=f"spinenode serve to answer C-ECHO (log: {self.log()})")
+        if self.command == "serve" and self.env["SPINENODE_HTTP_PORT"] != "0":
+            # The page and API start after the DICOM port: a test may ask them at once.
+            wait_for(lambda: self._alive() and _listens(self.http_port), 60,
+                     what=f"spinenode serve's HTTP port (log: {self.log()})")
         return self
 
     def _alive(self) -> bool:
@@ -115,6 +132,11 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
+
+
+def _listens(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def storescu(port: int, files: list[Path], *options: str,

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from tests.support.node import SPINENODE
+from tests.training.test_init_weights import coco_like_detector, imagenet_like
 from training.config import load_config
 from training.metrics import youden_threshold
 from training.phantoms import generate
@@ -37,15 +38,48 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("classify")
     data = generate(folder / "data", train=24, test=4, height=128, width=96, seed=5)
+    # Pretrained starts: ResNet-50 from an ImageNet-shaped file named in the config, the
+    # detector from a COCO-shaped one given by flag.
+    imagenet_like("resnet50", folder / "resnet50.safetensors")
+    coco_like_detector("n", folder / "yolo11n.pt")
     config = folder / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
+    config.write_text(yaml.safe_dump({**TINY, "classify": {
+        **TINY["classify"], "init_weights": {"resnet50": str(folder / "resnet50.safetensors")}}}))
     run = folder / "run"
-    for step in (["prepare", "--data", str(data)], ["classify"], ["ensemble"], ["detect"],
+    for step in (["prepare", "--data", str(data)], ["classify"], ["ensemble"],
+                 ["detect", "--init-weights", str(folder / "yolo11n.pt")],
                  ["export", "--version", "0.0.1-smoke"], ["evaluate", "--data", str(data)],
                  ["ablate", "--table", "scales"]):
         result = _cli(*step, "--out", str(run), "--config", str(config))
         assert result.returncode == 0, result.stderr[-2000:]
+        (folder / f"{step[0]}.log").write_text(result.stdout + result.stderr)
     return run, config
+
+
+def test_training_shows_each_epoch_and_keeps_its_numbers(trained) -> None:
+    from training.progress import COLUMNS, read
+
+    run, _ = trained
+    classify_log = (run.parent / "classify.log").read_text()
+    for member in TINY["classify"]["members"]:
+        for fold in (0, 1):
+            line = next(line for line in classify_log.splitlines()
+                        if line.startswith(f"{member} fold {fold} epoch 1/2: loss "))
+            for part in ("val AUROC", "lr ", "img/s", "left"):
+                assert part in line, line
+            csv_path = run / "classify" / member / f"fold{fold}.metrics.csv"
+            assert csv_path.read_text().splitlines()[0] == ",".join(COLUMNS)
+            rows = read(csv_path)
+            assert [row["epoch"] for row in rows] == [1.0, 2.0][:len(rows)]
+            info = json.loads((run / "classify" / member / f"fold{fold}.json").read_text())
+            assert max(row["val_auroc"] for row in rows) == pytest.approx(
+                info["info"]["val_auroc"], abs=1e-5)
+    detect_log = (run.parent / "detect.log").read_text()
+    assert "detector epoch 1/1: loss box " in detect_log and "val mAP@0.5 " in detect_log
+    assert "detector epoch 2/1" not in detect_log and "detector best weights: " in detect_log
+    report = (run / "report" / "report.md").read_text()
+    assert "![training curves](curves.png)" in report
+    assert (run / "report" / "curves.png").stat().st_size > 10_000
 
 
 def test_cross_validation_covers_every_training_image_once(trained) -> None:
@@ -125,6 +159,7 @@ def test_exported_bundle_serves(trained, tmp_path: Path) -> None:
     bundle = load_bundle(run / "bundle")  # checksums verified
     manifest = bundle.manifest
     assert manifest.version == "0.0.1-smoke" and manifest.clinical_use is False
+    assert manifest.classifier.source_size == TINY["data"]["cache_size"]
     summary = json.loads((run / "ensemble.json").read_text())
     assert {m.architecture: m.ensemble_weight for m in manifest.classifier.members} == \
         summary["weights"]
@@ -132,6 +167,23 @@ def test_exported_bundle_serves(trained, tmp_path: Path) -> None:
     assert manifest.provenance["data_fingerprint"] == json.loads(
         (run / "dataset.json").read_text())["fingerprint"]
     assert manifest.metrics["classification_oof_auroc"] == summary["oof_auroc"]
+    # What made it: this machine's libraries and this checkout's commit.
+    import importlib.metadata
+    import subprocess
+
+    libraries = manifest.provenance["libraries"]
+    for name in ("torch", "timm", "ultralytics", "numpy", "pydicom"):
+        assert libraries[name] == importlib.metadata.version(name)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+    assert manifest.provenance["git_commit"].removesuffix("-dirty") == head
+    assert manifest.version_mismatches() == []
+    # What it started from: the two files' SHA-256; the EfficientNet started fresh.
+    from dicom_node.files import sha256_of
+
+    assert manifest.provenance["init_weights"] == {
+        "resnet50": sha256_of(run.parent / "resnet50.safetensors"),
+        "detector": sha256_of(run.parent / "yolo11n.pt")}
     check = manifest.metrics.get("precision_check")
     if check is not None:  # measured where the CPU has bfloat16
         validated = manifest.validated_precisions
@@ -159,6 +211,13 @@ def test_evaluation_writes_the_report(trained) -> None:
     assert result["ultralytics_test_map"] is not None
     report = (run / "report" / "report.md").read_text()
     assert f"{result['classification']['auroc']:.4f}" in report
+    assert "- resnet50: best cross-validation fold (" in report
+    paths = result["pixel_paths"]
+    # Serving passes an image through the training cache's view (cached_view) first: both
+    # paths see the same pixels, so only float rounding between batch sizes is left.
+    assert 0 <= paths["mean_abs_dp"] <= paths["max_abs_dp"] < 1e-4, paths
+    assert paths["within_tolerance"] and paths["decisions_differ"] == 0
+    assert f"max |dp| {paths['max_abs_dp']:.4f}" in report
     rows = {r["configuration"]: r for r in result["ensemble_ablation"]}
     assert set(rows) == {"resnet50 only", "tf_efficientnetv2_s only", "uniform ensemble",
                          "DERNet (searched weights), no TTA", "DERNet + TTA (5 views)"}
@@ -215,3 +274,42 @@ def test_augmentation_does_not_depend_on_the_loader_workers(trained) -> None:
     assert torch.equal(single, batches(2, seed=3))
     # and the augmentation is really drawn: items differ from one epoch seed to another
     assert not torch.equal(single, batches(0, seed=4))
+
+
+def test_final_members_retrain_on_all_of_train(trained, tmp_path: Path) -> None:
+    """classify.final_members: retrain: each member trained again on all of train for the
+    median of its folds' best epoch counts, and the bundle (and its report) says so."""
+    import shutil
+
+    from workers.bundle import load_bundle
+
+    source, config_path = trained
+    run = tmp_path / "run"
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("bundle", "report"))
+    config = yaml.safe_load(config_path.read_text())
+    config["classify"]["final_members"] = "retrain"
+    retrain = tmp_path / "retrain.yaml"
+    retrain.write_text(yaml.safe_dump(config))
+    early = _cli("export", "--out", str(run), "--config", str(retrain))
+    assert early.returncode == 2 and "run 'spinenode train final' before export" in early.stderr
+    result = _cli("final", "--out", str(run), "--config", str(retrain))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for member in TINY["classify"]["members"]:
+        cv = json.loads((run / "classify" / member / "cv.json").read_text())
+        final = json.loads((run / "classify" / member / "final.json").read_text())
+        best = [fold["best_epoch"] + 1 for fold in cv["folds"]]
+        assert final == {"epochs": max(1, round(float(np.median(best)))), "images": 24,
+                         "fold_best_epochs": best}
+        assert f"{member} final epoch 1/{final['epochs']}: loss " in result.stdout
+        assert "no validation" in result.stdout
+        state = torch.load(run / "classify" / member / "final.pt", weights_only=True)
+        fold = torch.load(run / "classify" / member / f"fold{cv['best_fold']}.pt",
+                          weights_only=True)
+        assert any(not torch.equal(state[k], fold[k]) for k in state)  # trained anew
+    exported = _cli("export", "--out", str(run), "--config", str(retrain))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    members = load_bundle(run / "bundle").manifest.metrics["members"]
+    assert all(text.startswith("retrained on all 24 training images") for text in
+               members.values()), members
+    served = load_bundle(source / "bundle").manifest.metrics["members"]
+    assert all(text.startswith("best cross-validation fold") for text in served.values())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from training.phantoms import CLASS_FREQUENCIES, generate
+from training.phantoms import CLASS_FREQUENCIES, conditions_path, generate, read_bands
 from training.vindr import COLUMNS, DatasetError, csv_path, read_split
 from workers.imaging import decode
 
@@ -115,3 +115,35 @@ def test_several_radiologists_rows_make_one_image(tmp_path: Path) -> None:
     assert records["img1"].rad_ids == {"R1", "R2"} and records["img1"].abnormal
     assert not records["img2"].abnormal
     assert np.isclose(records["img1"].boxes[1].x1, 9)
+
+
+def _noise(pixels: np.ndarray) -> float:
+    """The image's noise, from neighbouring pixels' differences (flat regions dominate)."""
+    image = pixels.astype(np.float64) / pixels.max()
+    return float(np.median(np.abs(np.diff(image, axis=1))) / 0.6745 / 2**0.5)
+
+
+def test_varied_phantoms_span_the_conditions_and_record_them(tmp_path: Path) -> None:
+    root = generate(tmp_path, train=0, test=36, seed=2, variety=True)
+    with open(conditions_path(root, "test"), newline="") as handle:
+        drawn = {row["image_id"]: row for row in csv.DictReader(handle)}
+    records = read_split(root, "test")
+    assert set(drawn) == {r.image_id for r in records} and read_bands(root, "test") == {
+        image_id: row["band"] for image_id, row in drawn.items()}
+    rows = [int(row["rows"]) for row in drawn.values()]
+    assert min(rows) < 500 and max(rows) > 2000 and all(300 <= r <= 3000 for r in rows)
+    assert {row["band"] for row in drawn.values()} == {"easy", "medium", "hard"}
+    assert {row["photometric"] for row in drawn.values()} == {"MONOCHROME1", "MONOCHROME2"}
+    assert len({row["levels"] for row in drawn.values()}) >= 3
+    noise: dict[str, list[float]] = {}
+    for record in records:
+        row, ds = drawn[record.image_id], dcmread(record.path)
+        assert (ds.Rows, ds.Columns) == (int(row["rows"]), int(row["columns"]))
+        assert all(0 <= b.x0 < b.x1 <= ds.Columns and 0 <= b.y0 < b.y1 <= ds.Rows
+                   for b in record.boxes)
+        noise.setdefault(row["band"], []).append(_noise(ds.pixel_array))
+    # Measured on the pixels, not taken from the file: harder bands are noisier.
+    median = {band: float(np.median(values)) for band, values in noise.items()}
+    assert median["easy"] < median["medium"] < median["hard"], median
+    assert read_bands(generate(tmp_path / "plain", train=0, test=2, height=96, width=64),
+                      "test") == {}  # the plain look records no bands

@@ -9,6 +9,7 @@ from training.evaluate import (
     coco_evaluate,
     ensemble_ablation,
     precision_recall,
+    quality_per_band,
     threshold_table,
 )
 from training.metrics import auroc
@@ -82,3 +83,21 @@ def test_threshold_table_around_the_chosen_threshold() -> None:
     assert by[0.42]["youden_j"] == pytest.approx(0.0)
     assert (by[0.5]["sensitivity"], by[0.5]["specificity"]) == (0.5, 1.0)
     assert by[0.5]["f1"] == pytest.approx(2 / 3)
+
+
+def test_quality_per_band() -> None:
+    bands = {"a": "easy", "normal": "easy", "b": "hard", "c": "hard"}
+    ids = ["a", "normal", "b", "c", "plain"]  # "plain": no band (not counted in any)
+    labels = np.array([1, 0, 1, 1, 0])
+    scores = np.array([0.9, 0.2, 0.3, 0.8, 0.99])
+    sizes = {**SIZES, "b": (100, 100), "c": (100, 100), "plain": (100, 100)}
+    truth = [*TRUTH, {"image_id": "b", "class_index": 2, "box": [10, 10, 40, 40]}]
+    found = [*FOUND, {"image_id": "b", "class_index": 2, "score": 0.5, "box": [60, 60, 90, 90]}]
+    easy, hard = quality_per_band(bands, ids, labels, scores, 0.5, truth, found, sizes)
+    assert easy == {"band": "easy", "images": 2, "abnormal": 1, "auroc": 1.0, "sensitivity": 1.0,
+                    "specificity": 1.0,
+                    "map50": coco_evaluate(TRUTH, FOUND, SIZES)["map50"]}
+    # Hard: both abnormal (no AUROC), one called; its one box missed entirely.
+    assert hard == {"band": "hard", "images": 2, "abnormal": 2, "auroc": None,
+                    "sensitivity": 0.5, "specificity": None, "map50": 0.0}
+    assert quality_per_band({}, ids, labels, scores, 0.5, truth, found, sizes) == []

@@ -112,3 +112,80 @@ def test_schema_1_precisions_apply_to_both_components(test_bundle: Path, tmp_pat
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     validated = load_bundle(bundle).manifest.validated_precisions
     assert validated.classifier == validated.detector == ["float32", "bfloat16"]
+
+
+def test_a_file_swapped_after_the_check_is_refused_before_torch_load(
+        test_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The detector checkpoint is a pickle (it can run code when loaded): the bytes that
+    torch.load gets are the bytes whose SHA-256 was checked, so a file changed between
+    load_bundle and the load never reaches the unpickler."""
+    import torch
+
+    from workers.detector import Detector
+
+    bundle = load_bundle(_copy(test_bundle, tmp_path))
+    detector_file = bundle.file(bundle.manifest.detector.weights)
+    detector_file.write_bytes(detector_file.read_bytes() + b"tampered")
+    loads: list[object] = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args))
+    with pytest.raises(BundleError, match="does not match its SHA-256"):
+        Detector(bundle, torch.device("cpu"))
+    assert loads == []
+
+
+def test_signed_bundles(test_bundle: Path, tmp_path: Path) -> None:
+    """`bundle sign` with an Ed25519 key made by openssl; `bundle verify --key` (and load_bundle
+    with SPINENODE_BUNDLE_PUBLIC_KEY's key) refuses an unsigned bundle, one checked against
+    another key, and one whose manifest was edited after signing."""
+    keys = {}
+    for name in ("ours", "theirs"):
+        private, public = tmp_path / f"{name}.pem", tmp_path / f"{name}.pub.pem"
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(private)],
+                       check=True, capture_output=True)
+        subprocess.run(["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)],
+                       check=True, capture_output=True)
+        keys[name] = (private, public)
+    bundle = _copy(test_bundle, tmp_path)
+    unsigned = _cli("bundle", "verify", str(bundle), "--key", str(keys["ours"][1]))
+    assert unsigned.returncode == 2 and "not signed" in unsigned.stderr
+    assert _cli("bundle", "sign", str(bundle), "--key", str(keys["ours"][0])).returncode == 0
+    good = _cli("bundle", "verify", str(bundle), "--key", str(keys["ours"][1]))
+    assert good.returncode == 0 and "signature valid" in good.stdout, good.stderr
+    other = _cli("bundle", "verify", str(bundle), "--key", str(keys["theirs"][1]))
+    assert other.returncode == 2 and "signature does not match" in other.stderr
+    manifest = bundle / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"0.0.1-test"', '"0.0.2-test"'))
+    edited = _cli("bundle", "verify", str(bundle), "--key", str(keys["ours"][1]))
+    assert edited.returncode == 2 and "signature does not match" in edited.stderr
+    with pytest.raises(BundleError, match="signature does not match"):
+        load_bundle(bundle, public_key=keys["ours"][1])
+
+
+def test_a_bundle_made_with_other_major_versions_is_named_so(
+        test_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`bundle info` prints what made the bundle, and the worker warns when a library it
+    depends on was another major version then than it is now."""
+    import logging
+
+    import torch
+
+    from dicom_node.config import Settings
+    from workers.bundle import write_manifest
+    from workers.runtime import runtime_for
+
+    folder = _copy(test_bundle, tmp_path)
+    manifest = load_bundle(folder).manifest
+    made_with = {"torch": "1.13.1", "timm": "0.9.2", "numpy": "1.26.4"}
+    write_manifest(folder, manifest.model_copy(update={"provenance": {
+        **manifest.provenance, "libraries": made_with, "git_commit": "0123abcd"}}))
+    info = _cli("bundle", "info", str(folder))
+    assert info.returncode == 0, info.stderr
+    assert "made with   torch 1.13.1, timm 0.9.2, numpy 1.26.4" in info.stdout
+    assert "git_commit: 0123abcd" in info.stdout
+    assert f"WARNING     torch 1.13.1 made it, {torch.__version__.split('+')[0]}" in info.stdout
+    caplog.set_level(logging.WARNING, logger="workers.runtime")
+    runtime_for(Settings(bundle=folder, data_dir=tmp_path / "var"))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "workers.runtime"]
+    assert any("torch 1.13.1 made it" in w for w in warnings), warnings
+    assert any("timm 0.9.2 made it" in w for w in warnings), warnings
+    assert not any("numpy" in w for w in warnings)  # recorded, not a reason to warn

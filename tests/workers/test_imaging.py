@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
+from tests.support.hostile import rle_overrun
 from tests.support.samples import real_cr, transcode
 from training.synthetic import make_radiograph
 from workers.imaging import FALLBACK_WINDOW_PERCENTILES, DecodeError, decode, normalise
@@ -31,6 +32,19 @@ def test_linear_window_follows_the_standard(tmp_path: Path) -> None:
     expected = np.clip((raw - 999.5) / 500.0 + 0.5, 0, 1)
     np.testing.assert_allclose(image, expected, atol=1e-6)
     assert image[0, 0] == 0 and image[0, -1] == 1
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_window_functions_agree_with_pydicom(tmp_path: Path, function: str) -> None:
+    """Our window (all of PS3.3 C.11.2.1.2's functions) against pydicom's apply_voi_lut, whose
+    output spans the stored bit range: scaled to [0, 1] the two must agree."""
+    from pydicom.pixels import apply_voi_lut
+
+    ds = dcmread(make_radiograph(tmp_path / "w.dcm", window=(1800, 1201), bits_stored=12))
+    ds.VOILUTFunction = function
+    raw = np.arange(0, 4096, 7, dtype=np.uint16).reshape(1, -1)
+    reference = apply_voi_lut(raw.astype(np.float64), ds, prefer_lut=False) / 4095
+    np.testing.assert_allclose(normalise(ds, raw), reference, atol=1e-5)
 
 
 def test_rescale_is_applied_before_the_window(tmp_path: Path) -> None:
@@ -92,3 +106,11 @@ def test_bad_pixel_data_is_a_decode_error(tmp_path: Path) -> None:
         decode(ds)
     with pytest.raises(DecodeError, match="pixel limit"):
         decode(make_radiograph(tmp_path / "big.dcm", rows=200, columns=200), max_pixels=1000)
+
+
+def test_rle_segments_longer_than_the_image_are_a_decode_error(tmp_path: Path) -> None:
+    """pylibjpeg-rle panics on them (pyo3's PanicException, a BaseException): that must end as
+    a DecodeError like any other bad pixel data, not escape and leave the image held."""
+    bomb = rle_overrun(make_radiograph(tmp_path / "src.dcm"))
+    with pytest.raises(DecodeError, match="cannot decode pixel data"):
+        decode(bomb)

@@ -1,0 +1,97 @@
+"""Retention against a running node: once an image is finished and its overlay delivered and
+old enough, `spinenode purge --dry-run` lists them, the reconciler purges them (the spool file
+keeps its header, the overlay goes, each purge an event), rows stay, and an image still waiting
+(no bundle) is never touched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from pydicom import dcmread
+
+from tests.support.fault_peers import Pacs
+from tests.support.node import SPINENODE, NodeProcess, storescu, wait_for
+from training.synthetic import make_radiograph
+
+
+def _cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([*SPINENODE, *args], env=node.env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_retention_purges_finished_pixel_data_and_delivered_overlays(
+        tmp_path: Path, sqlite_url: str, test_bundle: Path, start_node) -> None:
+    pacs = Pacs(tmp_path / "pacs")
+    pacs.start()
+    retention = {"SPINENODE_SPOOL_RETENTION_DAYS": str(4 / 86400),  # four seconds
+                 "SPINENODE_OUTPUTS_RETENTION_DAYS": str(4 / 86400)}
+    try:
+        node = start_node(sqlite_url, env={
+            "SPINENODE_BUNDLE": str(test_bundle), "SPINENODE_DESTINATIONS": pacs.destination,
+            "SPINENODE_RECONCILE_INTERVAL_SECONDS": "600",  # purges only when the test says
+            **retention})
+        source = make_radiograph(tmp_path / "a.dcm")
+        assert storescu(node.port, [source]).returncode == 0
+
+        def show() -> dict:
+            return json.loads(_cli(node, "show", str(dcmread(source).SOPInstanceUID),
+                                   "--json").stdout)
+
+        def delivered() -> dict | None:
+            shown = show()["instances"][0]
+            analysis = shown["analysis"]
+            objects = analysis["objects"] if analysis else []
+            return shown if objects and all(d["status"] == "delivered" for o in objects
+                                            for d in o["deliveries"]) else None
+        instance = wait_for(delivered, 120, interval=1, what="analysed and delivered")
+        overlay = next(o for o in instance["analysis"]["objects"] if o["kind"] == "sc")
+        overlay_path = node.data_dir / "outputs" / f"{overlay['sop_instance_uid']}.dcm"
+        spool_files = [p for p in (node.data_dir / "spool").rglob("*.dcm")
+                       if "incoming" not in p.parts]
+        assert overlay_path.exists() and len(spool_files) == 1
+    finally:
+        pacs.stop()
+    node.stop()
+    # By total size alone (no age rule): an overlay goes once the overlays exceed the cap.
+    size = overlay_path.stat().st_size
+    by_size = {k: v for k, v in node.env.items() if not k.endswith("_RETENTION_DAYS")}
+    for cap, listed in ((size + 1, False), (size - 1, True)):
+        env = {**by_size, "SPINENODE_OUTPUTS_RETENTION_MAX_MB": str(cap / 2**20)}
+        out = subprocess.run([*SPINENODE, "purge", "--dry-run"], capture_output=True, text=True,
+                             env=env, timeout=60).stdout
+        assert (str(overlay_path) in out) == listed, out
+        assert not listed or "outputs over" in out
+    # Old enough: the dry run lists both and removes nothing.
+    dry = wait_for(lambda: (lambda out: out if "would purge spool" in out
+                            and "would purge output" in out else None)(
+        _cli(node, "purge", "--dry-run").stdout), 30, interval=1, what="old enough")
+    assert str(overlay_path) in dry
+    assert overlay_path.exists() and "PixelData" in dcmread(spool_files[0])
+
+    # A node without a bundle: its image waits for a model (pending: never purged), and its
+    # reconciler purges the finished one's pixel data and overlay.
+    waiting = NodeProcess(node.data_dir, sqlite_url, env={
+        "SPINENODE_RECONCILE_INTERVAL_SECONDS": "1", **retention}).start()
+    try:
+        pending = make_radiograph(tmp_path / "b.dcm", seed=2)
+        assert storescu(waiting.port, [pending]).returncode == 0
+        wait_for(lambda: not overlay_path.exists(), 30, interval=0.5,
+                 what="the reconciler's purge")
+        header = dcmread(spool_files[0])
+        assert "PixelData" not in header and header.SOPInstanceUID  # the header stays
+        events = [e for e in show()["instances"][0]["events"] if e["event"] == "purged"]
+        assert sorted(e["detail"].split(" (")[0] for e in events) == [
+            "overlay removed", "pixel data removed"]
+        time.sleep(5)  # the waiting image is now older than the retention too
+        rows = json.loads(_cli(waiting, "instances", "--json").stdout)
+        assert sorted(r["status"] for r in rows) == ["done", "waiting-for-model"]
+        pending_file = [p for p in (node.data_dir / "spool").rglob("*.dcm")
+                        if p != spool_files[0] and "incoming" not in p.parts]
+        assert len(pending_file) == 1 and "PixelData" in dcmread(pending_file[0])
+    finally:
+        waiting.stop()
