@@ -132,6 +132,9 @@ class Rig:
             return session.scalar(select(func.count()).select_from(InstanceEvent)
                                   .where(InstanceEvent.event == event)) or 0
 
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.command} log ---\n{p.log()[-6000:]}" for p in self.processes)
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
@@ -171,6 +174,28 @@ def rig_for(tmp_path: Path, test_bundle: Path, own_postgres: OwnPostgres
         redis.close()
 
 
+def _outbox_of(sessions, instance_pk: int) -> str:  # noqa: ANN001
+    """What the database says was made and sent for one image: for a failure's message."""
+    lines = []
+    with sessions() as session:
+        analysis_ids = set(session.scalars(select(Analysis.id).where(
+            Analysis.instance_pk == instance_pk)))
+        outputs = list(session.scalars(select(Output).where(
+            Output.analysis_pk.in_(analysis_ids))))
+        for report in session.scalars(select(StudyReport)):
+            if analysis_ids & set(report.analysis_ids):
+                lines.append(f"report {report.id} v{report.version} of study {report.study_pk}: "
+                             f"analyses {report.analysis_ids}, made {report.created_at}")
+                outputs += report.outputs
+        for output in outputs:
+            lines.append(f"  {output.kind} {output.sop_instance_uid} at {output.path} "
+                         f"(exists: {Path(output.path).exists()})")
+            lines += [f"    delivery {d.id} to {d.destination}: {d.status}, {d.attempts} "
+                      f"attempts, delivered {d.delivered_at}, last error {d.last_error!r}"
+                      for d in output.deliveries]
+    return "\n".join(lines)
+
+
 def settle_and_check(rig: Rig, fault: str, sent: list[Sent]) -> Row:
     """Wait until every stored image is finished and its results delivered, then assert the
     promises of the matrix and return the row."""
@@ -188,8 +213,8 @@ def settle_and_check(rig: Rig, fault: str, sent: list[Sent]) -> Row:
     try:
         wait_for(settled, BOUND_SECONDS, interval=0.5, what=f"{fault}: all results delivered")
     except AssertionError:
-        logs = "\n".join(f"--- {p.command} log ---\n{p.log()[-4000:]}" for p in rig.processes)
-        raise AssertionError(f"{fault}: not settled within {BOUND_SECONDS} s\n{logs}") from None
+        raise AssertionError(f"{fault}: not settled within {BOUND_SECONDS} s\n{rig.logs()}"
+                             ) from None
     settled_seconds = time.monotonic() - started
 
     with sessions() as session:
@@ -232,7 +257,9 @@ def settle_and_check(rig: Rig, fault: str, sent: list[Sent]) -> Row:
         for kind in ("sr", "sc"):
             uid = outputs.get((row.id, kind))
             assert uid is not None, f"{fault}: no {kind} for {row.sop_instance_uid}"
-            assert received[uid] == 1, f"{fault}: {kind} of {row.id} arrived {received[uid]}x"
+            assert received[uid] == 1, (f"{fault}: {kind} of {row.id} arrived {received[uid]}x\n"
+                                        f"{_outbox_of(sessions, row.id)}\nPACS has {received}\n"
+                                        f"{rig.logs()}")
     assert sum(received.values()) == len(outputs), f"{fault}: the PACS got extra objects"
     leftovers = list((rig.data_dir / "spool" / "incoming").iterdir())
     assert not leftovers, f"{fault}: partial files left: {leftovers}"
