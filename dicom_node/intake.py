@@ -353,17 +353,19 @@ class Intake:
         self.sessions = sessions
 
     def store(self, received: Path, *, sop_class_uid: str, sop_instance_uid: str,
-              calling_ae: str, called_ae: str) -> StoreOutcome:
-        """Take the file a C-STORE streamed to ``received`` (on the spool's file system)."""
+              calling_ae: str, called_ae: str, sha256: str | None = None) -> StoreOutcome:
+        """Take the file a C-STORE streamed to ``received`` (on the spool's file system);
+        ``sha256`` is its digest where it was hashed while it was received."""
         try:
-            return self._store(received, sop_class_uid, sop_instance_uid, calling_ae, called_ae)
+            return self._store(received, sop_class_uid, sop_instance_uid, calling_ae, called_ae,
+                               sha256)
         except IntakeRefused as refused:
             log.warning("refused %s from %s: %s", _loggable(sop_instance_uid), calling_ae,
                         refused)
             return StoreOutcome(refused.status, str(refused))
 
     def _store(self, received: Path, sop_class_uid: str, sop_instance_uid: str,
-               calling_ae: str, called_ae: str) -> StoreOutcome:
+               calling_ae: str, called_ae: str, sha256: str | None) -> StoreOutcome:
         free = shutil.disk_usage(self.settings.spool_dir).free
         if free < self.settings.min_free_disk_mb * 1024 * 1024:
             raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES,
@@ -372,30 +374,28 @@ class Intake:
         check_dataset(ds, sop_class_uid, sop_instance_uid, self.settings.max_pixels)
         check_frame_header(ds, received)
         try:
-            digest, size = sha256_of(received), received.stat().st_size
+            digest, size = sha256 or sha256_of(received), received.stat().st_size
             fsync_file(received)
         except OSError as error:
             raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES,
                                 f"spool write failed: {error}") from None
         uid = str(ds.SOPInstanceUID)
         final = spool_path_for(self.settings.spool_dir, uid, digest)
-        if self._is_known_duplicate(uid, digest):
-            log.info("duplicate %s (same bytes): acknowledged, not analysed again", uid)
-            return StoreOutcome(StoreStatus.SUCCESS, "duplicate")
-        moved = not final.exists()
+        moved = False
+        # One transaction for the lookups and the record: each round trip to the database
+        # holds up the association's next C-STORE.
         try:
-            if moved:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(received, final)
-                fsync_dir(final.parent)
-                fsync_dir(final.parent.parent)
-        except OSError as error:
-            raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES,
-                                f"spool write failed: {error}") from None
-        decision = route(ds, self.settings, ours=self._is_our_output(ds))
-        try:
-            instance_id, enqueue = self._record(ds, final, digest, size, decision,
-                                                calling_ae, called_ae)
+            with self.sessions.begin() as session:
+                existing = session.scalar(select(Instance).filter_by(sop_instance_uid=uid))
+                if existing is not None and existing.sha256 == digest:
+                    session.add(InstanceEvent(instance=existing, event="duplicate",
+                                              detail="same bytes received again"))
+                    log.info("duplicate %s (same bytes): acknowledged, not analysed again", uid)
+                    return StoreOutcome(StoreStatus.SUCCESS, "duplicate")
+                decision = route(ds, self.settings, ours=self._is_our_output(session, ds))
+                moved = self._move_into_spool(received, final)
+                instance_id = self._record(session, existing, ds, final, digest, size,
+                                           decision, calling_ae, called_ae)
         except SQLAlchemyError as error:
             if moved:
                 final.unlink(missing_ok=True)
@@ -407,96 +407,96 @@ class Intake:
                  calling_ae, "analyse" if decision.analyse else f"skipped: {decision.reason}",
                  extra={"instance_id": instance_id, "sop_instance_uid": uid,
                         "study_uid": str(ds.StudyInstanceUID)})
-        return StoreOutcome(StoreStatus.SUCCESS, "stored", instance_id, enqueue)
+        return StoreOutcome(StoreStatus.SUCCESS, "stored", instance_id, decision.analyse)
 
-    def _is_our_output(self, ds: Dataset) -> bool:
+    @staticmethod
+    def _move_into_spool(received: Path, final: Path) -> bool:
+        """Rename the received file to its place, on disk before the row that names it is
+        committed; False when that place already holds the same bytes."""
+        if final.exists():
+            return False
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(received, final)
+            fsync_dir(final.parent)
+            fsync_dir(final.parent.parent)
+        except OSError as error:
+            raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES,
+                                f"spool write failed: {error}") from None
+        return True
+
+    @staticmethod
+    def _is_our_output(session: Session, ds: Dataset) -> bool:
         """One of the objects we made, routed back to us (by signature or by its UID)."""
         if (str(ds.get("Manufacturer", "")) == MANUFACTURER
                 and str(ds.get("ManufacturerModelName", "")) == MODEL_NAME):
             return True
-        try:
-            with self.sessions() as session:
-                return session.scalar(select(Output.id).filter_by(
-                    sop_instance_uid=str(ds.SOPInstanceUID))) is not None
-        except SQLAlchemyError:
-            raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES, "database unavailable") from None
+        return session.scalar(select(Output.id).filter_by(
+            sop_instance_uid=str(ds.SOPInstanceUID))) is not None
 
-    def _is_known_duplicate(self, uid: str, digest: str) -> bool:
-        try:
-            with self.sessions.begin() as session:
-                existing = session.scalar(select(Instance).filter_by(sop_instance_uid=uid))
-                if existing is None or existing.sha256 != digest:
-                    return False
-                session.add(InstanceEvent(instance=existing, event="duplicate",
-                                          detail="same bytes received again"))
-                return True
-        except SQLAlchemyError:
-            raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES, "database unavailable") from None
-
-    def _record(self, ds: Dataset, path: Path, digest: str, size: int,
-                decision: RoutingDecision, calling_ae: str, called_ae: str) -> tuple[int, bool]:
+    def _record(self, session: Session, instance: Instance | None, ds: Dataset, path: Path,
+                digest: str, size: int, decision: RoutingDecision, calling_ae: str,
+                called_ae: str) -> int:
+        """The instance's row (new, or ``instance`` revised) with its patient, study and
+        series; its id."""
         status = InstanceStatus.RECEIVED if decision.analyse else InstanceStatus.SKIPPED
-        with self.sessions.begin() as session:
-            patient = _get_or_create(
-                session, Patient,
-                {"patient_id": _text(ds, "PatientID", 64),
-                 "issuer": _text(ds, "IssuerOfPatientID", 64)},
-                {"name": _text(ds, "PatientName", 324),
-                 "birth_date": _text(ds, "PatientBirthDate", 8),
-                 "sex": _text(ds, "PatientSex", 16)},
-            )
-            study = _get_or_create(
-                session, Study, {"study_uid": str(ds.StudyInstanceUID)},
-                {"patient": patient, "accession_number": _text(ds, "AccessionNumber", 16),
-                 "study_date": _text(ds, "StudyDate", 8),
-                 "description": _text(ds, "StudyDescription", 64)},
-            )
-            series = _get_or_create(
-                session, Series, {"series_uid": str(ds.SeriesInstanceUID)},
-                {"study": study, "modality": modality_of(ds),
-                 "body_part": _text(ds, "BodyPartExamined", 64),
-                 "series_number": _int(ds, "SeriesNumber", 0) or None},
-            )
-            instance = session.scalar(
-                select(Instance).filter_by(sop_instance_uid=str(ds.SOPInstanceUID))
-            )
-            event = "received"
-            if instance is None:
-                instance = Instance(sop_instance_uid=str(ds.SOPInstanceUID), revision=1)
-                session.add(instance)
-            else:
-                # New bytes under a known UID (a corrected image): keep the old file, analyse anew.
-                event = "revised"
-                instance.revision += 1
-                instance.attempts = 0
-                instance.last_error = ""
-                instance.claim_token = None
-                instance.lease_until = None
-                instance.rows = instance.columns = instance.bits_stored = None
-                instance.decode_seconds = None
-                instance.decoded_at = None
-                instance.photometric_interpretation = ""
-            instance.sop_class_uid = str(ds.SOPClassUID)
-            instance.series = series
-            instance.transfer_syntax_uid = str(ds.file_meta.TransferSyntaxUID)
-            instance.calling_ae = calling_ae
-            instance.called_ae = called_ae
-            instance.received_at = utcnow()
-            instance.updated_at = utcnow()
-            instance.size_bytes = size
-            instance.sha256 = digest
-            instance.spool_path = str(path)
-            instance.status = status
-            instance.reason = decision.reason
-            detail = f"from {calling_ae}, {size} bytes"
-            session.add(InstanceEvent(instance=instance, event=event, detail=detail))
-            if not decision.analyse:
-                kept = "file kept" if self.settings.keep_skipped else "file not kept"
-                instance.purged_at = None if self.settings.keep_skipped else utcnow()
-                session.add(InstanceEvent(instance=instance, event="skipped",
-                                          detail=f"{decision.reason}; {kept}"))
-            session.flush()
-            return instance.id, decision.analyse
+        patient = _get_or_create(
+            session, Patient,
+            {"patient_id": _text(ds, "PatientID", 64),
+             "issuer": _text(ds, "IssuerOfPatientID", 64)},
+            {"name": _text(ds, "PatientName", 324),
+             "birth_date": _text(ds, "PatientBirthDate", 8),
+             "sex": _text(ds, "PatientSex", 16)},
+        )
+        study = _get_or_create(
+            session, Study, {"study_uid": str(ds.StudyInstanceUID)},
+            {"patient": patient, "accession_number": _text(ds, "AccessionNumber", 16),
+             "study_date": _text(ds, "StudyDate", 8),
+             "description": _text(ds, "StudyDescription", 64)},
+        )
+        series = _get_or_create(
+            session, Series, {"series_uid": str(ds.SeriesInstanceUID)},
+            {"study": study, "modality": modality_of(ds),
+             "body_part": _text(ds, "BodyPartExamined", 64),
+             "series_number": _int(ds, "SeriesNumber", 0) or None},
+        )
+        event = "received"
+        if instance is None:
+            instance = Instance(sop_instance_uid=str(ds.SOPInstanceUID), revision=1)
+            session.add(instance)
+        else:
+            # New bytes under a known UID (a corrected image): keep the old file, analyse anew.
+            event = "revised"
+            instance.revision += 1
+            instance.attempts = 0
+            instance.last_error = ""
+            instance.claim_token = None
+            instance.lease_until = None
+            instance.rows = instance.columns = instance.bits_stored = None
+            instance.decode_seconds = None
+            instance.decoded_at = None
+            instance.photometric_interpretation = ""
+        instance.sop_class_uid = str(ds.SOPClassUID)
+        instance.series = series
+        instance.transfer_syntax_uid = str(ds.file_meta.TransferSyntaxUID)
+        instance.calling_ae = calling_ae
+        instance.called_ae = called_ae
+        instance.received_at = utcnow()
+        instance.updated_at = utcnow()
+        instance.size_bytes = size
+        instance.sha256 = digest
+        instance.spool_path = str(path)
+        instance.status = status
+        instance.reason = decision.reason
+        detail = f"from {calling_ae}, {size} bytes"
+        session.add(InstanceEvent(instance=instance, event=event, detail=detail))
+        if not decision.analyse:
+            kept = "file kept" if self.settings.keep_skipped else "file not kept"
+            instance.purged_at = None if self.settings.keep_skipped else utcnow()
+            session.add(InstanceEvent(instance=instance, event="skipped",
+                                      detail=f"{decision.reason}; {kept}"))
+        session.flush()
+        return instance.id
 
 
 def _loggable(uid: str) -> str:

@@ -19,7 +19,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import pynetdicom_fixes
+from dicom_node import pynetdicom_fixes, receiving
 from dicom_node.config import Settings
 from dicom_node.intake import Enqueue, Intake, StoreStatus, mark_queued
 from dicom_node.metrics import IntakeMetrics
@@ -44,6 +44,7 @@ def receive_into_spool(settings: Settings) -> None:
     once, before the SCP starts."""
     settings.make_dirs()
     _config.STORE_RECV_CHUNKED_DATASET = True
+    receiving.install()
     tempfile.tempdir = str(settings.incoming_dir.resolve())
 
 
@@ -146,18 +147,20 @@ class StoreSCP:
         assoc.kill()  # as pynetdicom does after its own rejections: the A-ASSOCIATE-RJ goes out
 
     def handle_store(self, event: evt.Event) -> Dataset | int:
+        sha256 = receiving.finish(event.dataset_path)
         size = os.path.getsize(event.dataset_path) if self.metrics else 0
-        response = self._store(event)
+        response = self._store(event, sha256)
         if self.metrics is not None:
             status = response if isinstance(response, int) else int(response.Status)
             self.metrics.stored(status, event.assoc.requestor.ae_title, size)
         return response
 
-    def _store(self, event: evt.Event) -> Dataset | int:
+    def _store(self, event: evt.Event, sha256: str | None) -> Dataset | int:
         request = event.request
         try:
             outcome = self.intake.store(
                 event.dataset_path,
+                sha256=sha256,
                 sop_class_uid=str(request.AffectedSOPClassUID),
                 sop_instance_uid=str(request.AffectedSOPInstanceUID),
                 calling_ae=event.assoc.requestor.ae_title,
