@@ -1,11 +1,13 @@
 """Intake benchmark: DCMTK storescu -> our node vs. DCMTK storescp, same images, same run.
 
-100 synthetic 2500x2000 12-bit DX images (about 10 MB each) over one association. Our node does
-its full intake (header checks, SHA-256, fsync, atomic rename, DB commit, enqueue); the reference
-is `storescp +B -pdu 131072` writing the same data sets to disk. Each round gets a fresh node,
-database and folder; the figures are medians over the rounds.
+100 synthetic 2500x2000 12-bit DX images (about 10 MB each) over one association, or shared
+among --senders storescu sending at once. Our node does its full intake (header checks, SHA-256,
+fsync, atomic rename, DB commit, enqueue); the reference is `storescp +B -pdu 131072` (with
+--fork for several senders) writing the same data sets to disk, without fsync. Each round gets a
+fresh node, database and folder; the figures are medians over the rounds.
 
     .venv/bin/python benchmarks/intake.py [--images 100] [--rounds 3] [--database postgresql]
+                                          [--senders 4]
 
 Needs DCMTK (storescu/storescp), and for --database postgresql a PostgreSQL server and Redis as
 the tests use them (scripts/services starts both).
@@ -33,6 +35,7 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu  # noqa: E402
 from dicom_node.cli.common import free_port  # noqa: E402
 from tests.support.dcmtk import put_dcmtk_first_on_path  # noqa: E402
 from training.synthetic import make_radiograph  # noqa: E402
@@ -66,10 +69,18 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-def send(port: int, called_ae: str, files: list[Path]) -> float:
+def send(port: int, called_ae: str, files: list[Path], senders: int) -> float:
+    """Seconds for ``senders`` storescu at once, each sending its share of the files over one
+    association."""
     start = time.perf_counter()
-    subprocess.run(["storescu", "-aec", called_ae, "127.0.0.1", str(port),
-                    *map(str, files)], check=True, capture_output=True)
+    processes = [subprocess.Popen(["storescu", "-aec", called_ae, "127.0.0.1", str(port),
+                                   *map(str, files[index::senders])],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for index in range(senders)]
+    for process in processes:
+        _, errors = process.communicate()
+        if process.returncode:
+            raise RuntimeError(f"storescu failed: {errors.decode(errors='replace')[-500:]}")
     return time.perf_counter() - start
 
 
@@ -81,16 +92,17 @@ def stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def round_storescp(files: list[Path], work: Path) -> float:
+def round_storescp(files: list[Path], work: Path, senders: int) -> float:
     out = work / "storescp"
     out.mkdir()
     port = free_port()
-    process = subprocess.Popen(["storescp", "+B", "-pdu", "131072", "-od", str(out), str(port)],
-                               start_new_session=True, stdout=subprocess.DEVNULL,
+    fork = ["--fork"] if senders > 1 else []  # a process per association, else one at a time
+    process = subprocess.Popen(["storescp", "+B", *fork, "-pdu", "131072", "-od", str(out),
+                                str(port)], start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
-        seconds = send(port, "ANY-SCP", files)
+        seconds = send(port, "ANY-SCP", files, senders)
     finally:
         stop(process)
     assert len(list(out.iterdir())) == len(files), "storescp did not store every image"
@@ -98,7 +110,7 @@ def round_storescp(files: list[Path], work: Path) -> float:
     return seconds
 
 
-def round_node(files: list[Path], work: Path, database: str) -> float:
+def round_node(files: list[Path], work: Path, database: str, senders: int) -> float:
     data_dir = work / "node"
     env = {**os.environ, "SPINENODE_DATA_DIR": str(data_dir),
            "SPINENODE_LOG_LEVEL": "WARNING"}
@@ -122,7 +134,7 @@ def round_node(files: list[Path], work: Path, database: str) -> float:
                                start_new_session=True, stdout=subprocess.DEVNULL)
     try:
         wait_for_port(port)
-        seconds = send(port, "SPINENODE", files)
+        seconds = send(port, "SPINENODE", files, senders)
         status = subprocess.run([*cli, "status", "--json"], env=env, check=True,
                                 capture_output=True, text=True).stdout
     finally:
@@ -144,6 +156,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--database", choices=["postgresql", "sqlite"], default="postgresql")
+    parser.add_argument("--senders", type=int, default=1,
+                        help="storescu sending at once, each over its own association "
+                             "(the reference runs storescp --fork then)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where images and received files go (default: a temp dir)")
     args = parser.parse_args()
@@ -154,17 +169,20 @@ def main() -> None:
         images.mkdir()
         files = make_images(images, args.images)
         megabytes = sum(path.stat().st_size for path in files) / 1e6
-        print(f"{len(files)} images, {megabytes:.0f} MB in all, one association each round")
+        print(f"CPU: {cpu()}")
+        print(f"{len(files)} images, {megabytes:.0f} MB in all, {args.senders} association(s) "
+              "at once each round")
         ours, reference = [], []
         for index in range(args.rounds):  # interleaved, so drift hits both alike
-            reference.append(round_storescp(files, work))
-            ours.append(round_node(files, work, args.database))
+            reference.append(round_storescp(files, work, args.senders))
+            ours.append(round_node(files, work, args.database, args.senders))
             print(f"round {index + 1}: storescp {megabytes / reference[-1]:7.1f} MB/s   "
                   f"spinenode ({args.database}) {megabytes / ours[-1]:7.1f} MB/s", flush=True)
     ours_rate = megabytes / statistics.median(ours)
     reference_rate = megabytes / statistics.median(reference)
-    print(f"median: storescp +B {reference_rate:.1f} MB/s, spinenode ({args.database}: spool + "
-          f"DB + enqueue) {ours_rate:.1f} MB/s, ratio {ours_rate / reference_rate:.2f} "
+    fork = " --fork" if args.senders > 1 else ""
+    print(f"median: storescp +B{fork} {reference_rate:.1f} MB/s, spinenode ({args.database}: "
+          f"spool + DB + enqueue) {ours_rate:.1f} MB/s, ratio {ours_rate / reference_rate:.2f} "
           "(goal >= 1.0)")
 
 
