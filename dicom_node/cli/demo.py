@@ -1,9 +1,11 @@
 """``spinenode demo``: the node on the embedded default, shown working end to end.
 
-It builds (first run) or reuses a bundle trained on synthetic phantoms, starts the node with a
+It makes (first run) or reuses phantoms and a bundle trained on them, starts the node with a
 local receiver as its PACS, sends held-out phantom radiographs over C-STORE, waits for the SR
 and SC to come back, and prints per image the label, probability and findings, and where the
-returned files are. The phantom bundle says NOT FOR CLINICAL USE in everything it produces.
+returned files are. On the first run the node takes the images before the bundle exists (they
+wait as waiting-for-model), the bundle trains, and the node, started again with it, analyses
+them. The phantom bundle says NOT FOR CLINICAL USE in everything it produces.
 """
 
 from __future__ import annotations
@@ -88,21 +90,23 @@ def held_out_samples(phantoms: Path, count: int) -> list[Path]:
 
 
 def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> int:
-    from training.demo_bundle import demo_bundle  # the demo builds a bundle; the node never
+    # The demo trains a bundle; the node never imports training.
+    from training.demo_bundle import demo_phantoms, ready_demo_bundle, train_demo_bundle
 
     demo_dir = settings.data_dir.resolve() / "demo"
-    bundle, phantoms = (settings.bundle, None) if settings.bundle else demo_bundle(demo_dir)
+    phantoms = None
+    bundle = settings.bundle
+    if bundle is None:
+        phantoms = demo_phantoms(demo_dir)
+        bundle = ready_demo_bundle(demo_dir)
     received = demo_dir / "received"
     server, receiver_port = _start_receiver(received)
     destination = Destination(ae_title=RECEIVER_AE, host="127.0.0.1", port=receiver_port)
     settings = settings.model_copy(update={"bundle": bundle,
                                            "destinations": [*settings.destinations,
                                                             destination]})
-    env = {**os.environ, **settings.as_environment()}
-    node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve"], env=env,
-                            start_new_session=True)
+    node = _start_node(settings)
     try:
-        _wait_for_echo(settings, node)
         print(f"demo: node {settings.ae_title}@127.0.0.1:{settings.port} answers C-ECHO; "
               f"results go to {destination.address} ({received})", flush=True)
         if settings.http_port:
@@ -115,6 +119,16 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> i
             files = [make_radiograph(demo_dir / f"sample-{i}.dcm", rows=1024, columns=820,
                                      seed=i) for i in range(count)]
         uids = _send(settings, files)
+        if settings.bundle is None:
+            # First run: the images wait as waiting-for-model while the bundle trains here;
+            # the node, started again with it, analyses them (its reconciler re-queues them).
+            print("demo: the images wait as waiting-for-model while the bundle trains",
+                  flush=True)
+            settings = settings.model_copy(update={"bundle": train_demo_bundle(demo_dir)})
+            _stop_node(node)
+            node = _start_node(settings)
+            print("demo: node started again with the bundle; the waiting images are analysed",
+                  flush=True)
         if settings.result_scope == "study":
             print(f"demo: each study is reported once quiet for "
                   f"{settings.study_stable_seconds:.0f} s (SPINENODE_STUDY_STABLE_SECONDS)",
@@ -132,10 +146,29 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> i
                 pass
         return 0
     finally:
-        if node.poll() is None:
-            node.terminate()
-            node.wait(60)
+        _stop_node(node)
         server.shutdown()
+
+
+def _start_node(settings: Settings) -> subprocess.Popen:
+    """``spinenode serve`` with these settings, once it answers C-ECHO."""
+    env = {**os.environ, **settings.as_environment()}
+    if settings.bundle is None:
+        env.pop("SPINENODE_BUNDLE", None)
+    node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve"], env=env,
+                            start_new_session=True)
+    try:
+        _wait_for_echo(settings, node)
+    except BaseException:
+        _stop_node(node)
+        raise
+    return node
+
+
+def _stop_node(node: subprocess.Popen) -> None:
+    if node.poll() is None:
+        node.terminate()
+        node.wait(60)
 
 
 def _demo_token(settings: Settings) -> str:
@@ -169,8 +202,8 @@ def _show_results(settings: Settings, uids: list[str], received: Path,
     while time.monotonic() < deadline:
         with sessions() as session:
             rows = session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(uids)))
-            settled = [r for r in rows if r.status in ("done", "failed", "skipped",
-                                                       "waiting-for-model")]
+            # Not waiting-for-model: the demo's node has its bundle by now.
+            settled = [r for r in rows if r.status in ("done", "failed", "skipped")]
         deliveries = list_deliveries(sessions, limit=1000)
         pending = [d for d in deliveries if d["status"] in ("pending", "sending")]
         # A study's report waits until it has been quiet for study_stable_seconds.

@@ -42,20 +42,21 @@ def test_demo_reuses_its_bundle_only_under_the_same_recipe(
     manifest = load_bundle(folder / "bundle").manifest
     write_manifest(folder / "bundle", manifest.model_copy(update={"version": demo.DEMO_VERSION}))
     (folder / "recipe").write_text(demo.DEMO_VERSION)
-    assert demo.demo_bundle(folder) == (folder / "bundle", folder / "phantoms")  # no training
+    assert demo.ready_demo_bundle(folder) == folder / "bundle"  # no training
 
     # A bundle from an older recipe is not reused: the build starts from a clean folder.
     write_manifest(folder / "bundle", manifest.model_copy(update={"version": "0.0.1-old"}))
+    assert demo.ready_demo_bundle(folder) is None
     (folder / "recipe").write_text("0.0.1-old")
     (folder / "run").mkdir()
     (folder / "run" / "stale").write_text("from the old recipe")
 
     def stop(*_: object, **__: object) -> None:  # the build's first step: stop it there
-        raise RuntimeError("would train")
+        raise RuntimeError("would generate")
 
     monkeypatch.setattr(demo, "generate", stop)
-    with pytest.raises(RuntimeError, match="would train"):
-        demo.demo_bundle(folder)
+    with pytest.raises(RuntimeError, match="would generate"):
+        demo.demo_phantoms(folder)
     assert not (folder / "run").exists() and not (folder / "bundle").exists()
     assert (folder / "recipe").read_text() == demo.DEMO_VERSION
 
@@ -72,3 +73,43 @@ def test_demo_sends_abnormal_and_normal_phantoms_in_turn(tmp_path: Path) -> None
     assert [abnormal[path] for path in chosen] == [True, False, True]
     everything = held_out_samples(data, 100)
     assert sorted(everything) == sorted(abnormal)  # each once
+
+
+def test_the_demo_node_takes_images_before_its_bundle_exists(
+        tmp_path: Path, test_bundle: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """First run: the node answers and stores while the bundle trains; the images wait as
+    waiting-for-model and are analysed once the node has the bundle. The training is a
+    stand-in here (it is tested in tests/training); the node and the demo are real."""
+    import shutil
+
+    from dicom_node.cli.demo import run_demo
+    from dicom_node.config import load_settings
+    from tests.support.node import instances, wait_for
+    from training import demo_bundle as demo
+    from training.phantoms import generate
+
+    settings = load_settings(data_dir=tmp_path / "var", port=free_port(), http_port=0,
+                             study_stable_seconds=2)
+    url = settings.effective_database_url
+    held: list[set[str]] = []
+
+    def stand_in_training(folder: Path) -> Path:
+        wait_for(lambda: {row.status for row in instances(url)} == {"waiting-for-model"}, 120,
+                 what="the images to wait for a model")
+        held.append({row.status for row in instances(url)})
+        shutil.copytree(test_bundle, folder / "bundle")
+        return folder / "bundle"
+
+    monkeypatch.setattr(demo, "demo_phantoms", lambda folder: generate(
+        folder / "phantoms", train=2, test=4, height=96, width=64, seed=1))
+    monkeypatch.setattr(demo, "ready_demo_bundle", lambda folder: None)
+    monkeypatch.setattr(demo, "train_demo_bundle", stand_in_training)
+    assert run_demo(settings, count=2, keep_serving=False) == 0
+    out = capsys.readouterr().out
+    assert held == [{"waiting-for-model"}]
+    steps = ["answers C-ECHO", "-> status 0x0000", "wait as waiting-for-model",
+             "node started again with the bundle", "demo: results"]
+    assert [out.index(step) for step in steps] == sorted(out.index(step) for step in steps)
+    assert out.count("(p = ") == 2
+    assert {row.status for row in instances(url)} == {"done"}
