@@ -349,14 +349,15 @@ class Settings(BaseSettings):
     @classmethod
     def _broker(cls, value: str) -> str:
         if value != EMBEDDED_BROKER and not re.match(r"^(redis|rediss|amqp|amqps)://", value):
-            raise ValueError(f"{value!r}: use 'embedded', a redis:// or an amqp:// (RabbitMQ) URL")
+            raise ValueError(f"{redact(value)!r}: use 'embedded', a redis:// or an amqp:// "
+                             "(RabbitMQ) URL")
         return value
 
     @field_validator("database_url")
     @classmethod
     def _database(cls, value: str) -> str:
         if value and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
-            raise ValueError(f"{value!r}: use a sqlite:// or postgresql:// URL")
+            raise ValueError(f"{redact(value)!r}: use a sqlite:// or postgresql:// URL")
         return value
 
     # -- derived paths and URLs ---------------------------------------------------------------

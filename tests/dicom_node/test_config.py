@@ -116,6 +116,14 @@ def test_urls_are_printed_without_their_password(url: str, shown: str) -> None:
     assert redact(url) == shown
 
 
+@pytest.mark.parametrize("setting", ["database_url", "broker_url"])
+def test_a_url_refused_by_the_settings_is_shown_without_its_password(setting: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(**{setting: "mysql://admin:topsecret@db.example/spine"})
+    assert "topsecret" not in str(raised.value)
+    assert "mysql://admin:***@db.example/spine" in str(raised.value)
+
+
 def test_a_destination_url_may_not_carry_credentials() -> None:
     with pytest.raises(ValueError, match="no credentials") as raised:
         Destination.parse("https://pacs:s3cret@vna.example/dicom-web#sr")
