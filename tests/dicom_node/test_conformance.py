@@ -1,6 +1,6 @@
 """docs/conformance.md says exactly what the node does: the SOP classes and transfer syntaxes
-its SCP accepts (read from the SCP's own AE) and the ones its sender proposes (read from the
-objects it makes, each sent in its own SOP class and transfer syntax)."""
+its SCP accepts (read from the SCP's own AE) and the ones its sender proposes (what a peer is
+asked for when the sender sends each object the node makes)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,16 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
 
 from dicom_node.analysis import AnalysisResult, Classification, FindingBox
-from dicom_node.config import load_settings
+from dicom_node.cli.common import free_port
+from dicom_node.config import Destination, load_settings
 from dicom_node.db.session import session_factory
+from dicom_node.outbox import send_file
 from dicom_node.results.gsps import build_gsps
 from dicom_node.results.overlay import build_overlay
 from dicom_node.results.sr import build_sr
@@ -51,6 +55,7 @@ def test_the_scp_accepts_what_the_statement_lists(tmp_path: Path) -> None:
 
 
 def test_the_sender_proposes_what_the_statement_lists(tmp_path: Path) -> None:
+    """What outbox.send_file really proposes, as a peer sees it, for each object we make."""
     source = dcmread(make_radiograph(tmp_path / "dx.dcm", rows=200, columns=150))
     classification = Classification({"densenet121": 0.7}, {}, 0.7, 0.5, True)
     result = AnalysisResult("b", "1", False, classification,
@@ -60,7 +65,29 @@ def test_the_sender_proposes_what_the_statement_lists(tmp_path: Path) -> None:
             build_overlay(source, grey, result, jpeg=True),
             build_gsps(source, result, window=(2048, 4096))]
     proposed: dict[str, set[str]] = {Verification: set(DEFAULT_TRANSFER_SYNTAXES)}
-    for ds in made:  # one presentation context per object: its own class and syntax
-        proposed.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
+
+    def requested(event: evt.Event) -> None:
+        for context in event.assoc.requestor.requested_contexts:
+            proposed.setdefault(str(context.abstract_syntax), set()).update(
+                map(str, context.transfer_syntax))
+
+    peer = AE(ae_title="PEER")
+    peer.supported_contexts = StoragePresentationContexts
+    port = free_port()
+    server = peer.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_REQUESTED, requested),
+                                             (evt.EVT_C_STORE, lambda event: 0x0000)])
+    try:
+        for index, ds in enumerate(made):
+            path = tmp_path / f"{index}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            sent = send_file(path, Destination(ae_title="PEER", host="127.0.0.1", port=port),
+                             "SPINENODE", 16384)
+            assert sent.delivered, sent.reason
+    finally:
+        server.shutdown()
     listed = {row[1]: uids(row[2]) for row in table("SOP classes as SCU")}
     assert listed == proposed
+    # The JPEG SC is also offered uncompressed; the others only as they are stored.
+    assert proposed[str(made[2].SOPClassUID)] == {str(made[2].file_meta.TransferSyntaxUID),
+                                                   ExplicitVRLittleEndian}
