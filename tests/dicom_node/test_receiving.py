@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pynetdicom.dimse_messages
 import pytest
-from pynetdicom.transport import AssociationSocket
 from pydicom import dcmread
 from pynetdicom import AE, _config
+from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select
 
 from dicom_node import intake

@@ -5,6 +5,7 @@ the Prometheus metrics; then ``spinenode web`` alone on the same database."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -15,7 +16,10 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit
+from sqlalchemy import select
 
+from dicom_node.db.models import ApiToken
+from dicom_node.db.session import session_factory
 from tests.support.bundles import make_test_bundle
 from tests.support.fault_peers import Pacs
 from tests.support.node import SPINENODE, free_port, storescu, wait_for
@@ -61,6 +65,10 @@ def test_results_api_for_viewers_and_operators(tmp_path: Path, postgres_url: str
     anonymous = Http(node.http_port)
     viewer = anonymous.as_(make_token(node, "ward-viewer", "viewer"))
     ops = anonymous.as_(make_token(node, "ops", "operator"))
+    # The API documents itself at /docs (its OpenAPI schema served locally), without a token.
+    docs_status, docs = anonymous.get("/docs")
+    assert docs_status == 200 and "openapi.json" in docs
+    assert "/api/v1/instances" in anonymous.ok("/openapi.json")["paths"]
 
     # No token, a wrong one, or none at all on a page: no patient data.
     assert anonymous.get("/api/v1/instances")[0] == 401
@@ -182,9 +190,19 @@ def test_results_api_for_viewers_and_operators(tmp_path: Path, postgres_url: str
     assert "spinenode_worker_heartbeat_age_seconds{" in metrics
     assert "spinenode_queue_depth 0.0" in metrics
 
-    # A revoked token stops working at once.
     env = {**os.environ, "SPINENODE_DATABASE_URL": node.database_url,
            "SPINENODE_DATA_DIR": str(node.data_dir)}
+    # Tokens are listed by name and role, never by secret; the database holds only its hash.
+    listed = subprocess.run([*SPINENODE, "tokens", "list"], env=env, check=True,
+                            capture_output=True, text=True, timeout=60).stdout
+    assert re.search(r"ward-viewer\s+viewer", listed) and re.search(r"ops\s+operator", listed)
+    assert viewer.token not in listed and ops.token not in listed
+    with session_factory(node.database_url)() as session:
+        stored = {t.name: t.secret_sha256 for t in session.scalars(select(ApiToken))}
+    assert stored["ward-viewer"] == hashlib.sha256(viewer.token.encode()).hexdigest()
+    assert viewer.token not in str(stored)
+
+    # A revoked token stops working at once.
     subprocess.run([*SPINENODE, "tokens", "revoke", "ward-viewer"], env=env, check=True,
                    capture_output=True, timeout=60)
     assert viewer.get("/api/v1/instances")[0] == 401
