@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import pynetdicom.acse
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +96,32 @@ _serve_request = Association._serve_request  # noqa: SLF001
 def _serve_request_or_abort(assoc: Association, msg, context_id: int) -> None:  # noqa: ANN001
     """pynetdicom logs a DIMSE message that is no valid request (a response nobody asked for,
     a command field of no known kind) and then waits for more, silent, until the network
-    timeout: the sender learns nothing. Abort instead, as for a message on an unknown context."""
+    timeout: the sender learns nothing. Abort instead, as for a message on an unknown context.
+    A C-STORE whose command names no storage SOP class (not a UID, or one of no storage
+    class) pynetdicom aborts too, though the command is readable: answer it with a status."""
     if not assoc._sent_release and not msg.is_valid_request:  # noqa: SLF001
         log.warning("association aborted: a %s where a request was due", msg.msg_type)
         assoc.abort()
         return
+    if (isinstance(msg, C_STORE) and context_id in assoc._accepted_cx  # noqa: SLF001
+            and not issubclass(uid_to_service_class(msg.AffectedSOPClassUID or ""),
+                               StorageServiceClass)):
+        _refuse_store(assoc, msg, context_id)
+        return
     _serve_request(assoc, msg, context_id)
+
+
+def _refuse_store(assoc: Association, request: C_STORE, context_id: int) -> None:
+    log.warning("C-STORE refused: its command names no storage SOP class (%r)",
+                str(request.AffectedSOPClassUID)[:70])
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = request.MessageID
+    response.Status = 0x0122  # Refused: SOP Class not supported
+    assoc.dimse.send_msg(response, context_id)
+    received = request._dataset_file  # noqa: SLF001 - pynetdicom's own SCP removes it so
+    if received is not None:
+        received.close()
+        Path(received.name).unlink(missing_ok=True)
 
 
 def apply() -> None:

@@ -71,6 +71,20 @@ def test_what_pynetdicom_left_hanging_is_answered(tmp_path: Path, sqlite_url: st
     empty_pdv = b"\x04\x00" + (5).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"\x01"
     reply = ul.converse(node.port, ul.associate_rq(DX, [EXPLICIT]), empty_pdv, answer_within=10)
     assert reply.kind == "abort", reply
+    # A C-STORE whose command names no storage SOP class (not even a UID): refused with a
+    # status (pynetdicom aborted it), its streamed data set removed.
+    incoming = node.data_dir / "spool" / "incoming"
+    before = set(incoming.iterdir())  # an aborted C-STORE's file waits for the reconciler
+    for sop_class in ("1.2.840.10008.5.1.4.1.1.1.1.x", "A" * 64):
+        command = ul.command_set(AffectedSOPClassUID=sop_class, CommandField=0x0001,
+                                 MessageID=1, Priority=0, CommandDataSetType=0x0000,
+                                 AffectedSOPInstanceUID="1.2.3.4")
+        payload = ul.p_data((ul.COMMAND | ul.LAST, command)) + ul.p_data(
+            (ul.DATASET | ul.LAST, b"\x08\x00\x16\x00UI\x04\x001.2\x00"))
+        reply = ul.converse(node.port, ul.associate_rq(DX, [EXPLICIT]), payload,
+                            answer_within=10)
+        assert (reply.kind, reply.status) == ("status", 0x0122), reply
+    assert set(incoming.iterdir()) == before
     # More undecodable association requests than the node takes associations at once (16):
     # each ends at once, so the next peer is not locked out for the ACSE timeout.
     bad_called = ul.associate_rq(DX, [EXPLICIT], called="SPIN\xc9NODE")
