@@ -227,9 +227,27 @@ def main() -> None:
             sampler.join()
             report(modality, receiver, streamed, sampler, unloaded, stream_seconds,
                    model_seconds(database_url, last_warm_up), model)
+            print_trouble(node.log())
         finally:
             node.stop()
             receiver.server.shutdown()
+
+
+def print_trouble(log: str) -> None:
+    """The node's warnings and errors, each traceback whole (it says why, its last line what)."""
+    lines, trouble, in_traceback = log.splitlines(), [], False
+    for line in lines:
+        if line.startswith("Traceback"):
+            in_traceback = True
+        elif in_traceback and not line.startswith((" ", "\t")):
+            trouble.append(line)  # the exception's own line ends the traceback
+            in_traceback = False
+            continue
+        if in_traceback or " WARNING " in line or " ERROR " in line:
+            trouble.append(line)
+    print(f"the node's warnings, errors and tracebacks during the run ({len(trouble)} lines):")
+    for line in trouble[:80]:
+        print(f"  {line[:300]}")
 
 
 def report(modality: Modality, receiver: Receiver, streamed: list[str], sampler: Sampler,
