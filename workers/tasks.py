@@ -105,6 +105,7 @@ def _celery_settings(settings: Settings) -> dict:
         folder = str(settings.queue_dir.resolve())
         return dict(
             broker_url="filesystem://",
+            broker_transport="workers.file_broker:Transport",  # messages written whole
             broker_transport_options={
                 "data_folder_in": folder,
                 "data_folder_out": folder,

@@ -1,0 +1,64 @@
+"""The embedded queue's broker writes each message whole before a consumer can take it
+(workers/file_broker.py): kombu's own filesystem transport leaves an empty message file for a
+moment, which a consumer takes and cannot read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kombu import Connection
+from kombu.transport import filesystem
+
+from workers import file_broker
+
+
+def _takeable_while_writing(transport: type, folder: Path, monkeypatch: pytest.MonkeyPatch
+                            ) -> list[str]:
+    """Put one message; the files a consumer would take (``*.msg``, what kombu's _get lists)
+    at the moment the message is being serialised, i.e. before its bytes are in the file."""
+    seen: list[str] = []
+    module = file_broker if transport is file_broker.Transport else filesystem
+
+    def dumps_and_look(payload: object) -> str:
+        seen.extend(name for name in sorted(p.name for p in folder.iterdir())
+                    if name.endswith(".msg"))
+        return json.dumps(payload)
+
+    monkeypatch.setattr(module, "dumps", dumps_and_look)
+    options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    with Connection("filesystem://", transport=transport, transport_options=options) as conn:
+        conn.default_channel._put("analysis", {"body": "x"})
+    return seen
+
+
+def test_kombus_own_transport_shows_an_empty_message(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the fix is for: kombu's file is takeable before its bytes are written.
+    assert len(_takeable_while_writing(filesystem.Transport, tmp_path, monkeypatch)) == 1
+
+
+def test_a_message_is_takeable_only_once_written(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _takeable_while_writing(file_broker.Transport, tmp_path, monkeypatch) == []
+    monkeypatch.undo()
+    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path)}
+    with Connection("filesystem://", transport=file_broker.Transport,
+                    transport_options=options) as conn:
+        assert conn.default_channel._get("analysis") == {"body": "x"}
+    assert list(tmp_path.iterdir()) == []  # taken, and no partial file left behind
+
+
+def test_the_embedded_queue_uses_it(tmp_path: Path) -> None:
+    from dicom_node.config import load_settings
+    from workers.tasks import TaskQueue
+
+    settings = load_settings(data_dir=tmp_path)
+    settings.make_dirs()
+    queue = TaskQueue(settings)
+    with queue.app.connection_for_write() as connection:
+        assert isinstance(connection.transport, file_broker.Transport)
+    queue.enqueue_analysis(7)
+    assert queue.depth() == 1
+    assert [p.suffix for p in settings.queue_dir.iterdir() if p.is_file()] == [".msg"]
