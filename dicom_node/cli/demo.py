@@ -153,8 +153,6 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> i
 def _start_node(settings: Settings) -> subprocess.Popen:
     """``spinenode serve`` with these settings, once it answers C-ECHO."""
     env = {**os.environ, **settings.as_environment()}
-    if settings.bundle is None:
-        env.pop("SPINENODE_BUNDLE", None)
     node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve"], env=env,
                             start_new_session=True)
     try:
