@@ -7,6 +7,7 @@ import base64
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any, Literal
 
 from sqlalchemy import Select, and_, exists, func, select, tuple_
 from sqlalchemy.orm import Session, aliased, sessionmaker
@@ -187,23 +188,46 @@ class BadCursor(ValueError):
     pass
 
 
-def encode_cursor(received_at: datetime, instance_id: int) -> str:
-    text = f"{aware(received_at).isoformat()}|{instance_id}"
+Order = Literal["newest", "oldest"]
+
+
+def encode_cursor(order: Order, moment: datetime, row_id: int) -> str:
+    """The position after which the next page starts, in the order it was asked in."""
+    text = f"{order}|{aware(moment).isoformat()}|{row_id}"
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, int]:
+def _decode_cursor(cursor: str, order: Order) -> tuple[datetime, int]:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        moment, instance_id = text.split("|")
-        return datetime.fromisoformat(moment), int(instance_id)
+        given, moment, row_id = text.split("|")
+        if given != order:
+            raise ValueError(f"a cursor of a {given}-first listing")
+        return datetime.fromisoformat(moment), int(row_id)
     except ValueError as error:
-        raise BadCursor(f"cursor {cursor!r} is not one this server gave out") from error
+        raise BadCursor(f"cursor {cursor!r} is not one this server gave out for "
+                        f"order={order}") from error
+
+
+def _keyset_page(query: Select, time: Any, row_id: Any, order: Order, limit: int,
+                 cursor: str | None) -> Select:
+    """``query`` ordered by (time, id) in ``order``, one row more than a page (to know whether
+    there is a next one), after ``cursor``. Keyset pagination: a page is as fast at the end as
+    at the start, and rows that arrive meanwhile do not shift it."""
+    key = tuple_(time, row_id)
+    if order == "newest":
+        query = query.order_by(time.desc(), row_id.desc())
+    else:
+        query = query.order_by(time, row_id)
+    if cursor:
+        after = _decode_cursor(cursor, order)
+        query = query.where(key < after if order == "newest" else key > after)
+    return query.limit(limit + 1)
 
 
 def _instance_search(filters: Filters) -> Select:
     """Instances with their study, patient ID and latest analysis (None if not analysed),
-    newest first. "Latest" is "no later analysis of the same instance": one index probe a row,
+    unordered. "Latest" is "no later analysis of the same instance": one index probe a row,
     so a page costs the same on a million instances as on ten."""
     later = aliased(Analysis)
     latest = and_(Analysis.instance_pk == Instance.id,
@@ -212,8 +236,7 @@ def _instance_search(filters: Filters) -> Select:
     query = (select(Instance, Study, Patient.patient_id, Analysis)
              .join(Instance.series).join(Series.study).join(Study.patient)
              .join(Analysis, latest, isouter=not (filters.analysed or filters.label
-                                                  or filters.finding))
-             .order_by(Instance.received_at.desc(), Instance.id.desc()))
+                                                  or filters.finding)))
     equal = ((Study.accession_number, filters.accession), (Patient.patient_id, filters.patient_id),
              (Study.study_uid, filters.study_uid), (Series.series_uid, filters.series_uid),
              (Instance.sop_instance_uid, filters.sop_instance_uid),
@@ -233,14 +256,11 @@ def _instance_search(filters: Filters) -> Select:
 
 
 def search(sessions: sessionmaker[Session], filters: Filters, limit: int = 50,
-           cursor: str | None = None) -> tuple[list[dict], str | None]:
-    """One page of instances matching ``filters`` (newest first) and the cursor of the next
-    page (None on the last). Keyset pagination: a page is as fast at the end as at the start,
-    and rows that arrive meanwhile do not shift it."""
-    query = _instance_search(filters).limit(limit + 1)
-    if cursor:
-        moment, instance_id = _decode_cursor(cursor)
-        query = query.where(tuple_(Instance.received_at, Instance.id) < (moment, instance_id))
+           cursor: str | None = None, order: Order = "newest") -> tuple[list[dict], str | None]:
+    """One page of instances matching ``filters`` by time received and the cursor of the next
+    page (None on the last)."""
+    query = _keyset_page(_instance_search(filters), Instance.received_at, Instance.id, order,
+                         limit, cursor)
     with sessions() as session:
         rows = session.execute(query).all()
         more = len(rows) > limit
@@ -249,7 +269,62 @@ def search(sessions: sessionmaker[Session], filters: Filters, limit: int = 50,
         items = [_search_row(instance, study, patient_id, analysis,
                              findings.get(analysis.id, []) if analysis else [])
                  for instance, study, patient_id, analysis in rows]
-    next_cursor = encode_cursor(rows[-1][0].received_at, rows[-1][0].id) if more else None
+    next_cursor = (encode_cursor(order, rows[-1][0].received_at, rows[-1][0].id)
+                   if more else None)
+    return items, next_cursor
+
+
+@dataclass(frozen=True)
+class StudyFilters:
+    """What an admin finds a study by; every field left None matches all."""
+
+    accession: str | None = None
+    patient_id: str | None = None
+    label: str | None = None  # of the study's latest report: normal | abnormal
+    since: datetime | None = None  # first image received at or after
+    until: datetime | None = None  # first image received before
+
+
+def studies(sessions: sessionmaker[Session], filters: StudyFilters, limit: int = 50,
+            cursor: str | None = None, order: Order = "newest") -> tuple[list[dict], str | None]:
+    """One page of studies by when their first image arrived, each with its image count, the
+    last arrival and its latest report (what its images say together; None before the first),
+    and the cursor of the next page."""
+    later = aliased(StudyReport)
+    latest = and_(StudyReport.study_pk == Study.id,
+                  ~exists().where(later.study_pk == StudyReport.study_pk,
+                                  later.version > StudyReport.version))
+    query = (select(Study, Patient.patient_id, StudyReport).join(Study.patient)
+             .join(StudyReport, latest, isouter=not filters.label))
+    for column, value in ((Study.accession_number, filters.accession),
+                          (Patient.patient_id, filters.patient_id),
+                          (StudyReport.label, filters.label)):
+        if value:
+            query = query.where(column == value)
+    if filters.since:
+        query = query.where(Study.created_at >= filters.since)
+    if filters.until:
+        query = query.where(Study.created_at < filters.until)
+    query = _keyset_page(query, Study.created_at, Study.id, order, limit, cursor)
+    with sessions() as session:
+        rows = session.execute(query).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        images = {study_pk: (count, last) for study_pk, count, last in session.execute(
+            select(Series.study_pk, func.count(Instance.id), func.max(Instance.received_at))
+            .join(Instance.series).where(Series.study_pk.in_([s.id for s, *_ in rows]))
+            .group_by(Series.study_pk))}
+        items = [{
+            "study_uid": study.study_uid, "accession_number": study.accession_number,
+            "patient_id": patient_id, "study_date": study.study_date,
+            "first_received_at": _iso(study.created_at),
+            "last_received_at": _iso(images[study.id][1]), "images": images[study.id][0],
+            "report": None if report is None else {
+                "version": report.version, "label": report.label,
+                "probability": report.probability, "image_count": report.image_count,
+                "finding_count": report.finding_count, "created_at": _iso(report.created_at)},
+        } for study, patient_id, report in rows]
+    next_cursor = encode_cursor(order, rows[-1][0].created_at, rows[-1][0].id) if more else None
     return items, next_cursor
 
 

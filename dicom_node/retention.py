@@ -1,7 +1,9 @@
 """Retention: patient pixel data is kept only as long as the settings say. The spool keeps a
-finished image's header (the study report reads it) and loses its pixel data; an overlay we
-made is removed once all its deliveries succeeded. Rows stay: they are the record. Nothing
-whose analysis or delivery is pending is touched, and each purge is an event of the image."""
+finished image's header (the study report reads it) and loses its pixel data. A result object
+we made goes once all its deliveries succeeded: an overlay or presentation state is removed, an
+SR keeps its header without its content (a later version of the report names it as its
+predecessor). Rows stay: they are the record. Nothing whose analysis or delivery is pending is
+touched, and each purge is an event of the image (a study's SR: of its most suspicious image)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from pydicom import dcmread
-from sqlalchemy import exists, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import OVERLAY_KINDS, Settings
+from dicom_node.config import ResultKind, Settings
 from dicom_node.db.models import (
     Analysis,
     Delivery,
@@ -24,6 +26,7 @@ from dicom_node.db.models import (
     InstanceEvent,
     InstanceStatus,
     Output,
+    StudyReport,
     utcnow,
 )
 from dicom_node.files import fsync_dir, fsync_file
@@ -36,7 +39,7 @@ PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 @dataclass(frozen=True)
 class Purge:
-    kind: str  # "spool" (pixel data out of a received image) or "output" (an overlay removed)
+    kind: str  # "spool" (pixel data out of a received image) or "output" (a result object)
     instance_id: int  # whose event log says so
     path: str
     size_bytes: int
@@ -77,13 +80,14 @@ def due(settings: Settings, sessions: sessionmaker[Session]) -> list[Purge]:
 
 
 def _outputs_due(session: Session, settings: Settings) -> list[Purge]:
-    """Overlays delivered everywhere (or with nowhere to go) that are past their age, or that
-    take the outputs past their total size (newest kept first)."""
+    """Result objects delivered everywhere (or with nowhere to go) that are past their age, or
+    that take the outputs past their total size (newest kept first)."""
     found: list[Purge] = []
     unsent = exists().where(Delivery.output_pk == Output.id,
                             Delivery.status != DeliveryStatus.DELIVERED)
-    kept = (select(Output, Analysis.instance_pk).join(Output.analysis)
-            .where(Output.kind.in_(OVERLAY_KINDS), Output.purged_at.is_(None)))
+    instance_pk = func.coalesce(Analysis.instance_pk, StudyReport.top_instance_pk)
+    kept = (select(Output, instance_pk).outerjoin(Output.analysis)
+            .outerjoin(Output.study_report).where(Output.purged_at.is_(None)))
     if settings.outputs_retention_days:
         cutoff = utcnow() - timedelta(days=settings.outputs_retention_days)
         late = exists().where(Delivery.output_pk == Output.id, Delivery.delivered_at >= cutoff)
@@ -120,17 +124,20 @@ def purge(settings: Settings, sessions: sessionmaker[Session], dry_run: bool = F
         if dry_run:
             done.append(item)
             continue
-        if item.kind == "spool":
-            _strip_pixel_data(Path(item.path))
-        else:
-            Path(item.path).unlink(missing_ok=True)
         with sessions.begin() as session:
             if item.kind == "spool":
+                _strip(Path(item.path), PIXEL_KEYWORDS)
                 session.get(Instance, item.instance_id).purged_at = utcnow()
+                what = "pixel data"
             else:
-                session.execute(Output.__table__.update().where(Output.path == item.path)
-                                .values(purged_at=utcnow()))
-            what = "pixel data" if item.kind == "spool" else "overlay"
+                output = session.scalars(select(Output).where(Output.path == item.path)).one()
+                if output.kind == ResultKind.SR:
+                    _strip(Path(item.path), ("ContentSequence",))
+                    what = "report content"
+                else:
+                    Path(item.path).unlink(missing_ok=True)
+                    what = f"{output.kind} object"
+                output.purged_at = utcnow()
             session.add(InstanceEvent(instance_pk=item.instance_id, event="purged",
                                       detail=f"{what} removed ({item.why}); {item.path}"))
         done.append(item)
@@ -140,12 +147,12 @@ def purge(settings: Settings, sessions: sessionmaker[Session], dry_run: bool = F
     return done
 
 
-def _strip_pixel_data(path: Path) -> None:
-    """Rewrite a spool file without its pixel data (atomically, durably); its header stays."""
+def _strip(path: Path, keywords: tuple[str, ...]) -> None:
+    """Rewrite a file without these elements (atomically, durably); the rest stays."""
     if not path.exists():
         return
     ds = dcmread(path)
-    for keyword in PIXEL_KEYWORDS:
+    for keyword in keywords:
         if keyword in ds:
             delattr(ds, keyword)
     partial = path.with_suffix(".purging")

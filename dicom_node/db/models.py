@@ -75,7 +75,8 @@ class Study(Base):
     accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
     study_date: Mapped[str] = mapped_column(String(8), default="")
     description: Mapped[str] = mapped_column(String(64), default="")
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When its first image arrived: studies are listed and paged by it.
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")

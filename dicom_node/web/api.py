@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -38,6 +39,31 @@ def filters(
 
 Filters = Annotated[admin.Filters, Depends(filters)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
+Order = Annotated[admin.Order, Query(description="by time received: newest or oldest first")]
+
+
+def study_filters(
+    accession: str | None = None, patient_id: str | None = None,
+    label: Annotated[Literal["normal", "abnormal"] | None,
+                     Query(description="of the study's latest report")] = None,
+    since: Annotated[datetime | None,
+                     Query(description="first image received at or after (ISO 8601)")] = None,
+    until: Annotated[datetime | None,
+                     Query(description="first image received before (ISO 8601)")] = None,
+) -> admin.StudyFilters:
+    return admin.StudyFilters(accession=accession, patient_id=patient_id, label=label,
+                              since=since, until=until)
+
+
+StudyFilters = Annotated[admin.StudyFilters, Depends(study_filters)]
+
+
+def _page(listing: Callable[[], tuple[list[dict], str | None]]) -> dict:
+    try:
+        items, next_cursor = listing()
+    except admin.BadCursor as error:
+        raise HTTPException(400, str(error)) from None
+    return {"items": items, "next_cursor": next_cursor}
 
 
 @router.get("/status")
@@ -48,14 +74,18 @@ def status(request: Request, _: Viewer) -> dict:
 
 @router.get("/instances")
 def instances(request: Request, _: Viewer, where: Filters, limit: Limit = 50,
-              cursor: str | None = None) -> dict:
-    """Instances newest first, each with its latest analysis (member probabilities, threshold,
-    bundle, timings, device, findings). ``next_cursor`` fetches the next page."""
-    try:
-        items, next_cursor = admin.search(request.app.state.sessions, where, limit, cursor)
-    except admin.BadCursor as error:
-        raise HTTPException(400, str(error)) from None
-    return {"items": items, "next_cursor": next_cursor}
+              cursor: str | None = None, order: Order = "newest") -> dict:
+    """Instances by time received, each with its latest analysis (member probabilities,
+    threshold, bundle, timings, device, findings). ``next_cursor`` fetches the next page."""
+    return _page(lambda: admin.search(request.app.state.sessions, where, limit, cursor, order))
+
+
+@router.get("/studies")
+def studies(request: Request, _: Viewer, where: StudyFilters, limit: Limit = 50,
+            cursor: str | None = None, order: Order = "newest") -> dict:
+    """Studies by when their first image arrived, each with its image count and its latest
+    report (label, probability, findings). ``next_cursor`` fetches the next page."""
+    return _page(lambda: admin.studies(request.app.state.sessions, where, limit, cursor, order))
 
 
 @router.get("/studies/{study_uid}")

@@ -70,6 +70,8 @@ def _broker(broker_check: BrokerCheck) -> tuple[bool, str]:
 
 
 def _spool(settings: Settings) -> tuple[bool, str]:
+    if not settings.spool_dir.is_dir():  # e.g. `spinenode web` without the node's data volume
+        return False, f"no spool at {settings.spool_dir}"
     free_mb = shutil.disk_usage(settings.spool_dir).free // 2**20
     return (free_mb >= settings.min_free_disk_mb,
             f"{free_mb} MB free (minimum {settings.min_free_disk_mb} MB)")

@@ -23,7 +23,7 @@ def _tables(url: str) -> set[str]:
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     migrate.upgrade(database_url)
     assert _tables(database_url) == TABLES
-    assert migrate.current_revision(database_url) == "0006"
+    assert migrate.current_revision(database_url) == "0007"
     migrate.downgrade(database_url, "base")
     assert _tables(database_url) == set()
     assert migrate.current_revision(database_url) is None

@@ -12,13 +12,16 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
+from dicom_node import retention
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import migrate
 from dicom_node.db.models import (
     Analysis,
     Delivery,
+    DeliveryStatus,
     Finding,
     Instance,
+    InstanceEvent,
     InstanceStatus,
     Output,
     StudyReport,
@@ -145,3 +148,41 @@ def test_a_later_image_makes_a_new_version_that_supersedes_the_first(
     referenced = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert referenced.ReferencedSOPInstanceUID == old.SOPInstanceUID
     assert Path(first.outputs[0].path).is_file()  # the first version stays
+
+
+def test_retention_strips_a_delivered_report_and_a_later_version_still_names_it(
+        tmp_path: Path, database_url: str) -> None:
+    settings = _node(tmp_path, database_url).model_copy(
+        update={"outputs_retention_days": 1 / 86400})  # one second after delivery
+    sessions = session_factory(database_url)
+    reporter = StudyReporter(settings, sessions, lambda _: None)
+    study_uid = generate_uid()
+    _analysed(settings, study_uid, 0.8, "abnormal", boxes=1)
+    assert reporter.run_once() == 1
+    with sessions.begin() as session:  # the PACS has the first version
+        (first,) = session.scalars(select(StudyReport)).all()
+        first_path, first_uid = first.outputs[0].path, first.outputs[0].sop_instance_uid
+        for delivery in first.outputs[0].deliveries:
+            delivery.status = DeliveryStatus.DELIVERED
+            delivery.delivered_at = utcnow() - timedelta(seconds=5)
+        first.outputs[0].created_at = utcnow() - timedelta(seconds=5)
+    assert [p.path for p in retention.purge(settings, sessions)] == [first_path]
+    stripped = dcmread(first_path)
+    assert "ContentSequence" not in stripped and stripped.SOPInstanceUID == first_uid
+
+    # A later image: the new version names the stripped one as its predecessor, and, its own
+    # delivery still pending, is kept however old it gets.
+    _analysed(settings, study_uid, 0.3, "normal")
+    assert reporter.run_once() == 1
+    with sessions.begin() as session:
+        second = session.scalars(select(StudyReport).where(StudyReport.version == 2)).one()
+        second_path = second.outputs[0].path
+        second.outputs[0].created_at = utcnow() - timedelta(days=1)
+        events = session.scalars(select(InstanceEvent.detail)
+                                 .where(InstanceEvent.event == "purged")).all()
+    (predecessor,) = dcmread(second_path).PredecessorDocumentsSequence
+    assert predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == first_uid
+    assert retention.due(settings, sessions) == []
+    assert "ContentSequence" in dcmread(second_path)
+    assert [e.split(" (")[0] for e in events] == ["report content removed"]

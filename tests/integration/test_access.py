@@ -1,10 +1,13 @@
 """Who may connect: allow-list entries of calling AE title and source address or network are
 checked at the association request (DCMTK storescu as the sender); a rejection is logged with
-AE, address and reason and counted; an idle association is dropped after the network timeout."""
+AE, address and reason and counted; beyond the association cap a request is rejected (local
+limit exceeded) until one ends; an idle association is dropped after the network timeout and a
+connection that never asks for an association after the ACSE timeout."""
 
 from __future__ import annotations
 
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -45,11 +48,12 @@ def test_bad_allow_list_entries_name_the_setting(monkeypatch: pytest.MonkeyPatch
     assert message in str(raised.value)
 
 
-def test_allow_list_by_ae_and_address_and_idle_timeout(tmp_path: Path, sqlite_url: str,
+def test_allow_list_by_ae_and_address_and_idle_timeout(tmp_path: Path, postgres_url: str,
                                                        start_node) -> None:
-    node = start_node(sqlite_url, env={
+    node = start_node(postgres_url, env={
         "SPINENODE_ALLOWED_CALLING_AES": "CT1@127.0.0.1,PACS@10.0.0.0/8,MODALITY,*@192.168.0.0/16",
-        "SPINENODE_NETWORK_TIMEOUT_SECONDS": "2"})
+        "SPINENODE_NETWORK_TIMEOUT_SECONDS": "2", "SPINENODE_ACSE_TIMEOUT_SECONDS": "2",
+        "SPINENODE_MAX_ASSOCIATIONS": "1"})
     image = make_radiograph(tmp_path / "a.dcm")
 
     def send(calling: str, called: str = "SPINENODE"):  # noqa: ANN202
@@ -72,12 +76,23 @@ def test_allow_list_by_ae_and_address_and_idle_timeout(tmp_path: Path, sqlite_ur
     assert 'spinenode_associations_rejected_total{reason="not-allowed"} 2.0' in metrics
     assert 'spinenode_associations_rejected_total{reason="called-ae"} 1.0' in metrics
 
-    # An association that says nothing is dropped once the network timeout has passed.
+    # An association that says nothing is dropped once the network timeout has passed. While
+    # it is open the node is at its cap of one: the next request is rejected, transiently.
     ae = AE(ae_title="CT1")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="SPINENODE")
     assert assoc.is_established
     began = time.monotonic()
+    over_cap = ae.associate("127.0.0.1", node.port, ae_title="SPINENODE")
+    assert over_cap.is_rejected and assoc.is_established
     wait_for(lambda: not assoc.is_established, 15, interval=0.1, what="the idle association "
              "dropped")
+    assert 1.5 < time.monotonic() - began < 10
+    # Below the cap again once the node's side of it has ended too (a moment later).
+    wait_for(lambda: send("CT1").returncode == 0, 10, interval=0.2, what="a free association")
+
+    # A connection that never sends an association request is closed after the ACSE timeout.
+    with socket.create_connection(("127.0.0.1", node.port), timeout=15) as silent:
+        began = time.monotonic()
+        assert silent.recv(1) == b""
     assert 1.5 < time.monotonic() - began < 10

@@ -1,6 +1,8 @@
-"""An admin uses the dashboard page in a real browser (Debian's Chromium, headless, driven by
-Playwright): logs in with a token, finds a study by accession number, opens it, sees the
-overlay and the timeline, and retries a failed delivery. The page loads nothing from elsewhere.
+"""An admin uses the dashboard page of a node on PostgreSQL and Redis in a real browser (Debian's
+Chromium, headless, driven by Playwright): logs in with a token, sees the images wait in the
+queue until a worker starts, finds a study by accession number, opens it, sees the overlay and
+the timeline, and retries a failed delivery. The page loads nothing from elsewhere, and each
+page and overlay read is in the audit log.
 
 Screenshots are kept in ``test-artifacts/dashboard/`` (or ``$SPINENODE_ARTIFACTS``)."""
 
@@ -31,20 +33,19 @@ def _image(tmp_path: Path, accession: str, seed: int) -> Path:
     return path
 
 
-def test_dashboard_find_open_and_retry(tmp_path: Path, sqlite_url: str, start_node) -> None:
+def test_dashboard_find_open_and_retry(tmp_path: Path, postgres_url: str, redis_url: str,
+                                       start_node) -> None:
     bundle = make_test_bundle(tmp_path / "bundle", threshold=0.0, detector="quadrants")
     pacs = Pacs(tmp_path / "pacs")  # down at first: the deliveries fail
-    node = start_node(sqlite_url, env={
-        "SPINENODE_BUNDLE": str(bundle), "SPINENODE_DESTINATIONS": pacs.destination,
-        "SPINENODE_MAX_DELIVERY_ATTEMPTS": "1"})
+    env = {"SPINENODE_BUNDLE": str(bundle), "SPINENODE_DESTINATIONS": pacs.destination,
+           "SPINENODE_MAX_DELIVERY_ATTEMPTS": "1"}
+    # No worker yet: the images wait in Redis.
+    node = start_node(postgres_url, broker_url=redis_url, args=("--no-worker",), env=env)
     assert storescu(node.port, [_image(tmp_path, "ACC-77", 1), _image(tmp_path, "ACC-78", 2)]
                     ).returncode == 0
     operator = make_token(node, "night-ops", "operator")
     viewer = make_token(node, "ward", "viewer")
     api = Http(node.http_port, operator)
-    # Each study: an SC overlay and, once the study is quiet, its SR; four failed deliveries.
-    wait_for(lambda: len(api.ok("/api/v1/deliveries?status=failed")) == 4, 180, interval=1,
-             what="the studies analysed and reported and their deliveries failed")
     base = f"http://127.0.0.1:{node.http_port}"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     elsewhere: list[str] = []
@@ -67,7 +68,23 @@ def test_dashboard_find_open_and_retry(tmp_path: Path, sqlite_url: str, start_no
             page.click("button[type=submit]")
             page.wait_for_url(base + "/")
             assert "night-ops (operator)" in page.inner_text("header")
+            # Both images wait for a worker: the queue and how long the oldest has waited.
+            assert page.inner_text("[data-status=queued]") == "2"
+            assert page.inner_text("#queue-depth") == "2"
+            waited = int(page.inner_text("#oldest-waiting").removesuffix(" s"))
+            assert 0 <= waited <= api.ok("/api/v1/status")["oldest_waiting"]["age_seconds"] + 1
+
+            # A worker starts. Each study: an SC overlay and, once the study is quiet, its SR;
+            # four failed deliveries.
+            start_node(postgres_url, broker_url=redis_url, command="worker", env=env)
+            wait_for(lambda: len(api.ok("/api/v1/deliveries?status=failed")) == 4, 180,
+                     interval=1, what="the studies analysed and reported and their deliveries "
+                                      "failed")
+            page.reload()
             assert page.inner_text("[data-status=done]") == "2"
+            assert page.inner_text("[data-status=queued]") == "0"
+            assert page.inner_text("#queue-depth") == "0"
+            assert page.inner_text("#oldest-waiting") == "none"
 
             # Find the study by accession number: one row, with a thumbnail of its overlay.
             page.fill("input[name=accession]", "ACC-77")
@@ -123,3 +140,12 @@ def test_dashboard_find_open_and_retry(tmp_path: Path, sqlite_url: str, start_no
             browser.close()
             pacs.stop()
     assert elsewhere == []  # no CDN, no font service: everything from the node
+
+    # Every page and overlay read is in the audit log, under the token that read it.
+    audit = {(a["token"], a["path"].split("?")[0], a["status"])
+             for a in api.ok("/api/v1/audit?limit=1000")}
+    study_uid = dcmread(tmp_path / "ACC-77.dcm").StudyInstanceUID
+    assert {("night-ops", "/", 200), ("night-ops", f"/studies/{study_uid}", 200),
+            ("ward", "/", 200)} <= audit
+    overlays = {(token, status) for token, path, status in audit if path.startswith("/overlays/")}
+    assert overlays == {("night-ops", 200), ("ward", 200)}

@@ -49,6 +49,19 @@ def _undecodable(tmp_path: Path) -> Path:
     return path
 
 
+def _pages_of_one(client: Http, listing: str) -> list[str]:
+    """The accession numbers of a listing read a page of one at a time, following the cursor
+    to the page that says it is the last."""
+    found, cursor = [], ""
+    while len(found) < 10:
+        page = client.ok(f"{listing}limit=1{cursor}")
+        found += [row["accession_number"] for row in page["items"]]
+        if not page["next_cursor"]:
+            return found
+        cursor = f"&cursor={page['next_cursor']}"
+    raise AssertionError(f"{listing}: no last page after {found}")
+
+
 def test_results_api_for_viewers_and_operators(tmp_path: Path, postgres_url: str,
                                                redis_url: str, start_node) -> None:
     bundle = make_test_bundle(tmp_path / "bundle", threshold=0.0, detector="quadrants")
@@ -110,13 +123,16 @@ def test_results_api_for_viewers_and_operators(tmp_path: Path, postgres_url: str
     assert viewer.get("/api/v1/instances?label=maybe")[0] == 422
 
     # Cursor pagination: three pages of one, the same rows in the same order, then the end.
-    pages, cursor = [], ""
-    for _ in range(3):
-        page = viewer.ok(f"/api/v1/instances?limit=1{cursor}")
-        pages += [r["accession_number"] for r in page["items"]]
-        cursor = f"&cursor={page['next_cursor']}" if page["next_cursor"] else ""
-    assert pages == ["ACC-BROKEN", "ACC-2", "ACC-1"] and cursor == ""
+    assert _pages_of_one(viewer, "/api/v1/instances?") == ["ACC-BROKEN", "ACC-2", "ACC-1"]
     assert viewer.get("/api/v1/instances?cursor=garbage")[0] == 400
+    # Oldest first, paged the same way; a cursor given out for one order is refused by the other.
+    oldest = viewer.ok("/api/v1/instances?order=oldest&limit=2")
+    assert [r["accession_number"] for r in oldest["items"]] == ["ACC-1", "ACC-2"]
+    rest = viewer.ok(f"/api/v1/instances?order=oldest&limit=2&cursor={oldest['next_cursor']}")
+    assert [r["accession_number"] for r in rest["items"]] == ["ACC-BROKEN"]
+    assert rest["next_cursor"] is None
+    assert viewer.get(f"/api/v1/instances?cursor={oldest['next_cursor']}")[0] == 400
+    assert viewer.get("/api/v1/instances?order=sideways")[0] == 422
 
     # One study, with its instance's event timeline.
     study = viewer.ok(f"/api/v1/studies/{study_uid}")
@@ -135,6 +151,30 @@ def test_results_api_for_viewers_and_operators(tmp_path: Path, postgres_url: str
         what="four failed deliveries")
     target = failed[0]
     assert viewer.post(f"/api/v1/deliveries/{target['id']}/retry")[0] == 403
+
+    # The studies, now that both analysed ones have their report: newest first, each with its
+    # images and what they say together; the study whose only image failed has no report.
+    listed = viewer.ok("/api/v1/studies")
+    assert [s["accession_number"] for s in listed["items"]] == ["ACC-BROKEN", "ACC-2", "ACC-1"]
+    first = listed["items"][2]
+    assert (first["study_uid"], first["patient_id"], first["images"]) == (study_uid, "PAT-A", 1)
+    assert first["last_received_at"] == rows[2]["received_at"]
+    assert first["report"]["version"] == 1 and first["report"]["label"] == "abnormal"
+    assert first["report"]["finding_count"] == 4
+    assert first["report"]["probability"] == analysis["probability"]
+    assert listed["items"][0]["report"] is None
+
+    def studies(query: str) -> list[str]:
+        return [s["accession_number"] for s in viewer.ok(f"/api/v1/studies?{query}")["items"]]
+    assert studies("label=abnormal") == ["ACC-2", "ACC-1"] and studies("label=normal") == []
+    assert studies("accession=ACC-2") == ["ACC-2"] and studies("patient_id=PAT-A") == ["ACC-1"]
+    second_arrived = quote(listed["items"][1]["first_received_at"])
+    assert studies(f"since={second_arrived}") == ["ACC-BROKEN", "ACC-2"]
+    assert studies(f"until={second_arrived}&order=oldest") == ["ACC-1"]
+    assert _pages_of_one(viewer, "/api/v1/studies?order=oldest&") == ["ACC-1", "ACC-2",
+                                                                      "ACC-BROKEN"]
+    assert viewer.get("/api/v1/studies?cursor=garbage")[0] == 400
+    assert anonymous.get("/api/v1/studies")[0] == 401
     pacs.start()
     try:
         assert ops.post(f"/api/v1/deliveries/{target['id']}/retry") == (
