@@ -1,8 +1,8 @@
-"""Results API benchmark: PostgreSQL with 1,000,000 instances (their studies, series, patients,
-analyses, findings and two events each, generated in bulk with generate_series), and three
-queries an admin makes, each through the API (``spinenode web``, bearer token, audited, over
-one keep-alive HTTP connection) beside the same rows fetched with plain SQL over one psycopg
-connection in the same run: p50/p95 and the ratio.
+"""Results API benchmark: PostgreSQL with 1,000,000 instances (their studies with a report each,
+series, patients, analyses, findings and two events each, generated in bulk with
+generate_series), and four queries an admin makes, each through the API (``spinenode web``,
+bearer token, audited, over one keep-alive HTTP connection) beside the same rows fetched with
+plain SQL over one psycopg connection in the same run: p50/p95 and the ratio.
 
     .venv/bin/python benchmarks/api.py [--instances 1000000] [--repeats 200]
 
@@ -46,7 +46,8 @@ FILL = [
     """INSERT INTO studies (id, study_uid, patient_pk, accession_number, study_date,
                            description, created_at)
        SELECT n, '{uid}.1.' || n, 1 + n %% (%(studies)s / 2), 'ACC-' || n, '20261127',
-              'LSPINE', now() FROM generate_series(1, %(studies)s) n""",
+              'LSPINE', %(start)s::timestamptz - ({per} * n - {per} + 1) * interval '1 second'
+       FROM generate_series(1, %(studies)s) n""",
     """INSERT INTO series (id, series_uid, study_pk, modality, body_part, created_at)
        SELECT n, '{uid}.2.' || n, n, 'DX', 'LSPINE', now()
        FROM generate_series(1, %(studies)s) n""",
@@ -73,6 +74,12 @@ FILL = [
     """INSERT INTO findings (analysis_pk, class_index, class_name, score, x0, y0, x1, y1)
        SELECT n, 0, 'Osteophytes', 0.7, 100, 200, 300, 400
        FROM generate_series(1, %(instances)s) n WHERE n %% 10 < 3""",
+    """INSERT INTO study_reports (study_pk, version, label, probability, top_instance_pk,
+              image_count, finding_count, analysis_ids, created_at)
+       SELECT n, 1, CASE WHEN n %% 10 < 3 THEN 'abnormal' ELSE 'normal' END,
+              CASE WHEN n %% 10 < 3 THEN 0.8 ELSE 0.2 END, {per} * n, {per},
+              CASE WHEN n %% 10 < 3 THEN 1 ELSE 0 END, '[]', %(start)s::timestamptz
+       FROM generate_series(1, %(studies)s) n""",
     """INSERT INTO instance_events (instance_pk, at, event, detail)
        SELECT n, %(start)s::timestamptz - n * interval '1 second', e.event, e.detail
        FROM generate_series(1, %(instances)s) n,
@@ -88,6 +95,17 @@ PAGE = """
                           ORDER BY x.id DESC LIMIT 1) a ON true
     WHERE {where} ORDER BY i.received_at DESC, i.id DESC LIMIT 51"""
 FINDINGS = "SELECT * FROM findings WHERE analysis_pk = ANY(%s)"
+STUDIES = """
+    SELECT s.*, p.patient_id, r.*
+    FROM studies s JOIN patients p ON p.id = s.patient_pk
+    JOIN LATERAL (SELECT * FROM study_reports x WHERE x.study_pk = s.id
+                  ORDER BY x.version DESC LIMIT 1) r ON true
+    WHERE s.created_at >= %s AND s.created_at < %s AND r.label = 'abnormal'
+    ORDER BY s.created_at DESC, s.id DESC LIMIT 51"""
+IMAGES = """
+    SELECT se.study_pk, count(i.id), max(i.received_at)
+    FROM instances i JOIN series se ON se.id = i.series_pk
+    WHERE se.study_pk = ANY(%s) GROUP BY se.study_pk"""
 
 
 def fill(instances: int) -> None:
@@ -106,7 +124,7 @@ def fill(instances: int) -> None:
             table = statement.split()[2]
             print(f"  {table:16} {time.perf_counter() - began:6.1f} s", flush=True)
         for table in ("patients", "studies", "series", "instances", "analyses", "findings",
-                      "instance_events"):
+                      "study_reports", "instance_events"):
             db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                        f"(SELECT max(id) FROM {table}))")
         db.execute("VACUUM ANALYZE")
@@ -117,6 +135,12 @@ def sql_page(db: psycopg.Connection | Recorder, where: str, params: tuple,
     rows = db.execute(PAGE.format(where=where, join=join), params).fetchall()
     ids = [row[-15] for row in rows]  # analyses.id: the first of a's 15 columns
     db.execute(FINDINGS, (ids,)).fetchall()
+    return len(rows)
+
+
+def sql_studies(db: psycopg.Connection | Recorder, since: str, until: str) -> int:
+    rows = db.execute(STUDIES, (since, until)).fetchall()
+    db.execute(IMAGES, ([row[0] for row in rows],)).fetchall()
     return len(rows)
 
 
@@ -227,6 +251,9 @@ def main() -> None:
              f"/api/v1/instances?since={quote(since)}&until={quote(until)}&label=abnormal",
              lambda db: sql_page(db, "i.received_at >= %s AND i.received_at < %s "
                                      "AND a.label = 'abnormal'", (since, until), join="")),
+            ("studies: dates + label",
+             f"/api/v1/studies?since={quote(since)}&until={quote(until)}&label=abnormal",
+             lambda db: sql_studies(db, since, until)),
             ("one study's timeline", f"/api/v1/studies/{UID}.1.{middle}",
              lambda db: sql_study(db, f"{UID}.1.{middle}")),
         ]

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.support.bundles import make_test_bundle  # noqa: E402
 from workers.bundle import ValidatedPrecisions, load_bundle, write_manifest  # noqa: E402
 from workers.dernet import build_member, classifier_input, tta_views  # noqa: E402
-from workers.detector import letterbox, load_detection_model  # noqa: E402
+from workers.detector import bundled_detection_model, letterbox  # noqa: E402
 from workers.offline import ultralytics_modules  # noqa: E402
 from workers.runtime import ModelRuntime, cpu_has_native_bfloat16  # noqa: E402
 
@@ -67,7 +67,7 @@ class Eager:
             model = build_member(member.architecture)
             model.load_state_dict(torch.load(bundle.file(member.weights), weights_only=True))
             self.members.append((member.architecture, member.ensemble_weight, model.eval()))
-        self.detector = load_detection_model(str(bundle.file(bundle.manifest.detector.weights)))
+        self.detector = bundled_detection_model(bundle)
         self.detector_spec = bundle.manifest.detector
 
     @torch.inference_mode()

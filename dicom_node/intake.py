@@ -30,7 +30,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.codestreams import HEAD_BYTES, declared_size
+from dicom_node.codestreams import CODING_OF_SYNTAX, HEAD_BYTES, coding, declared_size
 from dicom_node.config import Settings
 from dicom_node.db.models import (
     Instance,
@@ -291,8 +291,9 @@ def _check_pixel_description(ds: Dataset, samples: int, bits_allocated: int) -> 
 
 
 def check_frame_header(ds: Dataset, path: Path) -> None:
-    """Refuse a compressed image whose first frame's own header declares another size than
-    Rows and Columns (a decoder believes the frame and allocates for it)."""
+    """Refuse a compressed image whose first frame is coded otherwise than its transfer syntax
+    says, or whose header declares another size than Rows and Columns (a decoder believes the
+    frame and allocates for it)."""
     if "PixelData" not in ds or not ds.file_meta.TransferSyntaxUID.is_compressed:
         return
     element = ds.get_item("PixelData", keep_deferred=True)
@@ -302,6 +303,12 @@ def check_frame_header(ds: Dataset, path: Path) -> None:
             head = _first_fragment_head(file.read)
     else:
         head = _first_fragment_head(io.BytesIO(ds.PixelData).read)
+    expected_coding = CODING_OF_SYNTAX.get(ds.file_meta.TransferSyntaxUID)
+    found = coding(head) if head else None
+    if expected_coding and found and found != expected_coding:
+        raise IntakeRefused(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                            f"first frame is {found}, sent as "
+                            f"{ds.file_meta.TransferSyntaxUID.name}")
     declared = declared_size(head) if head else None
     if declared is None:
         return

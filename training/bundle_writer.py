@@ -22,6 +22,7 @@ from workers.bundle import (
     load_bundle,
     write_manifest,
 )
+from workers.detector import class_branch_width
 
 
 @dataclass
@@ -37,7 +38,7 @@ class BundleContents:
     version: str
     members: list[ClassifierMember]
     threshold: float
-    detector: torch.nn.Module  # an ultralytics DetectionModel
+    detector: torch.nn.Module  # an ultralytics DetectionModel of yolo11{detector_scale}.yaml
     detector_scale: str = DETECTOR_SCALE
     class_names: tuple[str, ...] = VINDR_CLASSES
     input_size: int = CLASSIFIER_INPUT_SIZE
@@ -62,21 +63,30 @@ def save_bundle(folder: Path, contents: BundleContents) -> Path:
                                   sha256=sha256_of(file),
                                   ensemble_weight=member.ensemble_weight))
     detector_file = folder / f"yolo11{contents.detector_scale}.pt"
-    contents.detector.names = dict(enumerate(contents.class_names))
-    torch.save({"model": contents.detector, "date": datetime.now(UTC).isoformat()},
-               detector_file)
+    # Its fused float32 tensors alone: the workers read them with weights_only=True into
+    # ultralytics' own layout of that scale (a pickled checkpoint could run code).
+    detector = contents.detector.float()
+    detector.fuse(verbose=False)
+    torch.save(detector.state_dict(), detector_file)
     classifier = ClassifierSpec(members=members, input_size=contents.input_size,
                                 source_size=contents.source_size,
                                 threshold=contents.threshold,
                                 **({"tta": contents.tta} if contents.tta else {}))
     detector = DetectorSpec(scale=contents.detector_scale, weights=detector_file.name,
                             sha256=sha256_of(detector_file), image_size=contents.image_size,
-                            class_names=list(contents.class_names))
+                            class_names=list(contents.class_names),
+                            class_branch_width=class_branch_width(contents.detector))
     manifest = Manifest(name=contents.name, version=contents.version,
                         created=datetime.now(UTC), clinical_use=contents.clinical_use,
-                        validated_precisions=contents.validated_precisions,
+                        validated_precisions=_per_component(contents.validated_precisions),
                         classifier=classifier, detector=detector,
                         provenance=contents.provenance, metrics=contents.metrics)
     write_manifest(folder, manifest)
     load_bundle(folder)  # what we wrote must be what the workers accept
     return folder
+
+
+def _per_component(validated: dict[str, list[str]] | list[str]) -> dict[str, list[str]]:
+    """One list stands for both components."""
+    return validated if isinstance(validated, dict) else {"classifier": list(validated),
+                                                          "detector": list(validated)}

@@ -20,8 +20,10 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from dicom_node.files import sha256_of
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 2  # 2: validated precisions per component (1: one list for both)
-READABLE_SCHEMAS = (1, 2)
+# 3: the detector is a state dict of plain tensors, read with torch.load(weights_only=True);
+# schemas 1 and 2 held it as an ultralytics checkpoint, a pickle that can run code when loaded.
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (3,)
 # The test-time augmentations the runtime knows, by the names a manifest uses.
 TTA_NAMES = ("identity", "hflip", "rotate+10", "rotate-10", "zoom1.1")
 # VinDr-SpineXR's 7 lesion classes, spelled as in its CSV; a detector's class order is its own.
@@ -107,6 +109,9 @@ class DetectorSpec(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     image_size: int = Field(DETECTOR_IMAGE_SIZE, ge=32)
     class_names: list[str] = Field(min_length=1)
+    # The head's class branch width when training kept that of a start with more classes
+    # (None: as YOLO11 builds it for class_names).
+    class_branch_width: int | None = Field(None, ge=1)
     confidence: float = Field(0.25, ge=0, le=1)
     nms_iou: float = Field(0.65, ge=0, le=1)
 
@@ -131,7 +136,7 @@ class ValidatedPrecisions(_Strict):
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1, 2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     name: str = Field(min_length=1, max_length=64)
     version: str = Field(min_length=1, max_length=64)
     created: datetime
@@ -142,12 +147,6 @@ class Manifest(_Strict):
     validated_precisions: ValidatedPrecisions = Field(default_factory=ValidatedPrecisions)
     provenance: dict = Field(default_factory=dict)  # data fingerprint, config, code version
     metrics: dict = Field(default_factory=dict)  # measured on held-out data
-
-    @field_validator("validated_precisions", mode="before")
-    @classmethod
-    def _schema_1_list(cls, value: object) -> object:
-        """Schema 1 held one list for both components."""
-        return {"classifier": value, "detector": value} if isinstance(value, list) else value
 
     def weight_files(self) -> dict[str, str]:
         """File name -> expected SHA-256, for every weight file."""
@@ -240,10 +239,14 @@ def load_bundle(path: Path, verify_checksums: bool = True,
         raw = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as error:
         raise BundleError(f"bundle {path}: {MANIFEST} is not readable JSON: {error}") from None
-    if isinstance(raw, dict) and raw.get("schema_version") not in (None, *READABLE_SCHEMAS):
-        raise BundleError(f"bundle {path}: schema version {raw.get('schema_version')} is not "
-                          f"one of {', '.join(map(str, READABLE_SCHEMAS))}; this node cannot "
-                          "serve it")
+    schema = raw.get("schema_version") if isinstance(raw, dict) else None
+    if schema in (1, 2):
+        raise BundleError(f"bundle {path}: schema version {schema} holds the detector as a "
+                          "pickle, which can run code when loaded; export it again with this "
+                          "version (spinenode train export)")
+    if schema not in (None, *READABLE_SCHEMAS):
+        raise BundleError(f"bundle {path}: schema version {schema} is not one of "
+                          f"{', '.join(map(str, READABLE_SCHEMAS))}; this node cannot serve it")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as error:

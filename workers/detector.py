@@ -8,6 +8,7 @@ Ultralytics must be imported through ``workers.offline`` (no downloads, our font
 from __future__ import annotations
 
 import io
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dicom_node.analysis import FindingBox
-from workers.bundle import Bundle, DetectorSpec
+from workers.bundle import Bundle, BundleError, DetectorSpec
 from workers.dernet import autocast
 from workers.offline import ultralytics_modules
 
@@ -68,10 +69,50 @@ def letterbox(pixels: np.ndarray, size: int) -> tuple[torch.Tensor, Letterbox]:
     return canvas.expand(3, size, size), geometry
 
 
+def bundled_detection_model(bundle: Bundle) -> torch.nn.Module:
+    """The bundle's detector: ultralytics' own YOLO11 layout at the manifest's scale and class
+    count, fused, with the bundle's weights. The file is a state dict of plain tensors read
+    with weights_only=True, so a bundle cannot make the loader run code; nothing but tensors
+    comes from it (the layout is the package's)."""
+    spec = bundle.manifest.detector
+    model = _yolo11(spec.scale, len(spec.class_names), spec.class_branch_width)
+    model.fuse(verbose=False)
+    try:
+        state = torch.load(bundle.verified_bytes(spec.weights), map_location="cpu",
+                           weights_only=True)
+        model.load_state_dict(state)
+    except (pickle.UnpicklingError, RuntimeError) as error:  # not tensors / not this layout
+        raise BundleError(f"bundle {bundle.path}: {spec.weights} is not the state dict of a "
+                          f"yolo11{spec.scale} detector with {len(spec.class_names)} classes: "
+                          f"{str(error).splitlines()[0]}") from None
+    return model.float().eval()
+
+
+def _yolo11(scale: str, classes: int, class_branch_width: int | None) -> torch.nn.Module:
+    """Ultralytics' YOLO11 of this scale for ``classes`` classes. The head's class branch is
+    as wide as its class count asks (at least its input's width) unless training started from
+    weights for more classes: ultralytics then keeps the start's width, which the manifest
+    records, and the branch is built that wide here (as the head builds it for that count)."""
+    build = ultralytics_modules().DetectionModel
+    model = build(f"yolo11{scale}.yaml", nc=classes, verbose=False)
+    head = model.model[-1]
+    if class_branch_width and class_branch_width != head.cv3[0][-1].in_channels:
+        wide = build(f"yolo11{scale}.yaml", nc=class_branch_width, verbose=False).model[-1]
+        for branch in wide.cv3:
+            branch[-1] = torch.nn.Conv2d(class_branch_width, classes, 1)
+        head.cv3 = wide.cv3
+    return model
+
+
+def class_branch_width(model: torch.nn.Module) -> int:
+    """The width of a detection model's class branch (see _yolo11)."""
+    return model.model[-1].cv3[0][-1].in_channels
+
+
 def load_detection_model(weights: str | io.BytesIO) -> torch.nn.Module:
-    """An ultralytics checkpoint (a path, or verified bytes) -> its DetectionModel, float32.
-    An ultralytics checkpoint is a pickle of the model's classes (weights_only cannot read
-    it): it must come from a bundle whose checksums (and signature) were checked."""
+    """An ultralytics checkpoint that training wrote itself -> its DetectionModel, fused,
+    float32. A checkpoint is a pickle of the model's classes (weights_only cannot read it):
+    only for files of one's own run, never for a bundle (see bundled_detection_model)."""
     ultralytics = ultralytics_modules()
     checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
     model = (checkpoint.get("ema") or checkpoint["model"]).float()
@@ -83,12 +124,13 @@ def load_detection_model(weights: str | io.BytesIO) -> torch.nn.Module:
 class Detector:
     def __init__(self, bundle: Bundle, device: torch.device,
                  dtype: torch.dtype = torch.float32, weights: Path | None = None):
-        """``weights``: another checkpoint than the bundle's (training's ablations)."""
+        """``weights``: a checkpoint of training's own run instead of the bundle's detector
+        (training's ablations)."""
         self.spec: DetectorSpec = bundle.manifest.detector
         self.device = device
         self.dtype = dtype
-        model = load_detection_model(str(weights) if weights else
-                                     bundle.verified_bytes(self.spec.weights))
+        model = (load_detection_model(str(weights)) if weights
+                 else bundled_detection_model(bundle))
         self.model = model.to(device, memory_format=torch.channels_last)
         classes = self.model.model[-1].nc
         if classes != len(self.spec.class_names):

@@ -12,12 +12,16 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
+from pydicom.uid import (
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+)
 from pynetdicom import AE, _config
 
 from tests.support.hostile import deflate_bomb, j2k_claiming
 from tests.support.node import echo, files_outside, instances
-from tests.support.samples import make_radiograph
+from tests.support.samples import make_radiograph, transcode
 
 DX = DigitalXRayImageStorageForPresentation
 
@@ -129,6 +133,11 @@ def cases(tmp_path: Path) -> dict[str, tuple[Path, int]]:
     j2k_claiming(make_radiograph(tmp_path / "j2k-src.dcm"), 16384, 16384).save_as(
         tmp_path / "j2k.dcm")
     made["JPEG 2000 header claiming 16384 x 16384"] = (tmp_path / "j2k.dcm", 0xA900)
+    # A JPEG stream labelled JPEG 2000 (file meta and presentation context alike).
+    mislabelled = dcmread(transcode(good, tmp_path / "jpeg.dcm", "jpeg-lossless"))
+    mislabelled.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    mislabelled.save_as(tmp_path / "jpeg-as-j2k.dcm")
+    made["JPEG stream sent as JPEG 2000"] = (tmp_path / "jpeg-as-j2k.dcm", 0xA900)
     made["deflated data set inflating to 64 MiB"] = (
         deflate_bomb(make_radiograph(tmp_path / "deflate-src.dcm"), tmp_path / "deflate.dcm",
                      64 * 2**20), 0xA900)

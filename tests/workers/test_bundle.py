@@ -58,7 +58,13 @@ def _bad_schema(bundle: Path) -> None:
 
 def _future_schema(bundle: Path) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["schema_version"] = 3
+    manifest["schema_version"] = 4
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _pickled_schema(bundle: Path) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["schema_version"] = 2
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -72,7 +78,8 @@ def _escape(bundle: Path) -> None:
     (_tamper, "resnet50.pt does not match its SHA-256"),
     (_drop_detector, "weight file yolo11n.pt is missing"),
     (_bad_schema, "unknown TTA"),
-    (_future_schema, "schema version 3 is not one of 1, 2"),
+    (_future_schema, "schema version 4 is not one of 3"),
+    (_pickled_schema, "schema version 2 holds the detector as a pickle"),
     (_escape, "is outside the bundle"),
     (lambda bundle: (bundle / "manifest.json").unlink(), "no manifest.json"),
 ])
@@ -103,22 +110,10 @@ def test_worker_refuses_a_tampered_bundle_at_start(test_bundle: Path, tmp_path: 
     assert result.stderr.strip().count("\n") == 0
 
 
-def test_schema_1_precisions_apply_to_both_components(test_bundle: Path, tmp_path: Path) -> None:
-    bundle = tmp_path / "bundle"
-    shutil.copytree(test_bundle, bundle)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["schema_version"] = 1
-    manifest["validated_precisions"] = ["float32", "bfloat16"]
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    validated = load_bundle(bundle).manifest.validated_precisions
-    assert validated.classifier == validated.detector == ["float32", "bfloat16"]
-
-
 def test_a_file_swapped_after_the_check_is_refused_before_torch_load(
         test_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The detector checkpoint is a pickle (it can run code when loaded): the bytes that
-    torch.load gets are the bytes whose SHA-256 was checked, so a file changed between
-    load_bundle and the load never reaches the unpickler."""
+    """The bytes that torch.load gets are the bytes whose SHA-256 was checked, so a file changed
+    between load_bundle and the load never reaches the unpickler."""
     import torch
 
     from workers.detector import Detector
@@ -131,6 +126,43 @@ def test_a_file_swapped_after_the_check_is_refused_before_torch_load(
     with pytest.raises(BundleError, match="does not match its SHA-256"):
         Detector(bundle, torch.device("cpu"))
     assert loads == []
+
+
+class _RunsCode:
+    """A pickle that, when loaded without weights_only, writes a file: the attack a pickled
+    checkpoint allows."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_detector_file_that_would_run_code_is_refused_unrun(test_bundle: Path,
+                                                             tmp_path: Path) -> None:
+    """Someone who can write the bundle (its checksums updated to match, no signature
+    required) puts a pickle with code in place of the detector's tensors: loading refuses it in
+    one line and the code never runs. The file as written is plain tensors (weights_only)."""
+    import torch
+
+    from dicom_node.files import sha256_of
+    from workers.detector import Detector
+
+    bundle_dir = _copy(test_bundle, tmp_path)
+    name = load_bundle(bundle_dir).manifest.detector.weights
+    state = torch.load(bundle_dir / name, weights_only=True)
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+    marker = tmp_path / "pwned"
+    torch.save({"model": _RunsCode(marker)}, bundle_dir / name)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["detector"]["sha256"] = sha256_of(bundle_dir / name)
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"{name} is not the state dict of a yolo11n detector"):
+        Detector(load_bundle(bundle_dir), torch.device("cpu"))
+    assert not marker.exists()
+    torch.load(bundle_dir / name, weights_only=False)  # the same file, loaded unsafely:
+    assert marker.read_text() == "code ran"  # the test's attack is real
 
 
 def test_signed_bundles(test_bundle: Path, tmp_path: Path) -> None:
