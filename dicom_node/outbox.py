@@ -95,6 +95,7 @@ def deliver(settings: Settings, sessions: sessionmaker[Session],
             result = (stow_file(path, destination, settings.dicomweb_secrets_dir)
                       if destination.url else
                       send_file(path, destination, settings.ae_title, settings.max_pdu,
+                                Timeouts.of(settings),
                                 tls=client_context(settings) if destination.tls else None))
         except Exception as error:  # a missing file, a network error: try again later
             result_reason = f"{error.__class__.__name__}: {error}"
@@ -203,14 +204,31 @@ def _refused(destination: Destination, sop_class, syntax, result: int | None) ->
                                    f"{syntax.name}{detail}")
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """How long the sender waits, in seconds: for the association's answer (ACSE), for the
+    C-STORE response (DIMSE), and on a silent connection (network). The SCP's settings."""
+
+    acse: float = 30.0
+    dimse: float = 30.0
+    network: float = 60.0
+
+    @classmethod
+    def of(cls, settings: Settings) -> Timeouts:
+        return cls(settings.acse_timeout_seconds, settings.dimse_timeout_seconds,
+                   settings.network_timeout_seconds)
+
+
 def send_file(path: Path, destination: Destination, calling_ae: str, max_pdu: int,
-              timeout: float = 60, tls: ssl.SSLContext | None = None) -> SendResult:
+              timeouts: Timeouts = Timeouts(), tls: ssl.SSLContext | None = None  # noqa: B008
+              ) -> SendResult:
     ds = dcmread(path)
     sop_class = ds.SOPClassUID
     syntax = ds.file_meta.TransferSyntaxUID
     ae = AE(ae_title=calling_ae)
     ae.maximum_pdu_size = max_pdu
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = (timeouts.acse, timeouts.dimse,
+                                                             timeouts.network)
     # This object's SOP class in its own transfer syntax and, where that is compressed, in
     # Explicit VR Little Endian: a PACS that takes no JPEG still gets the object, decompressed.
     ae.add_requested_context(sop_class, syntax)

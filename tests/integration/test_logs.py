@@ -27,9 +27,10 @@ def _patient_image(path: Path, **changes: object) -> Path:
     return path
 
 
-def test_json_logs_carry_ids_and_never_the_patient(tmp_path: Path, sqlite_url: str,
-                                                    test_bundle: Path, start_node) -> None:
-    node = start_node(sqlite_url, env={
+def test_json_logs_carry_ids_and_never_the_patient(tmp_path: Path, postgres_url: str,
+                                                    redis_url: str, test_bundle: Path,
+                                                    start_node) -> None:
+    node = start_node(postgres_url, broker_url=redis_url, env={
         "SPINENODE_LOG_FORMAT": "json", "SPINENODE_LOG_LEVEL": "DEBUG",
         "SPINENODE_BUNDLE": str(test_bundle),
         "SPINENODE_DESTINATIONS": f"PACS@127.0.0.1:{free_port()}",  # nobody there
@@ -41,7 +42,7 @@ def test_json_logs_carry_ids_and_never_the_patient(tmp_path: Path, sqlite_url: s
     ds.save_as(short)
     assert storescu(node.port, [good]).returncode == 0
     storescu(node.port, [short])
-    wait_until_settled(sqlite_url, 1, timeout=120)
+    wait_until_settled(postgres_url, 1, timeout=120)
     wait_for(lambda: "will be retried" in node.log(), 60, what="a failed delivery logged")
     node.stop()
 

@@ -1,5 +1,5 @@
-"""An admin finds a study by accession number and reads everything the node did with it
-(`spinenode show`), and exports results (`spinenode results`), from a node that analysed it."""
+"""An admin finds a study by accession number and reads everything a node on PostgreSQL and Redis
+did with it (`spinenode show`), and exports results (`spinenode results`)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ def _cli(node, *args: str, check: bool = True) -> subprocess.CompletedProcess:  
     return result
 
 
-def test_show_a_study_by_accession_and_export_its_results(tmp_path: Path, sqlite_url: str,
-                                                          start_node) -> None:
+def test_show_a_study_by_accession_and_export_its_results(tmp_path: Path, postgres_url: str,
+                                                          redis_url: str, start_node) -> None:
     bundle = make_test_bundle(tmp_path / "bundle", threshold=0.0, detector="quadrants")
-    node = start_node(sqlite_url, env={"SPINENODE_BUNDLE": str(bundle),
-                                       "SPINENODE_DESTINATIONS": f"PACS@127.0.0.1:{free_port()}"})
+    node = start_node(postgres_url, broker_url=redis_url, env={
+        "SPINENODE_BUNDLE": str(bundle),
+        "SPINENODE_DESTINATIONS": f"PACS@127.0.0.1:{free_port()}"})
     path = make_radiograph(tmp_path / "spine.dcm")
     ds = dcmread(path)
     ds.AccessionNumber = "ACC-4711"

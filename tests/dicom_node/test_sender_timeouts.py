@@ -1,0 +1,45 @@
+"""The sender waits for a PACS only as long as the timeout settings say: a peer that takes the
+association and then does not answer the C-STORE costs the DIMSE timeout, not the default
+minute (and with a longer timeout the same peer's answer is taken)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pynetdicom import AE, StoragePresentationContexts, evt
+
+from dicom_node.cli.common import free_port
+from dicom_node.config import Destination
+from dicom_node.outbox import Timeouts, send_file
+from training.synthetic import make_radiograph
+
+ANSWERS_AFTER = 3.0  # seconds the peer takes to answer each C-STORE
+
+
+def test_a_silent_peer_costs_the_dimse_timeout(tmp_path: Path) -> None:
+    image = make_radiograph(tmp_path / "dx.dcm", rows=64, columns=48)
+
+    def slow(event: evt.Event) -> int:
+        time.sleep(ANSWERS_AFTER)
+        return 0x0000
+
+    peer = AE(ae_title="SLOWPACS")
+    peer.supported_contexts = StoragePresentationContexts
+    port = free_port()
+    server = peer.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, slow)])
+    destination = Destination(ae_title="SLOWPACS", host="127.0.0.1", port=port)
+    try:
+        began = time.monotonic()
+        impatient = send_file(image, destination, "SPINENODE", 16384,
+                              Timeouts(acse=5, dimse=1, network=5))
+        waited = time.monotonic() - began
+        assert not impatient.delivered and not impatient.permanent  # tried again later
+        assert impatient.reason == f"no C-STORE response from {destination.address}"
+        assert 0.9 < waited < ANSWERS_AFTER
+        patient = send_file(image, destination, "SPINENODE", 16384,
+                            Timeouts(acse=5, dimse=ANSWERS_AFTER + 5, network=30))
+        assert patient.delivered, patient.reason
+    finally:
+        server.shutdown()
