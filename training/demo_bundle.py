@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from training.classify import cross_validate, fit_ensemble
-from training.config import load_config
+from training.config import load_config, torch_device
 from training.detect import train_detector
 from training.export import export_bundle
 from training.phantoms import conditions_path, generate
@@ -48,9 +48,10 @@ def ready_demo_bundle(folder: Path) -> Path | None:
         return None
 
 
-def train_demo_bundle(folder: Path) -> Path:
-    """Train the demo bundle on the phantoms under ``folder`` (``demo_phantoms`` made them); a
-    run interrupted under this recipe resumes."""
+def train_demo_bundle(folder: Path, device: str = "cpu") -> Path:
+    """Train the demo bundle on the phantoms under ``folder`` (``demo_phantoms`` made them) on
+    ``device`` (as ``spinenode train --device`` takes it); a run interrupted under this recipe
+    resumes."""
     data, run, bundle = folder / "phantoms", folder / "run", folder / "bundle"
     start = time.monotonic()
     config = load_config("demo")
@@ -62,10 +63,10 @@ def train_demo_bundle(folder: Path) -> Path:
 
     prepare(data, run, config)
     done("phantoms prepared")
-    cross_validate(run, config)
+    cross_validate(run, config, torch_device(device))
     fit_ensemble(run, config)
     done("DERNet members trained, ensemble fitted")
-    train_detector(run, config.detect)
+    train_detector(run, config.detect, device=device)
     done("YOLO11 trained")
     export_bundle(run, config, bundle, "spinenode-phantom-demo", DEMO_VERSION)
     print(f"demo: bundle ready in {time.monotonic() - start:.0f} s: {bundle}", flush=True)

@@ -1,9 +1,10 @@
 """``spinenode train export``: a trained run -> a model bundle in the workers' format.
 
 Members: each architecture's best fold (by validation AUROC); ensemble weights and threshold
-from RUN/ensemble.json; the detector's best checkpoint. Reduced precision is listed as validated
-only after it was measured here against float32 on cached images of the run's training split
-(never its test set), for the members and for the detector apart.
+from RUN/ensemble.json; the detector's best checkpoint. A reduced precision is listed as
+validated only after it was measured here against float32 on cached images of the run's
+training split (never its test set), for the members and for the detector apart: bfloat16 where
+the CPU has it natively, float16 where a CUDA GPU is.
 """
 
 from __future__ import annotations
@@ -35,27 +36,62 @@ def _check_images(run: Path, limit: int = 32) -> list[np.ndarray]:
     return [np.load(i.cache_file(run)).astype(np.float32) for i in chosen]
 
 
-def check_precision(bundle_path: Path, images: list[np.ndarray],
-                    dtype: torch.dtype) -> dict[str, float]:
-    """Largest differences between float32 and ``dtype`` on these images, serving code paths."""
+def reduced_precisions() -> dict[str, torch.device]:
+    """The reduced precisions this machine can check a bundle in, each on the device the
+    runtime serves it on: bfloat16 on a CPU with native bfloat16, float16 on a CUDA GPU."""
+    found = {}
+    if cpu_has_native_bfloat16():
+        found["bfloat16"] = torch.device("cpu")
+    if torch.cuda.is_available():
+        found["float16"] = torch.device("cuda")
+    return found
+
+
+def check_precision(bundle_path: Path, images: list[np.ndarray], dtype: torch.dtype,
+                    device: torch.device = torch.device("cpu")) -> dict[str, float]:  # noqa: B008
+    """Largest differences between float32 and ``dtype`` on these images, both on ``device``,
+    serving code paths."""
     from workers.dernet import autocast
 
     bundle = load_bundle(bundle_path)
-    cpu = torch.device("cpu")
-    exact = DERNet(bundle, cpu).classify(images)
-    reduced = DERNet(bundle, cpu, dtype).classify(images)
+    exact = DERNet(bundle, device).classify(images)
+    reduced = DERNet(bundle, device, dtype).classify(images)
     probability = max(abs(a.member_probabilities[n] - b.member_probabilities[n])
                       for a, b in zip(exact, reduced, strict=True)
                       for n in a.member_probabilities)
     size = bundle.manifest.detector.image_size
-    batch = torch.stack([letterbox(image, size)[0] for image in images])
-    full = Detector(bundle, cpu).raw_predictions(batch)
-    detector = Detector(bundle, cpu, dtype)
-    with autocast(cpu, dtype):
+    batch = torch.stack([letterbox(image, size)[0] for image in images]).to(device)
+    full = Detector(bundle, device).raw_predictions(batch)
+    detector = Detector(bundle, device, dtype)
+    with autocast(device, dtype):
         approximate = detector.raw_predictions(batch)
     return {"probability": float(probability),
             "box_px": float((full[:, :4] - approximate[:, :4]).abs().max()),
             "score": float((full[:, 4:] - approximate[:, 4:]).abs().max())}
+
+
+def validate_precisions(target: Path, images: list[np.ndarray]) -> dict:
+    """Check the bundle in every reduced precision this machine has (reduced_precisions) and
+    write into its manifest which passed, per component (the members on probabilities, the
+    detector on raw boxes and scores), and the differences measured. The checks, by name."""
+    checks = {}
+    validated = {"classifier": ["float32"], "detector": ["float32"]}
+    for name, device in reduced_precisions().items():
+        differences = check_precision(target, images, getattr(torch, name), device)
+        passed = {component: all(differences[k] <= PRECISION_TOLERANCE[k] for k in keys)
+                  for component, keys in (("classifier", ["probability"]),
+                                          ("detector", ["box_px", "score"]))}
+        checks[name] = {"device": device.type, "differences": differences, "passed": passed}
+        for component, ok in passed.items():
+            validated[component] += [name] if ok else []
+    if checks:
+        manifest: Manifest = load_bundle(target).manifest
+        write_manifest(target, manifest.model_copy(update={
+            "validated_precisions": ValidatedPrecisions(**validated),
+            "metrics": {**manifest.metrics, "precision_check": {
+                "tolerance": PRECISION_TOLERANCE, **checks}},
+        }))
+    return checks
 
 
 def _which_members(run: Path, config: TrainingConfig, ensemble: dict) -> dict[str, str]:
@@ -106,20 +142,6 @@ def export_bundle(run: Path, config: TrainingConfig, target: Path, name: str,
                     "init_weights": recorded_starts(run, config.classify.members)},
         metrics=metrics,
     ))
-    if cpu_has_native_bfloat16():
-        differences = check_precision(target, _check_images(run), torch.bfloat16)
-        # Each component passes or fails on its own outputs: the members on probabilities,
-        # the detector on raw boxes and scores.
-        passed = {component: all(differences[k] <= PRECISION_TOLERANCE[k] for k in keys)
-                  for component, keys in (("classifier", ["probability"]),
-                                          ("detector", ["box_px", "score"]))}
-        manifest: Manifest = load_bundle(target).manifest
-        write_manifest(target, manifest.model_copy(update={
-            "validated_precisions": ValidatedPrecisions(**{
-                component: ["float32", "bfloat16"] if ok else ["float32"]
-                for component, ok in passed.items()}),
-            "metrics": {**manifest.metrics, "precision_check": {
-                "bfloat16": differences, "tolerance": PRECISION_TOLERANCE, "passed": passed}},
-        }))
+    validate_precisions(target, _check_images(run))
     load_bundle(target)
     return target

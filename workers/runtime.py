@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import platform
 import re
 import time
 from pathlib import Path
@@ -42,8 +43,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def cpu_has_native_bfloat16() -> bool:
-    return bool(torch.backends.mkldnn.is_available()
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """bfloat16 in the CPU's own instructions (AVX512-BF16 or AMX on x86). oneDNN also says
+    "supported" on any AVX-512 CPU, where it emulates bfloat16: there it measured 3x slower than
+    float32 (an Ice Lake Xeon, benchmarks/gpu.py), so that does not count."""
+    if not (torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return True
 
 
 def select_precision(requested: str, device: torch.device, bundle: Bundle,

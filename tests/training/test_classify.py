@@ -14,6 +14,7 @@ import yaml
 from tests.support.node import SPINENODE
 from tests.training.test_init_weights import coco_like_detector, imagenet_like
 from training.config import load_config
+from training.export import reduced_precisions
 from training.metrics import youden_threshold
 from training.phantoms import generate
 from workers.dernet import build_member
@@ -184,14 +185,19 @@ def test_exported_bundle_serves(trained, tmp_path: Path) -> None:
     assert manifest.provenance["init_weights"] == {
         "resnet50": sha256_of(run.parent / "resnet50.safetensors"),
         "detector": sha256_of(run.parent / "yolo11n.pt")}
-    check = manifest.metrics.get("precision_check")
-    if check is not None:  # measured where the CPU has bfloat16
-        validated = manifest.validated_precisions
-        assert ("bfloat16" in validated.classifier) == check["passed"]["classifier"] == (
-            check["bfloat16"]["probability"] <= check["tolerance"]["probability"])
-        assert ("bfloat16" in validated.detector) == check["passed"]["detector"] == (
-            check["bfloat16"]["box_px"] <= check["tolerance"]["box_px"]
-            and check["bfloat16"]["score"] <= check["tolerance"]["score"])
+    # Checked in each reduced precision this machine has (bfloat16 where the CPU has it,
+    # float16 on a GPU), each component on its own outputs.
+    checks = dict(manifest.metrics.get("precision_check", {}))
+    tolerance = checks.pop("tolerance", None)
+    assert set(checks) == set(reduced_precisions())
+    validated = manifest.validated_precisions
+    for name, check in checks.items():
+        differences = check["differences"]
+        assert (name in validated.classifier) == check["passed"]["classifier"] == (
+            differences["probability"] <= tolerance["probability"])
+        assert (name in validated.detector) == check["passed"]["detector"] == (
+            differences["box_px"] <= tolerance["box_px"]
+            and differences["score"] <= tolerance["score"])
     runtime = runtime_for(load_settings(data_dir=tmp_path, bundle=run / "bundle"))
     image = np.load(next((run / "cache").glob("*.npy"))).astype(np.float32)
     (result,) = runtime.analyse([image])

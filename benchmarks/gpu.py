@@ -1,0 +1,171 @@
+"""The accelerator run, one table: what a bundle's reduced precision is worth here and whether it
+passes its check, images/s of the full-size models by batch and precision, and decode images/s
+with one process per core beside one process. `benchmarks/gpu.sh` runs the CUDA tests and then
+this; on a machine without a GPU it runs what the CPU can (float32, bfloat16 where native).
+
+    .venv/bin/python benchmarks/gpu.py [--device auto] [--demo | --bundle PATH] [--quick]
+
+On a CUDA device `--demo` is the default.
+
+- Precision check (export's, `training.export.validate_precisions`): float16 on a CUDA GPU,
+  bfloat16 on a CPU that has it natively, against float32 on the same device, per component,
+  within the export tolerance. `--demo` trains the phantom demo bundle on the device first (its
+  export checks and records it: the first training on a GPU too); `--bundle` checks a trained
+  bundle on synthetic radiographs (its manifest is rewritten with the result).
+- Images/s: `ModelRuntime.analyse` (the worker's path: preprocessing, 5 TTA views, DERNet's
+  three members at 384 px, YOLO11-l at 640 px and NMS) on 2500x2000 radiographs, random weights,
+  batch 1/8/32, in every precision the device serves.
+- Decode: uncompressed 2500x2000 DX files through `decode_all` with SPINENODE_DECODE_WORKERS =
+  the cores, beside one process: what the GPU can be fed.
+
+`--quick` makes everything tiny (a smoke test of this script on a CPU, run by the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import cpu  # noqa: E402
+from tests.support.bundles import make_test_bundle  # noqa: E402
+from training.synthetic import make_radiograph  # noqa: E402
+from workers.imaging import decode, decode_all  # noqa: E402
+from workers.offline import prepare_offline  # noqa: E402
+from workers.runtime import ModelRuntime, cpu_has_native_bfloat16, select_device  # noqa: E402
+
+MAX_PIXELS = 50_000_000
+
+
+def served_precisions(device: torch.device) -> list[str]:
+    """The precisions the runtime serves on this device (given a bundle validated in them)."""
+    if device.type == "cuda":
+        return ["float32", "float16"] + (["bfloat16"] if torch.cuda.is_bf16_supported() else [])
+    return ["float32"] + (["bfloat16"] if cpu_has_native_bfloat16() else [])
+
+
+def median_seconds(call, repeats: int) -> float:  # noqa: ANN001
+    call()  # warm-up: kernels chosen, memory allocated
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def precision_rows(args: argparse.Namespace, device: torch.device, work: Path,
+                   radiographs: list[Path]) -> list[str]:
+    from training.export import reduced_precisions, validate_precisions
+
+    if args.demo:
+        from training.demo_bundle import demo_phantoms, train_demo_bundle
+
+        folder = work / "demo"
+        demo_phantoms(folder)
+        began = time.perf_counter()
+        bundle = train_demo_bundle(folder, device="cpu" if device.type == "cpu"
+                                   else str(device.index or 0))
+        checks = json.loads((bundle / "manifest.json").read_text())["metrics"].get(
+            "precision_check", {})
+        checks.pop("tolerance", None)
+        trained = (f"demo bundle trained and exported on {device.type} in "
+                   f"{time.perf_counter() - began:.0f} s")
+    elif args.bundle:
+        images = [decode(path).pixels for path in radiographs]
+        checks = validate_precisions(args.bundle, images)
+        trained = f"{args.bundle} on {len(images)} synthetic radiographs"
+    else:
+        return ["precision check: skipped (give --demo or --bundle PATH)"]
+    if not checks:
+        return [f"precision check ({trained}): no reduced precision to check on this machine "
+                f"(checked here: {', '.join(reduced_precisions()) or 'none'})"]
+    rows = [f"precision check ({trained}; tolerance |dp| 0.01, boxes 0.5 px, scores 0.01):"]
+    for name, check in checks.items():
+        d = check["differences"]
+        verdict = ", ".join(f"{component} {'passed' if ok else 'FAILED'}"
+                            for component, ok in check["passed"].items())
+        rows.append(f"  {name:9} on {check['device']:4}  |dp| {d['probability']:.4f}  "
+                    f"boxes {d['box_px']:.3f} px  scores {d['score']:.4f}  -> {verdict}")
+    return rows
+
+
+def throughput_rows(args: argparse.Namespace, device: torch.device, work: Path,
+                    radiographs: list[Path]) -> list[str]:
+    input_size, image_size, scale = (64, 64, "n") if args.quick else (384, 640, "l")
+    batches = (1, 2) if args.quick else (1, 8, 32)
+    precisions = served_precisions(device)
+    bundle_dir = make_test_bundle(work / "full-size", input_size=input_size,
+                                  image_size=image_size, scale=scale,
+                                  validated_precisions=precisions)
+    from workers.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    pixels = [decode(path).pixels for path in radiographs]
+    images = [pixels[i % len(pixels)] for i in range(max(batches))]
+    rows = [f"images/s, ModelRuntime.analyse on {pixels[0].shape[1]}x{pixels[0].shape[0]} "
+            f"radiographs (DERNet at {input_size} px x 5 TTA views, YOLO11{scale} at "
+            f"{image_size} px, random weights):",
+            f"  {'precision':9} " + " ".join(f"{'batch ' + str(b):>9}" for b in batches)]
+    for precision in precisions:
+        runtime = ModelRuntime(bundle, device, 0, None, precision)
+        rates = [b / median_seconds(lambda b=b, r=runtime: r.analyse(images[:b]), args.repeats)
+                 for b in batches]
+        rows.append(f"  {precision:9} " + " ".join(f"{rate:9.2f}" for rate in rates))
+        del runtime
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def decode_rows(args: argparse.Namespace, radiographs: list[Path]) -> list[str]:
+    cores = os.cpu_count() or 1
+    paths = [radiographs[i % len(radiographs)] for i in range(max(2 * cores, 4))]
+    one = len(paths) / median_seconds(lambda: decode_all(paths, MAX_PIXELS, 1), args.repeats)
+    many = len(paths) / median_seconds(lambda: decode_all(paths, MAX_PIXELS, cores),
+                                       args.repeats)
+    return [f"decode images/s ({len(paths)} uncompressed DX): SPINENODE_DECODE_WORKERS={cores}: "
+            f"{many:.1f}, 1 process: {one:.1f} ({many / one:.2f}x)"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--demo", action="store_true",
+                        help="train the demo bundle on the device and show its precision check")
+    parser.add_argument("--bundle", type=Path, help="check this trained bundle instead")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = select_device(args.device)
+    # On a GPU the whole run by default: the demo bundle trained, exported and checked there.
+    args.demo = args.demo or (device.type == "cuda" and not args.bundle and not args.quick)
+    gpu = (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+           if device.type == "cuda" else "no CUDA GPU: float16 is neither served nor checked")
+    lines = [f"CPU: {cpu()}", f"device: {device} ({gpu}); torch {torch.__version__}"]
+    with tempfile.TemporaryDirectory(prefix="spinenode-gpu-") as tmp:
+        work = Path(tmp)
+        prepare_offline(work / "ultralytics")
+        rows, columns = (256, 200) if args.quick else (2500, 2000)
+        radiographs = [make_radiograph(work / f"dx{seed}.dcm", rows=rows, columns=columns,
+                                       seed=seed) for seed in range(4)]
+        for section in (lambda: precision_rows(args, device, work, radiographs),
+                        lambda: throughput_rows(args, device, work, radiographs),
+                        lambda: decode_rows(args, radiographs)):
+            lines += section()
+            print("\n".join(lines[-1:]), flush=True)  # progress while the rest runs
+    print("\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

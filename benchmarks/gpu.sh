@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The accelerator run in one go (issue 15, point 5), meant to finish within 8 minutes on one
+# GPU: the machine, the CUDA tests, then benchmarks/gpu.py (the demo bundle trained, exported
+# and checked in float16 there; images/s by batch and precision; decode throughput), one table.
+# Arguments go to gpu.py (--quick: a smoke run on a CPU, as the tests run it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || scripts/setup --test
+started=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+    || echo "nvidia-smi: none (no NVIDIA GPU here)"
+echo "== CUDA tests"
+.venv/bin/python -m pytest -q -rs -p no:cacheprovider tests/workers/test_cuda.py
+echo "== benchmarks/gpu.py $*"
+.venv/bin/python benchmarks/gpu.py "$@"
+echo "gpu.sh: $(( $(date +%s) - started )) s"

@@ -1,0 +1,41 @@
+"""benchmarks/gpu.sh, the run prepared for a GPU machine, runs here on the CPU in its smoke size:
+the CUDA tests are collected (and skipped without a GPU), and the table has every section, with
+the batch sizes and each precision this CPU serves."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+from workers.runtime import cpu_has_native_bfloat16
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_gpu_script_runs_its_cpu_parts(test_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    subprocess.run(["cp", "-r", str(test_bundle), str(bundle)], check=True)
+    result = subprocess.run([str(ROOT / "benchmarks" / "gpu.sh"), "--quick", "--repeats", "1",
+                             "--device", "cpu", "--bundle", str(bundle)],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    tests = "3 skipped" if not torch.cuda.is_available() else "3 passed"
+    assert tests in out
+    table = out.split("\n\n")[-1]
+    assert "no CUDA GPU: float16 is neither served nor checked" in table
+    assert re.search(r"batch 1\s+batch 2", table)
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^  (float32|bfloat16)\s+(.*)$", table,
+                                                         re.M)}
+    assert set(rows) == ({"float32", "bfloat16"} if cpu_has_native_bfloat16() else {"float32"})
+    assert all(len(re.findall(r"\d+\.\d\d", rates)) == 2 for rates in rows.values())
+    assert re.search(r"decode images/s \(4 uncompressed DX\): SPINENODE_DECODE_WORKERS=\d+: "
+                     r"[\d.]+, 1 process: [\d.]+", table)
+    if cpu_has_native_bfloat16():
+        assert re.search(r"bfloat16 +on cpu .* -> classifier (passed|FAILED)", table)
+    else:
+        assert "no reduced precision to check on this machine" in table
+    assert re.search(r"^gpu\.sh: \d+ s$", out, re.M)
