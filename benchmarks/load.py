@@ -50,7 +50,7 @@ def counters(db: psycopg.Connection, queue: redis.Redis) -> dict[str, float]:
         (DATABASE,)).fetchone()
     stats = queue.info("stats")
     return {"PostgreSQL transactions": row[0], "rows inserted": row[1], "rows updated": row[2],
-            "rows deleted": row[3], "rows read": row[4], "WAL MB": row[5] / 2**20,
+            "rows deleted": row[3], "rows read": row[4], "WAL MB": float(row[5]) / 2**20,
             "database MB": row[6] / 2**20,
             "Redis commands": stats["total_commands_processed"],
             "Redis network MB": (stats["total_net_input_bytes"]
