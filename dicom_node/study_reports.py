@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom import dcmread
@@ -46,10 +46,12 @@ IN_FLIGHT = (InstanceStatus.RECEIVED, InstanceStatus.QUEUED, InstanceStatus.PROC
 EnqueueDelivery = Callable[[int], None]
 
 
-def studies_to_report(sessions: sessionmaker[Session], stable_seconds: float) -> list[int]:
+def studies_to_report(sessions: sessionmaker[Session], stable_seconds: float,
+                      changed_since: datetime | None = None) -> list[int]:
     """Studies quiet for ``stable_seconds`` with every image finished and an analysis that their
-    latest report (if any) does not include. Two set queries for all studies, not a load per
-    study: this runs every few seconds over the whole history."""
+    latest report (if any) does not include; with ``changed_since``, only among studies with an
+    image whose status changed since then (one index range instead of the whole history: on a
+    million images the whole took 7 s). Two set queries, not a load per study."""
     quiet_since = utcnow() - timedelta(seconds=stable_seconds)
     quiet = (select(Study.id)
              .join(Series, Series.study_pk == Study.id)
@@ -57,6 +59,10 @@ def studies_to_report(sessions: sessionmaker[Session], stable_seconds: float) ->
              .group_by(Study.id)
              .having(func.max(Instance.received_at) < quiet_since)
              .having(func.sum(case((Instance.status.in_(IN_FLIGHT), 1), else_=0)) == 0))
+    if changed_since is not None:
+        quiet = quiet.where(Study.id.in_(
+            select(Series.study_pk).join(Instance, Instance.series_pk == Series.id)
+            .where(Instance.updated_at >= changed_since)))
     with sessions() as session:
         analysed: dict[int, list[int]] = {}
         for study, analysis_id in session.execute(
@@ -159,9 +165,17 @@ def _sr_of(report: StudyReport) -> Path | None:
     return paths[0] if paths and paths[0].is_file() else None
 
 
+# How far before the last round a change is looked for again: workers on other hosts stamp
+# updated_at with their own clocks.
+CLOCK_MARGIN = timedelta(minutes=5)
+
+
 class StudyReporter:
     """Checks for stable studies every fifth of the stable time (at least once a second) and
-    reports them; the reports' deliveries go to the queue."""
+    reports them; the reports' deliveries go to the queue. The first round looks at every study
+    (what became ready while the node was down); each later one only at studies with an image
+    that changed since the round before began, less the stable time and CLOCK_MARGIN: a study
+    becomes ready at most the stable time after its last image changed."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session],
                  enqueue_delivery: EnqueueDelivery):
@@ -170,12 +184,15 @@ class StudyReporter:
         self._enqueue_delivery = enqueue_delivery
         self._thread = Periodic("study reports", max(1.0, settings.study_stable_seconds / 5),
                                 self.run_once)
+        self._changed_since: datetime | None = None
         self.start, self.stop = self._thread.start, self._thread.stop
 
     def run_once(self) -> int:
         """Report every stable study now; the number reported."""
         reported = 0
-        for study in studies_to_report(self._sessions, self._settings.study_stable_seconds):
+        began = utcnow()
+        stable = self._settings.study_stable_seconds
+        for study in studies_to_report(self._sessions, stable, self._changed_since):
             delivery_ids = report_study(self._settings, self._sessions, study)
             reported += 1
             for delivery_id in delivery_ids:  # the reconciler sends any this misses
@@ -183,4 +200,7 @@ class StudyReporter:
                     self._enqueue_delivery(delivery_id)
                 except Exception as error:
                     log.warning("could not queue delivery %d: %s", delivery_id, error)
+        # Only after a round that got through: after one that raised, the next looks as
+        # far back again.
+        self._changed_since = began - timedelta(seconds=stable) - CLOCK_MARGIN
         return reported

@@ -99,7 +99,9 @@ class Series(Base):
 
 class Instance(Base):
     __tablename__ = "instances"
-    __table_args__ = (Index("ix_instances_status_updated", "status", "updated_at"),)
+    __table_args__ = (Index("ix_instances_status_updated", "status", "updated_at"),
+                      # The study reporter looks for images changed since its last round.
+                      Index("ix_instances_updated_at", "updated_at"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)

@@ -24,6 +24,7 @@ from dicom_node.db.models import (
     InstanceEvent,
     InstanceStatus,
     Output,
+    Study,
     StudyReport,
     utcnow,
 )
@@ -186,3 +187,31 @@ def test_retention_strips_a_delivered_report_and_a_later_version_still_names_it(
     assert retention.due(settings, sessions) == []
     assert "ContentSequence" in dcmread(second_path)
     assert [e.split(" (")[0] for e in events] == ["report content removed"]
+
+
+def test_after_its_first_round_the_reporter_looks_only_at_changed_studies(
+        tmp_path: Path, database_url: str) -> None:
+    """The first round finds every stable study (also one that became stable while the node
+    was down); later rounds only those with an image changed since the round before (less the
+    stable time and a clock margin), which is every study that can have become ready since."""
+    settings = _node(tmp_path, database_url)
+    sessions = session_factory(database_url)
+    reporter = StudyReporter(settings, sessions, lambda _: None)
+    day_ago = utcnow() - timedelta(days=1)
+
+    def analysed_long_ago() -> int:
+        instance_id = _analysed(settings, generate_uid(), 0.3, "normal")
+        with sessions.begin() as session:
+            session.get(Instance, instance_id).updated_at = day_ago
+        return instance_id
+
+    analysed_long_ago()  # finished yesterday, while no reporter ran
+    assert studies_to_report(sessions, STABLE, changed_since=utcnow() - timedelta(hours=1)) == []
+    assert reporter.run_once() == 1  # the first round looks at everything
+    recent = generate_uid()
+    _analysed(settings, recent, 0.4, "normal")  # finished now: changed since the last round
+    analysed_long_ago()  # cannot happen after a first round; here it shows what is looked at
+    assert reporter.run_once() == 1
+    with sessions() as session:
+        reported = session.scalars(select(Study.study_uid).join(StudyReport.study)).all()
+    assert recent in reported and len(reported) == 2
