@@ -45,6 +45,9 @@ class ReconcileReport:
                 + len(self.model_now_configured) + len(self.deliveries_due))
 
 
+PURGES_PER_ROUND = 1000  # files retention removes in one reconciler round at most
+
+
 def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqueue,
               queue_depth: QueueDepth, enqueue_delivery: Enqueue | None = None
               ) -> ReconcileReport:
@@ -96,7 +99,9 @@ def reconcile(settings: Settings, sessions: sessionmaker[Session], enqueue: Enqu
             settings.incoming_dir, older_than=settings.incoming_stale_seconds)
 
     def retention() -> None:
-        report.purged = len(purge(settings, sessions))
+        # A bounded share a round: a lowered size cap may make a million files due at once,
+        # and the round's other duties (leases, lost tasks, deliveries) must not wait for them.
+        report.purged = len(purge(settings, sessions, limit=PURGES_PER_ROUND))
 
     # Lost from the broker first: it reads the queue depth before this round adds to it.
     failures: dict[str, list[str]] = {}  # error -> the duties that met it

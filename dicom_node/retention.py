@@ -116,11 +116,12 @@ def _size(path: str) -> int:
     return Path(path).stat().st_size if Path(path).exists() else 0
 
 
-def purge(settings: Settings, sessions: sessionmaker[Session], dry_run: bool = False
-          ) -> list[Purge]:
-    """Purge what is due (or only list it); each purge recorded as an event of its image."""
+def purge(settings: Settings, sessions: sessionmaker[Session], dry_run: bool = False,
+          limit: int | None = None) -> list[Purge]:
+    """Purge what is due, at most the first ``limit`` that ``due`` lists (or only list it);
+    each purge recorded as an event of its image."""
     done = []
-    for item in due(settings, sessions):
+    for item in due(settings, sessions)[:limit]:
         if dry_run:
             done.append(item)
             continue

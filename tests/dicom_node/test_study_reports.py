@@ -215,3 +215,14 @@ def test_after_its_first_round_the_reporter_looks_only_at_changed_studies(
     with sessions() as session:
         reported = session.scalars(select(Study.study_uid).join(StudyReport.study)).all()
     assert recent in reported and len(reported) == 2
+
+
+def test_retention_purges_at_most_its_limit_a_round(tmp_path: Path, database_url: str) -> None:
+    settings = _node(tmp_path, database_url).model_copy(update={"spool_retention_days": 1 / 86400})
+    sessions = session_factory(database_url)
+    for _ in range(3):
+        _analysed(settings, generate_uid(), 0.3, "normal")  # received a minute ago, done
+    assert len(retention.due(settings, sessions)) == 3
+    assert len(retention.purge(settings, sessions, limit=2)) == 2
+    assert len(retention.due(settings, sessions)) == 1  # the next round's
+    assert len(retention.purge(settings, sessions, limit=2)) == 1
