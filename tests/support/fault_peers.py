@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -24,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from dicom_node.cli.common import free_port
-from tests.support.node import wait_for
+from tests.support.node import listens, wait_for
 
 
 def _as_postgres_user() -> list[str]:
@@ -133,7 +132,7 @@ class Pacs:
             ["storescp", "+xa", "+uf", "-aet", "PACS", "-od", str(self.folder), str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Listening before start() returns: a send right after it must find the peer up.
-        wait_for(lambda: _accepts(self.port), 20, interval=0.05, what="storescp to listen")
+        wait_for(lambda: listens(self.port), 20, interval=0.05, what="storescp to listen")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -144,11 +143,6 @@ class Pacs:
         """How often each SOP Instance UID arrived."""
         return Counter(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
                        for path in self.folder.iterdir() if path.is_file())
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 @dataclass

@@ -104,7 +104,7 @@ class NodeProcess:
                      what=f"spinenode serve to answer C-ECHO (log: {self.log()})")
         if self.command == "serve" and self.env["SPINENODE_HTTP_PORT"] != "0":
             # The page and API start after the DICOM port: a test may ask them at once.
-            wait_for(lambda: self._alive() and _listens(self.http_port), 60,
+            wait_for(lambda: self._alive() and listens(self.http_port), 60,
                      what=f"spinenode serve's HTTP port (log: {self.log()})")
         return self
 
@@ -134,7 +134,8 @@ class NodeProcess:
             self.process.wait(10)
 
 
-def _listens(port: int) -> bool:
+def listens(port: int) -> bool:
+    """Whether something on this machine accepts TCP connections on ``port``."""
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
