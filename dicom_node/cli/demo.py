@@ -224,8 +224,9 @@ def _show_results(settings: Settings, uids: list[str], received: Path,
                   f"{analysis.threshold:.2f}); findings: {findings or 'none'}")
         for report in session.scalars(select(StudyReport).order_by(StudyReport.id)):
             print(f"  study {report.study.study_uid}: {report.label} (highest p = "
-                  f"{report.probability:.2f}, {report.image_count} images, "
-                  f"{report.finding_count} findings), report version {report.version}")
+                  f"{report.probability:.2f}, {_count(report.image_count, 'image')}, "
+                  f"{_count(report.finding_count, 'finding')}), report version "
+                  f"{report.version}")
     delivered = [d for d in list_deliveries(sessions, limit=1000) if d["status"] == "delivered"]
     print(f"demo: {len(delivered)} result objects delivered; returned files in {received}:")
     for path in sorted(received.glob("*.dcm")):
@@ -248,3 +249,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--count", type=int, default=3, help="images to send (default 3)")
     demo.add_argument("--exit", action="store_true", help="stop the node after the summary")
     demo.set_defaults(handler=cmd_demo)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
