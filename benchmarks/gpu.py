@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.inference import median_seconds  # noqa: E402
 from benchmarks.machine import cpu  # noqa: E402
 from tests.support.bundles import make_test_bundle  # noqa: E402
 from training.synthetic import make_radiograph  # noqa: E402
@@ -52,16 +52,6 @@ def served_precisions(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return ["float32", "float16"] + (["bfloat16"] if torch.cuda.is_bf16_supported() else [])
     return ["float32"] + (["bfloat16"] if cpu_has_native_bfloat16() else [])
-
-
-def median_seconds(call, repeats: int) -> float:  # noqa: ANN001
-    call()  # warm-up: kernels chosen, memory allocated
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
 
 
 def precision_rows(args: argparse.Namespace, device: torch.device, work: Path,
