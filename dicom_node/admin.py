@@ -225,6 +225,16 @@ def _keyset_page(query: Select, time: Any, row_id: Any, order: Order, limit: int
     return query.limit(limit + 1)
 
 
+def _fetch_page(session: Session, query: Select, limit: int, order: Order,
+                position: Callable[[Any], tuple[datetime, int]]) -> tuple[list, str | None]:
+    """The rows of a ``_keyset_page`` query, at most ``limit``, and the cursor of the next page
+    (None on the last); ``position`` gives a row's (time, id)."""
+    rows = session.execute(query).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, encode_cursor(order, *position(rows[-1])) if more else None
+
+
 def _instance_search(filters: Filters) -> Select:
     """Instances with their study, patient ID and latest analysis (None if not analysed),
     unordered. "Latest" is "no later analysis of the same instance": one index probe a row,
@@ -262,15 +272,12 @@ def search(sessions: sessionmaker[Session], filters: Filters, limit: int = 50,
     query = _keyset_page(_instance_search(filters), Instance.received_at, Instance.id, order,
                          limit, cursor)
     with sessions() as session:
-        rows = session.execute(query).all()
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, next_cursor = _fetch_page(session, query, limit, order,
+                                        lambda row: (row[0].received_at, row[0].id))
         findings = _findings_of(session, [a.id for *_, a in rows if a is not None])
         items = [_search_row(instance, study, patient_id, analysis,
                              findings.get(analysis.id, []) if analysis else [])
                  for instance, study, patient_id, analysis in rows]
-    next_cursor = (encode_cursor(order, rows[-1][0].received_at, rows[-1][0].id)
-                   if more else None)
     return items, next_cursor
 
 
@@ -307,9 +314,8 @@ def studies(sessions: sessionmaker[Session], filters: StudyFilters, limit: int =
         query = query.where(Study.created_at < filters.until)
     query = _keyset_page(query, Study.created_at, Study.id, order, limit, cursor)
     with sessions() as session:
-        rows = session.execute(query).all()
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, next_cursor = _fetch_page(session, query, limit, order,
+                                        lambda row: (row[0].created_at, row[0].id))
         images = {study_pk: (count, last) for study_pk, count, last in session.execute(
             select(Series.study_pk, func.count(Instance.id), func.max(Instance.received_at))
             .join(Instance.series).where(Series.study_pk.in_([s.id for s, *_ in rows]))
@@ -324,7 +330,6 @@ def studies(sessions: sessionmaker[Session], filters: StudyFilters, limit: int =
                 "probability": report.probability, "image_count": report.image_count,
                 "finding_count": report.finding_count, "created_at": _iso(report.created_at)},
         } for study, patient_id, report in rows]
-    next_cursor = encode_cursor(order, rows[-1][0].created_at, rows[-1][0].id) if more else None
     return items, next_cursor
 
 
