@@ -24,7 +24,6 @@ On a CUDA device `--demo` is the default.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from benchmarks.inference import median_seconds  # noqa: E402
 from benchmarks.machine import cpu  # noqa: E402
 from tests.support.bundles import make_test_bundle  # noqa: E402
 from training.synthetic import make_radiograph  # noqa: E402
+from workers.bundle import load_bundle  # noqa: E402
 from workers.imaging import decode, decode_all  # noqa: E402
 from workers.offline import prepare_offline  # noqa: E402
 from workers.runtime import ModelRuntime, cpu_has_native_bfloat16, select_device  # noqa: E402
@@ -66,8 +66,8 @@ def precision_rows(args: argparse.Namespace, device: torch.device, work: Path,
         began = time.perf_counter()
         bundle = train_demo_bundle(folder, device="cpu" if device.type == "cpu"
                                    else str(device.index or 0))
-        checks = json.loads((bundle / "manifest.json").read_text())["metrics"].get(
-            "precision_check", {})
+        # What export measured and recorded, as the workers read it.
+        checks = dict(load_bundle(bundle).manifest.metrics.get("precision_check", {}))
         checks.pop("tolerance", None)
         trained = (f"demo bundle trained and exported on {device.type} in "
                    f"{time.perf_counter() - began:.0f} s")
@@ -98,8 +98,6 @@ def throughput_rows(args: argparse.Namespace, device: torch.device, work: Path,
     bundle_dir = make_test_bundle(work / "full-size", input_size=input_size,
                                   image_size=image_size, scale=scale,
                                   validated_precisions=precisions)
-    from workers.bundle import load_bundle
-
     bundle = load_bundle(bundle_dir)
     pixels = [decode(path).pixels for path in radiographs]
     images = [pixels[i % len(pixels)] for i in range(max(batches))]

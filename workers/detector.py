@@ -88,18 +88,18 @@ def bundled_detection_model(bundle: Bundle) -> torch.nn.Module:
     return model.float().eval()
 
 
-def _yolo11(scale: str, classes: int, class_branch_width: int | None) -> torch.nn.Module:
+def _yolo11(scale: str, classes: int, width: int | None) -> torch.nn.Module:
     """Ultralytics' YOLO11 of this scale for ``classes`` classes. The head's class branch is
     as wide as its class count asks (at least its input's width) unless training started from
-    weights for more classes: ultralytics then keeps the start's width, which the manifest
+    weights for more classes: ultralytics then keeps the start's ``width``, which the manifest
     records, and the branch is built that wide here (as the head builds it for that count)."""
     build = ultralytics_modules().DetectionModel
     model = build(f"yolo11{scale}.yaml", nc=classes, verbose=False)
     head = model.model[-1]
-    if class_branch_width and class_branch_width != head.cv3[0][-1].in_channels:
-        wide = build(f"yolo11{scale}.yaml", nc=class_branch_width, verbose=False).model[-1]
+    if width and width != class_branch_width(model):
+        wide = build(f"yolo11{scale}.yaml", nc=width, verbose=False).model[-1]
         for branch in wide.cv3:
-            branch[-1] = torch.nn.Conv2d(class_branch_width, classes, 1)
+            branch[-1] = torch.nn.Conv2d(width, classes, 1)
         head.cv3 = wide.cv3
     return model
 
