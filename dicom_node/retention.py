@@ -44,6 +44,7 @@ class Purge:
     path: str
     size_bytes: int
     why: str
+    output_id: int | None = None  # the result object's row, for "output"
 
 
 def due(settings: Settings, sessions: sessionmaker[Session]) -> list[Purge]:
@@ -95,7 +96,7 @@ def _outputs_due(session: Session, settings: Settings) -> list[Purge]:
         for output, instance_id in session.execute(query):
             found.append(Purge("output", instance_id, output.path, _size(output.path),
                                f"{output.kind} delivered over "
-                               f"{settings.outputs_retention_days:g} days ago"))
+                               f"{settings.outputs_retention_days:g} days ago", output.id))
     if settings.outputs_retention_max_mb:
         chosen, total = {p.path for p in found}, 0
         limit = settings.outputs_retention_max_mb * 2**20
@@ -108,7 +109,8 @@ def _outputs_due(session: Session, settings: Settings) -> list[Purge]:
             if total > limit and not pending:  # one still to deliver counts, but stays
                 total -= size
                 found.append(Purge("output", instance_id, output.path, size,
-                                   f"outputs over {settings.outputs_retention_max_mb:g} MB"))
+                                   f"outputs over {settings.outputs_retention_max_mb:g} MB",
+                                   output.id))
     return found
 
 
@@ -131,7 +133,7 @@ def purge(settings: Settings, sessions: sessionmaker[Session], dry_run: bool = F
                 session.get(Instance, item.instance_id).purged_at = utcnow()
                 what = "pixel data"
             else:
-                output = session.scalars(select(Output).where(Output.path == item.path)).one()
+                output = session.get(Output, item.output_id)
                 if output.kind == ResultKind.SR:
                     _strip(Path(item.path), ("ContentSequence",))
                     what = "report content"
