@@ -4,9 +4,10 @@ Full-size random-weight models (DenseNet-121, EfficientNetV2-S, ResNet-50 at 384
 views each, YOLO11-l at 640 px) on one 2500x2000 radiograph. Prints seconds per image for plain
 eager PyTorch (NCHW float32, what a straightforward implementation does) and for our runtime in
 each precision it offers on this machine (and bfloat16 where oneDNN only emulates it, which the
-runtime never chooses), the achieved GFLOP/s against a float32 (and bfloat16)
-GEMM measured in the same run as the machine's practical peak, and how far our outputs are from
-eager's. Random weights: the deviation says nothing about a trained bundle, which must be checked
+runtime never chooses; and int8 members, workers/int8.py, beside each detector precision), the
+achieved GFLOP/s against a float32 (and bfloat16) GEMM measured in the same run as the machine's
+practical peak, and how far our outputs are from eager's.
+Random weights: the deviation says nothing about a trained bundle, which must be checked
 again (its manifest's validated_precisions).
 
     .venv/bin/python benchmarks/inference.py [--repeats 5] [--threads 2]
@@ -28,6 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support.bundles import make_test_bundle  # noqa: E402
+from training.export import calibrate_int8  # noqa: E402
+from training.synthetic import radiograph_pixels  # noqa: E402
 from workers.bundle import ValidatedPrecisions, load_bundle, write_manifest  # noqa: E402
 from workers.dernet import build_member, classifier_input, tta_views  # noqa: E402
 from workers.detector import bundled_detection_model, letterbox  # noqa: E402
@@ -97,6 +100,12 @@ def main() -> None:
         precisions = ["float32"] + (["bfloat16"] if native or emulated else [])
         path = make_test_bundle(Path(folder) / "bundle", input_size=384, image_size=640,
                                 scale="l", validated_precisions=tuple(precisions))
+        # Every member in int8, calibrated as export does, on two synthetic radiographs (not the
+        # image timed below); export would keep a member in float32 where its check failed.
+        calibration = [radiograph_pixels(2500, 2000, 12, seed).astype(np.float32) / 4095
+                       for seed in (1, 2)]
+        calibrate_int8(path, {member.architecture: calibration
+                              for member in load_bundle(path).manifest.classifier.members})
         bundle = load_bundle(path)
         torch.set_num_threads(args.threads)
         image = np.random.default_rng(0).random((2500, 2000), dtype=np.float32)
@@ -122,8 +131,12 @@ def main() -> None:
         settings = [{"classifier": [p], "detector": [p]} for p in precisions]
         if native:
             settings.append({"classifier": ["bfloat16"], "detector": ["float32"]})
+        # int8 members (workers/int8.py) with each detector precision this CPU serves.
+        settings += [{"classifier": ["int8"], "detector": [p]} for p in precisions
+                     if not (emulated and p == "bfloat16")]
         for validated in settings:
-            write_manifest(path, bundle.manifest.model_copy(update={
+            manifest = load_bundle(path).manifest
+            write_manifest(path, manifest.model_copy(update={
                 "validated_precisions": ValidatedPrecisions(**validated)}))
             forced = emulated and validated["classifier"] == ["bfloat16"]
             runtime = ModelRuntime(load_bundle(path), torch.device("cpu"), args.threads, None,

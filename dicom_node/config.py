@@ -267,8 +267,9 @@ class Settings(BaseSettings):
     # Inference: "auto" takes CUDA when present; torch_threads 0 = torch's default (all cores).
     device: str = "auto"
     torch_threads: int = Field(0, ge=0)
-    # "auto": half precision on CUDA, bfloat16 on a CPU with native bfloat16, float32 otherwise;
-    # a reduced precision only where the bundle's manifest lists it as validated.
+    # "auto": half precision on CUDA; on a CPU bfloat16 where the CPU has it natively, else int8
+    # members (x86-64), else float32; a reduced precision only where the bundle's manifest lists
+    # it as validated, per component. float32 turns them all off.
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Batching: a task also claims up to batch_size - 1 other queued instances, waiting at most
     # batch_wait_ms for them, and decodes them in decode_workers processes at once. Worth it on

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from workers.int8 import cpu_serves_int8
 from workers.runtime import cpu_has_native_bfloat16
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,14 +29,15 @@ def test_the_gpu_script_runs_its_cpu_parts(test_bundle: Path, tmp_path: Path) ->
     table = out.split("\n\n")[-1]
     assert "no CUDA GPU: float16 is neither served nor checked" in table
     assert re.search(r"batch 1\s+batch 2", table)
-    rows = {m.group(1): m.group(2) for m in re.finditer(r"^  (float32|bfloat16)\s+(.*)$", table,
-                                                         re.M)}
+    rows = {m.group(1): m.group(2) for m in re.finditer(
+        r"^  (float32|bfloat16)((?: +\d+\.\d+)+)$", table, re.M)}  # the images/s rows
     assert set(rows) == ({"float32", "bfloat16"} if cpu_has_native_bfloat16() else {"float32"})
     assert all(len(re.findall(r"\d+\.\d\d", rates)) == 2 for rates in rows.values())
-    assert re.search(r"decode images/s \(4 uncompressed DX\): SPINENODE_DECODE_WORKERS=\d+: "
-                     r"[\d.]+, 1 process: [\d.]+", table)
-    if cpu_has_native_bfloat16():
-        assert re.search(r"bfloat16 +on cpu .* -> classifier (passed|FAILED)", table)
-    else:
-        assert "no reduced precision to check on this machine" in table
+    for kind in ("uncompressed DX", "JPEG 2000 lossless DX"):
+        assert re.search(rf"decode images/s \(4 {kind}\): SPINENODE_DECODE_WORKERS=\d+: "
+                         r"[\d.]+, 1 process: [\d.]+", table)
+    assert bool(re.search(r"bfloat16 +on cpu .* -> classifier (passed|FAILED), detector",
+                          table)) == cpu_has_native_bfloat16()
+    assert bool(re.search(r"int8 +on cpu +\|dp\| [\d.]+ +\(int8 members: [a-z0-9_, ]+\) +-> "
+                          r"classifier (passed|FAILED)$", table, re.M)) == cpu_serves_int8()
     assert re.search(r"^gpu\.sh: \d+ s$", out, re.M)

@@ -4,7 +4,8 @@ Members: each architecture's best fold (by validation AUROC); ensemble weights a
 from RUN/ensemble.json; the detector's best checkpoint. A reduced precision is listed as
 validated only after it was measured here against float32 on cached images of the run's
 training split (never its test set), for the members and for the detector apart: bfloat16 where
-the CPU has it natively, float16 where a CUDA GPU is.
+the CPU has it natively, float16 where a CUDA GPU is, and int8 members on an x86-64 CPU
+(calibrated on half of those images, checked on the other half).
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ import numpy as np
 import torch
 
 from dicom_node import __version__
+from dicom_node.files import sha256_of
 from training.bundle_writer import BundleContents, ClassifierMember, save_bundle
 from training.config import ConfigError, TrainingConfig
 from training.dataset_index import DatasetIndex
 from training.init_weights import recorded_starts
 from training.provenance import git_commit, library_versions
 from workers.bundle import Manifest, ValidatedPrecisions, load_bundle, write_manifest
-from workers.dernet import DERNet, build_member
+from workers.dernet import DERNet, build_member, classifier_input, tta_views
 from workers.detector import Detector, letterbox, load_detection_model
+from workers.int8 import cpu_serves_int8, observer_statistics, prepare_member
 from workers.offline import prepare_offline
-from workers.runtime import cpu_has_native_bfloat16
+from workers.runtime import DTYPES, cpu_has_native_bfloat16
 
 PRECISION_TOLERANCE = {"probability": 0.01, "box_px": 0.5, "score": 0.01}
 
@@ -44,7 +47,72 @@ def reduced_precisions() -> dict[str, torch.device]:
         found["bfloat16"] = torch.device("cpu")
     if torch.cuda.is_available():
         found["float16"] = torch.device("cuda")
+    if cpu_serves_int8():
+        found["int8"] = torch.device("cpu")
     return found
+
+
+INT8_CALIBRATION = "int8-calibration.pt"
+
+
+def calibrate_int8(target: Path, images: dict[str, list[np.ndarray]]) -> None:
+    """Run each member's ``images[architecture]`` (their TTA views, as served) through it with
+    observers on, and keep what the observers saw in the bundle, named in its manifest
+    (workers/int8.py)."""
+    bundle = load_bundle(target)
+    spec = bundle.manifest.classifier
+    statistics = {}
+    for name, _, model in DERNet(bundle, torch.device("cpu")).members:
+        prepared = prepare_member(model, name, spec.input_size)
+        with torch.inference_mode():
+            for image in images[name]:
+                prepared(tta_views(classifier_input(image, spec)[None], spec.tta))
+        statistics[name] = observer_statistics(prepared)
+    _keep_int8_calibration(target, statistics)
+
+
+def _keep_int8_calibration(target: Path, statistics: dict[str, dict[str, torch.Tensor]]) -> None:
+    """These members' calibration in the bundle; none: no file, and the manifest names none."""
+    _name_int8_calibration(target, None, None)  # the manifest names no file it does not match
+    file = target / INT8_CALIBRATION
+    file.unlink(missing_ok=True)
+    if statistics:
+        torch.save(statistics, file)
+        _name_int8_calibration(target, INT8_CALIBRATION, sha256_of(file))
+
+
+def check_int8(target: Path, calibration: dict[str, list[np.ndarray]],
+               checked: dict[str, list[np.ndarray]], held_out: bool) -> dict:
+    """Calibrate each member on ``calibration[architecture]``, then compare its int8 and float32
+    probabilities (TTA mean) on ``checked[architecture]``. A member within the tolerance keeps
+    its calibration and is served in int8; the others stay float32. ``held_out``: whether the
+    checked images are ones the member did not learn from."""
+    calibrate_int8(target, calibration)
+    bundle = load_bundle(target)
+    cpu = torch.device("cpu")
+    exact, reduced = DERNet(bundle, cpu), DERNet(bundle, cpu, torch.qint8)
+    members = {}
+    for name in checked:
+        inputs = exact.inputs(checked[name])
+        probabilities = [dernet.view_probabilities(inputs, only=name)[name].mean(dim=1)
+                         for dernet in (exact, reduced)]
+        members[name] = float((probabilities[0] - probabilities[1]).abs().max())
+    passed = [name for name, d in members.items() if d <= PRECISION_TOLERANCE["probability"]]
+    statistics = torch.load(target / INT8_CALIBRATION, weights_only=True)
+    _keep_int8_calibration(target, {name: statistics[name] for name in passed})
+    return {"device": "cpu", "held_out": held_out,
+            "images": {name: len(images) for name, images in checked.items()},
+            # the classifier as served: its int8 members (float32 ones differ by nothing)
+            "differences": {"probability": max((members[n] for n in passed),
+                                               default=max(members.values()))},
+            "members": members, "int8_members": passed, "passed": {"classifier": bool(passed)}}
+
+
+def _name_int8_calibration(target: Path, file: str | None, sha256: str | None) -> None:
+    manifest = load_bundle(target).manifest
+    classifier = manifest.classifier.model_copy(
+        update={"int8_calibration": file, "int8_calibration_sha256": sha256})
+    write_manifest(target, manifest.model_copy(update={"classifier": classifier}))
 
 
 def check_precision(bundle_path: Path, images: list[np.ndarray], dtype: torch.dtype,
@@ -70,19 +138,26 @@ def check_precision(bundle_path: Path, images: list[np.ndarray], dtype: torch.dt
             "score": float((full[:, 4:] - approximate[:, 4:]).abs().max())}
 
 
-def validate_precisions(target: Path, images: list[np.ndarray]) -> dict:
+def validate_precisions(target: Path, images: list[np.ndarray],
+                        int8_images: tuple[dict, dict, bool] | None = None) -> dict:
     """Check the bundle in every reduced precision this machine has (reduced_precisions) and
     write into its manifest which passed, per component (the members on probabilities, the
-    detector on raw boxes and scores), and the differences measured. The checks, by name."""
+    detector on raw boxes and scores), and the differences measured. The checks, by name.
+    int8 (``check_int8``) uses ``int8_images`` (calibration and checked images per member, and
+    whether those are held out), by default the first and second half of ``images``."""
     checks = {}
     validated = {"classifier": ["float32"], "detector": ["float32"]}
     for name, device in reduced_precisions().items():
-        differences = check_precision(target, images, getattr(torch, name), device)
-        passed = {component: all(differences[k] <= PRECISION_TOLERANCE[k] for k in keys)
-                  for component, keys in (("classifier", ["probability"]),
-                                          ("detector", ["box_px", "score"]))}
-        checks[name] = {"device": device.type, "differences": differences, "passed": passed}
-        for component, ok in passed.items():
+        if name == "int8":
+            checks[name] = check_int8(target, *(int8_images or _halves(target, images)))
+        else:
+            differences = check_precision(target, images, DTYPES[name], device)
+            passed = {component: all(differences[k] <= PRECISION_TOLERANCE[k] for k in keys)
+                      for component, keys in (("classifier", ["probability"]),
+                                              ("detector", ["box_px", "score"]))}
+            checks[name] = {"device": device.type, "images": len(images),
+                            "differences": differences, "passed": passed}
+        for component, ok in checks[name]["passed"].items():
             validated[component] += [name] if ok else []
     if checks:
         manifest: Manifest = load_bundle(target).manifest
@@ -92,6 +167,31 @@ def validate_precisions(target: Path, images: list[np.ndarray]) -> dict:
                 "tolerance": PRECISION_TOLERANCE, **checks}},
         }))
     return checks
+
+
+def _halves(target: Path, images: list[np.ndarray]) -> tuple[dict, dict, bool]:
+    half = max(1, len(images) // 2)
+    members = [m.architecture for m in load_bundle(target).manifest.classifier.members]
+    return ({name: images[:half] for name in members},
+            {name: images[half:] or images for name in members}, False)
+
+
+def _int8_images(run: Path, config: TrainingConfig, ensemble: dict,
+                 limit: int = 32) -> tuple[dict, dict, bool] | None:
+    """Per member, training images to calibrate on and others to check on: where the member
+    is a cross-validation fold, its own validation fold (images it did not learn from) to check
+    on, the other folds to calibrate on. None for retrained members (``_halves``)."""
+    if config.classify.final_members == "retrain":
+        return None
+    train = DatasetIndex.read(run).split("train")
+
+    def load(items: list) -> list[np.ndarray]:
+        return [np.load(i.cache_file(run)).astype(np.float32) for i in items[:limit]]
+
+    folds = ensemble["best_folds"]
+    return ({name: load([i for i in train if i.fold != fold]) for name, fold in folds.items()},
+            {name: load([i for i in train if i.fold == fold]) for name, fold in folds.items()},
+            True)
 
 
 def _which_members(run: Path, config: TrainingConfig, ensemble: dict) -> dict[str, str]:
@@ -142,6 +242,6 @@ def export_bundle(run: Path, config: TrainingConfig, target: Path, name: str,
                     "init_weights": recorded_starts(run, config.classify.members)},
         metrics=metrics,
     ))
-    validate_precisions(target, _check_images(run))
+    validate_precisions(target, _check_images(run), _int8_images(run, config, ensemble))
     load_bundle(target)
     return target

@@ -86,6 +86,10 @@ class ClassifierSpec(_Strict):
     std: tuple[float, float, float] = IMAGENET_STD
     tta: list[str] = Field(default_factory=lambda: list(TTA_NAMES), min_length=1)
     threshold: float = Field(ge=0, le=1)
+    # The members' int8 calibration (workers/int8.py: what their activation observers saw on
+    # training images, per architecture), written by export's int8 check where it passed.
+    int8_calibration: str | None = None
+    int8_calibration_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
     @field_validator("tta")
     @classmethod
@@ -123,7 +127,8 @@ class DetectorSpec(_Strict):
         return value
 
 
-Precision = Literal["float32", "bfloat16", "float16"]
+# int8: the classifier only, on a CPU (workers/int8.py).
+Precision = Literal["float32", "bfloat16", "float16", "int8"]
 
 
 class ValidatedPrecisions(_Strict):
@@ -152,6 +157,8 @@ class Manifest(_Strict):
         """File name -> expected SHA-256, for every weight file."""
         files = {member.weights: member.sha256 for member in self.classifier.members}
         files[self.detector.weights] = self.detector.sha256
+        if self.classifier.int8_calibration:
+            files[self.classifier.int8_calibration] = self.classifier.int8_calibration_sha256
         return files
 
     def version_mismatches(self) -> list[str]:

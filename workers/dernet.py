@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from dicom_node.analysis import Classification
-from workers.bundle import Bundle, ClassifierSpec
+from workers.bundle import Bundle, BundleError, ClassifierSpec
+from workers.int8 import quantized_member
 
 
 def classifier_input(pixels: np.ndarray | torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:
@@ -81,8 +82,10 @@ def build_member(architecture: str) -> torch.nn.Module:
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
-    """Reduced-precision compute where asked (bfloat16 on CPU, float16 on CUDA)."""
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    """Reduced-precision compute where asked (bfloat16 on CPU, float16 on CUDA); int8 members
+    are quantized graphs, not autocast."""
+    return torch.autocast(device_type=device.type, dtype=dtype,
+                          enabled=dtype in (torch.bfloat16, torch.float16))
 
 
 class DERNet:
@@ -92,29 +95,44 @@ class DERNet:
         self.device = device
         self.dtype = dtype
         self.members: list[tuple[str, float, torch.nn.Module]] = []
+        # int8: the members export checked and calibrated (workers/int8.py), by architecture.
+        calibration: dict[str, dict[str, torch.Tensor]] = {}
+        if dtype == torch.qint8:
+            if not self.spec.int8_calibration:
+                raise BundleError(f"bundle {bundle.label} has no int8 calibration")
+            calibration = torch.load(bundle.verified_bytes(self.spec.int8_calibration),
+                                     weights_only=True)
         for member in self.spec.members:
             model = build_member(member.architecture)
             state = torch.load(bundle.verified_bytes(member.weights), map_location="cpu",
                                weights_only=True)
             model.load_state_dict(state)
+            model.eval()
+            if member.architecture in calibration:  # else this member stays float32
+                model = quantized_member(model, member.architecture, self.spec.input_size,
+                                         calibration[member.architecture])
             # channels_last: oneDNN's fast convolution layout on CPU, tensor cores on GPU.
-            model.eval().to(device, memory_format=torch.channels_last)
+            model.to(device, memory_format=torch.channels_last)
             self.members.append((member.architecture, member.ensemble_weight, model))
+        self.int8_members = sorted(calibration)
 
     @torch.inference_mode()
-    def view_probabilities(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def view_probabilities(self, inputs: torch.Tensor,
+                           only: str | None = None) -> dict[str, torch.Tensor]:
         """(B, 3, S, S) preprocessed images -> architecture -> (B, T) probability per TTA view,
-        in the manifest's order."""
+        in the manifest's order; of every member, or ``only`` that one."""
         views = tta_views(inputs.to(self.device), self.spec.tta)
         views = views.contiguous(memory_format=torch.channels_last)
         count = len(self.spec.tta)
         with autocast(self.device, self.dtype):
             return {name: torch.sigmoid(model(views).float().view(-1, count)).cpu()
-                    for name, _, model in self.members}
+                    for name, _, model in self.members if only in (None, name)}
+
+    def inputs(self, images: list[np.ndarray]) -> torch.Tensor:
+        return torch.stack([classifier_input(image, self.spec) for image in images])
 
     def classify(self, images: list[np.ndarray]) -> list[Classification]:
-        inputs = torch.stack([classifier_input(image, self.spec) for image in images])
-        per_view = self.view_probabilities(inputs)
+        per_view = self.view_probabilities(self.inputs(images))
         per_member = {name: views.mean(dim=1) for name, views in per_view.items()}
         weights = {name: weight for name, weight, _ in self.members}
         total = sum(weights.values())

@@ -1,0 +1,124 @@
+"""int8 DERNet members (workers/int8.py): export calibrates them on half its check images and
+checks them on the other half against float32; a worker serves them only where that passed, from
+the calibration the bundle carries (hashed like the weights), and never the detector in int8."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import training.export
+from dicom_node.files import sha256_of
+from tests.support.bundles import make_test_bundle
+from training.export import INT8_CALIBRATION, PRECISION_TOLERANCE, validate_precisions
+from training.synthetic import radiograph_pixels
+from workers.bundle import BundleError, ValidatedPrecisions, load_bundle, write_manifest
+from workers.dernet import DERNet
+from workers.int8 import cpu_serves_int8
+from workers.runtime import ModelRuntime, select_precision
+
+pytestmark = pytest.mark.skipif(not cpu_serves_int8(), reason="no x86-64 int8 engine here")
+CPU = torch.device("cpu")
+
+
+def _images(seeds: range) -> list[np.ndarray]:
+    return [radiograph_pixels(300, 240, 12, seed).astype(np.float32) / 4095 for seed in seeds]
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    # At 96 px: the session's 64-px random-weight bundle has a member so far off any trained
+    # one that even bfloat16 misses the tolerance there.
+    path = make_test_bundle(tmp_path_factory.mktemp("int8") / "bundle", input_size=96,
+                            image_size=96)
+    return path, validate_precisions(path, _images(range(4)))
+
+
+def test_export_calibrates_checks_and_records_int8(int8_bundle: tuple[Path, dict]) -> None:
+    path, checks = int8_bundle
+    check = checks["int8"]
+    manifest = load_bundle(path).manifest
+    members = {m.architecture for m in manifest.classifier.members}
+    # Without a run's folds: calibrated on two of the four images, checked on the other two,
+    # each member apart; the members only, no detector.
+    assert check["device"] == "cpu" and check["held_out"] is False
+    assert check["images"] == dict.fromkeys(members, 2) and set(check["members"]) == members
+    assert set(check["int8_members"]) == {
+        name for name, d in check["members"].items() if d <= PRECISION_TOLERANCE["probability"]}
+    assert check["passed"] == {"classifier": bool(check["int8_members"])}
+    assert check["differences"]["probability"] == max(check["members"][n]
+                                                      for n in check["int8_members"])
+    assert manifest.metrics["precision_check"]["int8"] == check
+    assert "int8" in manifest.validated_precisions.classifier
+    assert "int8" not in manifest.validated_precisions.detector
+    assert manifest.classifier.int8_calibration == INT8_CALIBRATION
+    assert manifest.classifier.int8_calibration_sha256 == sha256_of(path / INT8_CALIBRATION)
+    # What the bundle keeps is the observers' statistics of the members that passed, no weights.
+    statistics = torch.load(path / INT8_CALIBRATION, weights_only=True)
+    assert set(statistics) == set(check["int8_members"])
+    assert all("activation_post_process" in key for s in statistics.values() for key in s)
+
+
+def test_the_worker_serves_the_checked_int8_members(int8_bundle: tuple[Path, dict],
+                                                    tmp_path: Path) -> None:
+    checks = int8_bundle[1]
+    assert checks["int8"]["passed"]["classifier"], checks
+    path = tmp_path / "bundle"
+    shutil.copytree(int8_bundle[0], path)
+    # Where the CPU has native bfloat16 and the bundle passed it, that comes first: here as on a
+    # CPU without it (or a bundle whose bfloat16 check failed), int8 is what "auto" finds.
+    manifest = load_bundle(path).manifest
+    write_manifest(path, manifest.model_copy(update={"validated_precisions": ValidatedPrecisions(
+        classifier=["float32", "int8"], detector=["float32"])}))
+    runtime = ModelRuntime(load_bundle(path), CPU, 0, None)
+    assert runtime.precision.split("/")[0] == "int8" and runtime.detector.dtype != torch.qint8
+    assert runtime.classifier.int8_members == sorted(checks["int8"]["int8_members"])
+    for name, _, model in runtime.classifier.members:  # int8 convolutions where checked only
+        kinds = {type(module).__module__ for module in model.modules()}
+        assert ("torch.ao.nn.quantized.modules.conv" in kinds) == (
+            name in checks["int8"]["int8_members"])
+    exact = ModelRuntime(load_bundle(path), CPU, 0, None, "float32")
+    held_out = _images(range(10, 13))  # neither calibrated nor checked on
+    for a, b in zip(exact.analyse(held_out), runtime.analyse(held_out), strict=True):
+        for name, probability in a.classification.member_probabilities.items():
+            assert abs(probability - b.classification.member_probabilities[name]) <= \
+                PRECISION_TOLERANCE["probability"]
+        assert len(a.findings) == len(b.findings)  # the detector is not int8
+
+
+def test_a_changed_calibration_is_refused(int8_bundle: tuple[Path, dict],
+                                          tmp_path: Path) -> None:
+    path = tmp_path / "bundle"
+    shutil.copytree(int8_bundle[0], path)
+    data = bytearray((path / INT8_CALIBRATION).read_bytes())
+    data[-100] ^= 1
+    (path / INT8_CALIBRATION).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="does not match its SHA-256"):
+        ModelRuntime(load_bundle(path), CPU, 0, None)
+
+
+def test_int8_only_where_checked(test_bundle: Path, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = load_bundle(test_bundle)  # float32 only, no calibration
+    with pytest.raises(ValueError, match="not validated"):
+        select_precision("int8", CPU, bundle, "classifier")
+    assert select_precision("auto", CPU, bundle, "classifier") != torch.qint8
+    with pytest.raises(BundleError, match="no int8 calibration"):
+        DERNet(bundle, CPU, torch.qint8)
+    # A check that fails (a tolerance nothing meets) leaves neither the claim nor the file.
+    path = tmp_path / "bundle"
+    shutil.copytree(test_bundle, path)
+    monkeypatch.setitem(training.export.PRECISION_TOLERANCE, "probability", -1.0)
+    monkeypatch.setattr(training.export, "reduced_precisions", lambda: {"int8": CPU})
+    checks = validate_precisions(path, _images(range(2)))
+    assert checks["int8"]["passed"] == {"classifier": False}
+    assert checks["int8"]["int8_members"] == []
+    manifest = load_bundle(path).manifest
+    assert "int8" not in manifest.validated_precisions.classifier
+    assert manifest.classifier.int8_calibration is None
+    assert not (path / INT8_CALIBRATION).exists()
+    assert ModelRuntime(load_bundle(path), CPU, 0, None).classifier.dtype != torch.qint8
