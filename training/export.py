@@ -4,8 +4,9 @@ Members: each architecture's best fold (by validation AUROC); ensemble weights a
 from RUN/ensemble.json; the detector's best checkpoint. A reduced precision is listed as
 validated only after it was measured here against float32 on cached images of the run's
 training split (never its test set), for the members and for the detector apart: bfloat16 where
-the CPU has it natively, float16 where a CUDA GPU is, and int8 members on an x86-64 CPU
-(calibrated on half of those images, checked on the other half).
+the CPU has it natively, float16 where a CUDA GPU is, and int8 members on an x86-64 CPU (each
+member checked apart, on its own validation fold where it is a cross-validation fold:
+``check_int8``).
 """
 
 from __future__ import annotations
