@@ -56,10 +56,11 @@ def reduced_precisions() -> dict[str, torch.device]:
 INT8_CALIBRATION = "int8-calibration.pt"
 
 
-def calibrate_int8(target: Path, images: dict[str, list[np.ndarray]]) -> None:
+def calibrate_int8(target: Path,
+                   images: dict[str, list[np.ndarray]]) -> dict[str, dict[str, torch.Tensor]]:
     """Run each member's ``images[architecture]`` (their TTA views, as served) through it with
     observers on, and keep what the observers saw in the bundle, named in its manifest
-    (workers/int8.py)."""
+    (workers/int8.py). Returns it, by architecture."""
     bundle = load_bundle(target)
     spec = bundle.manifest.classifier
     statistics = {}
@@ -72,16 +73,18 @@ def calibrate_int8(target: Path, images: dict[str, list[np.ndarray]]) -> None:
                 prepared(tta_views(dernet.inputs(images[name][start:start + 4]), spec.tta))
         statistics[name] = observer_statistics(prepared)
     _keep_int8_calibration(target, statistics)
+    return statistics
 
 
 def _keep_int8_calibration(target: Path, statistics: dict[str, dict[str, torch.Tensor]]) -> None:
     """These members' calibration in the bundle; none: no file, and the manifest names none."""
-    _name_int8_calibration(target, None, None)  # the manifest names no file it does not match
     file = target / INT8_CALIBRATION
-    file.unlink(missing_ok=True)
     if statistics:
         torch.save(statistics, file)
         _name_int8_calibration(target, INT8_CALIBRATION, sha256_of(file))
+    else:
+        _name_int8_calibration(target, None, None)
+        file.unlink(missing_ok=True)
 
 
 def check_int8(target: Path, calibration: dict[str, list[np.ndarray]],
@@ -90,7 +93,7 @@ def check_int8(target: Path, calibration: dict[str, list[np.ndarray]],
     probabilities (TTA mean) on ``checked[architecture]``. A member within the tolerance keeps
     its calibration and is served in int8; the others stay float32. ``held_out``: whether the
     checked images are ones the member did not learn from."""
-    calibrate_int8(target, calibration)
+    statistics = calibrate_int8(target, calibration)
     bundle = load_bundle(target)
     cpu = torch.device("cpu")
     exact, reduced = DERNet(bundle, cpu), DERNet(bundle, cpu, torch.qint8)
@@ -104,7 +107,6 @@ def check_int8(target: Path, calibration: dict[str, list[np.ndarray]],
                           for dernet in (exact, reduced))
             members[name] = max(members[name], float((full - int8).abs().max()))
     passed = [name for name, d in members.items() if d <= PRECISION_TOLERANCE["probability"]]
-    statistics = torch.load(target / INT8_CALIBRATION, weights_only=True)
     _keep_int8_calibration(target, {name: statistics[name] for name in passed})
     return {"device": "cpu", "held_out": held_out,
             "images": {name: len(images) for name, images in checked.items()},
@@ -115,7 +117,8 @@ def check_int8(target: Path, calibration: dict[str, list[np.ndarray]],
 
 
 def _name_int8_calibration(target: Path, file: str | None, sha256: str | None) -> None:
-    manifest = load_bundle(target).manifest
+    # Not checked against the hashes: the file it is about is the one being replaced.
+    manifest = load_bundle(target, verify_checksums=False).manifest
     classifier = manifest.classifier.model_copy(
         update={"int8_calibration": file, "int8_calibration_sha256": sha256})
     write_manifest(target, manifest.model_copy(update={"classifier": classifier}))
