@@ -62,7 +62,8 @@ def precision_rows(args: argparse.Namespace, device: torch.device, work: Path,
     from training.export import reduced_precisions, validate_precisions
 
     if args.demo:
-        from training.demo_bundle import demo_phantoms, train_demo_bundle
+        from training.demo_bundle import train_demo_bundle
+        from training.demo_data import demo_phantoms
 
         folder = work / "demo"
         demo_phantoms(folder)

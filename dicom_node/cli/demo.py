@@ -89,16 +89,19 @@ def held_out_samples(phantoms: Path, count: int) -> list[Path]:
     return (mixed + rest)[:count]
 
 
-def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> int:
-    # The demo trains a bundle; the node never imports training.
-    from training.demo_bundle import demo_phantoms, ready_demo_bundle, train_demo_bundle
+def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True,
+             setup: list[str] | None = None) -> int:
+    """``setup``: a command that installs what training needs (torch and the rest), run while
+    the node, already answering, takes the images on a first run (scripts/demo passes
+    ``scripts/setup``, having installed only the node's packages); None if they are there."""
+    # torch-free: the node answers before the packages that train are installed.
+    from training.demo_data import demo_phantoms, ready_demo_bundle
 
     demo_dir = settings.data_dir.resolve() / "demo"
-    phantoms = None
-    bundle = settings.bundle
-    if bundle is None:
-        phantoms = demo_phantoms(demo_dir)
-        bundle = ready_demo_bundle(demo_dir)
+    own_bundle = settings.bundle is not None
+    bundle = settings.bundle or ready_demo_bundle(demo_dir)
+    if bundle is not None and setup:
+        _run_setup(setup, demo_dir, background=False)  # the worker needs torch for the bundle
     received = demo_dir / "received"
     server, receiver_port = _start_receiver(received)
     destination = Destination(ae_title=RECEIVER_AE, host="127.0.0.1", port=receiver_port)
@@ -106,25 +109,31 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> i
                                            "destinations": [*settings.destinations,
                                                             destination]})
     node = _start_node(settings)
+    installing = None
     try:
         print(f"demo: node {settings.ae_title}@127.0.0.1:{settings.port} answers C-ECHO; "
               f"results go to {destination.address} ({received})", flush=True)
         if settings.http_port:
             print(f"demo: results page http://{settings.http_bind_address}:{settings.http_port}/"
                   f" ; log in with the operator token {_demo_token(settings)}", flush=True)
-        files = held_out_samples(phantoms, count) if phantoms else []
-        if not files:
+        if bundle is None and setup:
+            installing = _run_setup(setup, demo_dir, background=True)
+        if own_bundle:  # not trained on phantoms: plain synthetic radiographs
             from training.synthetic import make_radiograph
 
             files = [make_radiograph(demo_dir / f"sample-{i}.dcm", rows=1024, columns=820,
                                      seed=i) for i in range(count)]
+        else:
+            files = held_out_samples(demo_phantoms(demo_dir), count)
         uids = _send(settings, files)
         if settings.bundle is None:
             # First run: the images wait as waiting-for-model while the bundle trains here;
             # the node, started again with it, analyses them (its reconciler re-queues them).
             print("demo: the images wait as waiting-for-model while the bundle trains",
                   flush=True)
-            settings = settings.model_copy(update={"bundle": train_demo_bundle(demo_dir)})
+            if installing is not None:
+                _wait_for_setup(installing, demo_dir / "setup.log")
+            settings = settings.model_copy(update={"bundle": _train(demo_dir)})
             _stop_node(node)
             node = _start_node(settings)
             print("demo: node started again with the bundle; the waiting images are analysed",
@@ -148,6 +157,38 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True) -> i
     finally:
         _stop_node(node)
         server.shutdown()
+        if installing is not None and installing.poll() is None:
+            installing.terminate()
+
+
+def _run_setup(command: list[str], demo_dir: Path, background: bool) -> subprocess.Popen:
+    """Install what training needs with ``command`` (quick when it is there), its output in a
+    log file."""
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    log = demo_dir / "setup.log"
+    if background:
+        print(f"demo: installing the packages that train while the node takes images "
+              f"({' '.join(command)}; log {log})", flush=True)
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    if not background:
+        _wait_for_setup(process, log)
+    return process
+
+
+def _wait_for_setup(process: subprocess.Popen, log: Path) -> None:
+    if process.wait() != 0:
+        raise RuntimeError(f"installing the packages that train failed (status "
+                           f"{process.returncode}); see {log}")
+
+
+def _train(demo_dir: Path) -> Path:
+    import importlib
+
+    importlib.invalidate_caches()  # torch may have been installed since this process started
+    from training.demo_bundle import train_demo_bundle
+
+    return train_demo_bundle(demo_dir)
 
 
 def _start_node(settings: Settings) -> subprocess.Popen:
@@ -237,7 +278,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     settings.make_dirs()
     try:
-        return run_demo(settings, count=args.count, keep_serving=not args.exit)
+        return run_demo(settings, count=args.count, keep_serving=not args.exit,
+                        setup=args.setup.split() if args.setup else None)
     except RuntimeError as error:
         raise Fatal(f"demo failed: {error}") from None
 
@@ -248,6 +290,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     add_settings_flags(demo, server=True)
     demo.add_argument("--count", type=int, default=3, help="images to send (default 3)")
     demo.add_argument("--exit", action="store_true", help="stop the node after the summary")
+    demo.add_argument("--setup", metavar="COMMAND",
+                      help="installs the packages that train (scripts/demo passes "
+                           "scripts/setup); run while the node takes the first images")
     demo.set_defaults(handler=cmd_demo)
 
 

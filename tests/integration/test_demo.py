@@ -34,7 +34,7 @@ def test_demo_reuses_its_bundle_only_under_the_same_recipe(
         tmp_path: Path, test_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from training import demo_bundle as demo
+    from training import demo_data as demo
     from workers.bundle import load_bundle, write_manifest
 
     folder = tmp_path / "demo"
@@ -78,38 +78,66 @@ def test_demo_sends_abnormal_and_normal_phantoms_in_turn(tmp_path: Path) -> None
 def test_the_demo_node_takes_images_before_its_bundle_exists(
         tmp_path: Path, test_bundle: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """First run: the node answers and stores while the bundle trains; the images wait as
-    waiting-for-model and are analysed once the node has the bundle. The training is a
-    stand-in here (it is tested in tests/training); the node and the demo are real."""
+    """First run: the node answers and stores while the packages that train are installed and
+    the bundle trains; the images wait as waiting-for-model and are analysed once the node has
+    the bundle. The set-up and the training are stand-ins here (the training is tested in
+    tests/training); the node and the demo are real."""
     import shutil
+    import sys
 
     from dicom_node.cli.demo import run_demo
     from dicom_node.config import load_settings
     from tests.support.node import instances, wait_for
-    from training import demo_bundle as demo
+    from training import demo_bundle, demo_data
     from training.phantoms import generate
 
     settings = load_settings(data_dir=tmp_path / "var", port=free_port(), http_port=0,
                              study_stable_seconds=2)
     url = settings.effective_database_url
     held: list[set[str]] = []
+    installed = tmp_path / "installed"
 
     def stand_in_training(folder: Path) -> Path:
+        assert installed.exists()  # the set-up has ended before the training starts
         wait_for(lambda: {row.status for row in instances(url)} == {"waiting-for-model"}, 120,
                  what="the images to wait for a model")
         held.append({row.status for row in instances(url)})
         shutil.copytree(test_bundle, folder / "bundle")
         return folder / "bundle"
 
-    monkeypatch.setattr(demo, "demo_phantoms", lambda folder: generate(
+    monkeypatch.setattr(demo_data, "demo_phantoms", lambda folder: generate(
         folder / "phantoms", train=2, test=4, height=96, width=64, seed=1))
-    monkeypatch.setattr(demo, "ready_demo_bundle", lambda folder: None)
-    monkeypatch.setattr(demo, "train_demo_bundle", stand_in_training)
-    assert run_demo(settings, count=2, keep_serving=False) == 0
+    monkeypatch.setattr(demo_data, "ready_demo_bundle", lambda folder: None)
+    monkeypatch.setattr(demo_bundle, "train_demo_bundle", stand_in_training)
+    setup = [sys.executable, "-c", "import pathlib, time; time.sleep(2); "
+             f"pathlib.Path({str(installed)!r}).touch(); print('set up')"]
+    assert run_demo(settings, count=2, keep_serving=False, setup=setup) == 0
     out = capsys.readouterr().out
     assert held == [{"waiting-for-model"}]
-    steps = ["answers C-ECHO", "-> status 0x0000", "wait as waiting-for-model",
-             "node started again with the bundle", "demo: results"]
+    steps = ["answers C-ECHO", "installing the packages that train while the node takes images",
+             "-> status 0x0000", "wait as waiting-for-model", "node started again with the bundle",
+             "demo: results"]
     assert [out.index(step) for step in steps] == sorted(out.index(step) for step in steps)
     assert out.count("(p = ") == 2
     assert {row.status for row in instances(url)} == {"done"}
+    assert (settings.data_dir / "demo" / "setup.log").read_text() == "set up\n"
+
+
+def test_the_demo_says_when_its_set_up_fails(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from dicom_node.cli.demo import run_demo
+    from dicom_node.config import load_settings
+    from training import demo_data
+    from training.phantoms import generate
+
+    settings = load_settings(data_dir=tmp_path / "var", port=free_port(), http_port=0)
+    monkeypatch.setattr(demo_data, "demo_phantoms", lambda folder: generate(
+        folder / "phantoms", train=2, test=2, height=96, width=64, seed=1))
+    monkeypatch.setattr(demo_data, "ready_demo_bundle", lambda folder: None)
+    setup = [sys.executable, "-c", "import sys; print('no network'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match=r"installing the packages that train failed "
+                                           r"\(status 3\); see .*setup.log"):
+        run_demo(settings, count=1, keep_serving=False, setup=setup)
+    assert "no network" in (settings.data_dir / "demo" / "setup.log").read_text()
