@@ -84,36 +84,6 @@ def test_the_node_only_process_never_imports_torch(tmp_path: Path, sqlite_url: s
     assert not imported & set(NOT_IN_THE_NODE), sorted(imported & set(NOT_IN_THE_NODE))
 
 
-def test_the_demos_first_node_and_its_phantoms_need_no_torch(tmp_path: Path,
-                                                            sqlite_url: str) -> None:
-    """On a first run the demo starts the node (embedded worker, no bundle yet) and makes its
-    phantoms before torch is installed: neither may import it. The worker decodes the image
-    and leaves it waiting for a model."""
-    from tests.support.node import instances, wait_for
-
-    node = NodeProcess(tmp_path / "var", sqlite_url, env={"PYTHONPROFILEIMPORTTIME": "1"})
-    node.start()
-    try:
-        assert storescu(node.port, [make_radiograph(tmp_path / "spine.dcm")]).returncode == 0
-        wait_for(lambda: [row.status for row in instances(sqlite_url)] == ["waiting-for-model"],
-                 90, what="the image to wait for a model")
-    finally:
-        node.stop()
-    modules = {line.split("|")[-1].strip()
-               for line in node.log().splitlines() if line.startswith("import time:")}
-    assert "workers.pipeline" in modules  # the worker's imports are in the log too
-    imported = {module.split(".")[0] for module in modules}
-    assert not imported & set(NOT_IN_THE_NODE), sorted(imported & set(NOT_IN_THE_NODE))
-    code = ("import sys; from training.demo_data import demo_phantoms, ready_demo_bundle; "
-            "from training.phantoms import generate; import dicom_node.cli.demo; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            f"{NOT_IN_THE_NODE!r}))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
-
-
 def test_import_rule_holds_for_the_whole_cli_help() -> None:
     """`spinenode --help` builds every group's parser without importing torch or training."""
     code = ("import sys; from dicom_node.cli import build_parser; build_parser(); "

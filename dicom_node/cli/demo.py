@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from dicom_node.sop_classes import STORAGE_SOP_CLASSES
 from dicom_node.study_reports import studies_to_report
 
 DEMO_AE = "SPINEDEMO"
+DEMO_STUDY_STABLE_SECONDS = 5.0
 RECEIVER_AE = "DEMOPACS"
 
 
@@ -105,9 +107,11 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True,
     received = demo_dir / "received"
     server, receiver_port = _start_receiver(received)
     destination = Destination(ae_title=RECEIVER_AE, host="127.0.0.1", port=receiver_port)
-    settings = settings.model_copy(update={"bundle": bundle,
-                                           "destinations": [*settings.destinations,
-                                                            destination]})
+    update = {"bundle": bundle, "destinations": [*settings.destinations, destination]}
+    if "study_stable_seconds" not in settings.model_fields_set:
+        # The demo sends its study at once: no need to wait the default 30 s for more images.
+        update["study_stable_seconds"] = DEMO_STUDY_STABLE_SECONDS
+    settings = settings.model_copy(update=update)
     node = _start_node(settings)
     installing = None
     try:
@@ -279,7 +283,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings.make_dirs()
     try:
         return run_demo(settings, count=args.count, keep_serving=not args.exit,
-                        setup=args.setup.split() if args.setup else None)
+                        setup=shlex.split(args.setup) if args.setup else None)
     except RuntimeError as error:
         raise Fatal(f"demo failed: {error}") from None
 

@@ -121,23 +121,3 @@ def test_the_demo_node_takes_images_before_its_bundle_exists(
     assert out.count("(p = ") == 2
     assert {row.status for row in instances(url)} == {"done"}
     assert (settings.data_dir / "demo" / "setup.log").read_text() == "set up\n"
-
-
-def test_the_demo_says_when_its_set_up_fails(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-
-    from dicom_node.cli.demo import run_demo
-    from dicom_node.config import load_settings
-    from training import demo_data
-    from training.phantoms import generate
-
-    settings = load_settings(data_dir=tmp_path / "var", port=free_port(), http_port=0)
-    monkeypatch.setattr(demo_data, "demo_phantoms", lambda folder: generate(
-        folder / "phantoms", train=2, test=2, height=96, width=64, seed=1))
-    monkeypatch.setattr(demo_data, "ready_demo_bundle", lambda folder: None)
-    setup = [sys.executable, "-c", "import sys; print('no network'); sys.exit(3)"]
-    with pytest.raises(RuntimeError, match=r"installing the packages that train failed "
-                                           r"\(status 3\); see .*setup.log"):
-        run_demo(settings, count=1, keep_serving=False, setup=setup)
-    assert "no network" in (settings.data_dir / "demo" / "setup.log").read_text()
