@@ -54,6 +54,9 @@ def reduced_precisions() -> dict[str, torch.device]:
 
 
 INT8_CALIBRATION = "int8-calibration.pt"
+# Images a pass when calibrating and checking int8: more would be fewer observer histograms to
+# rebuild (one a pass), but 32 at full size would be 160 views of 384 px in one batch.
+INT8_IMAGES_A_PASS = 4
 
 
 def calibrate_int8(target: Path,
@@ -68,9 +71,9 @@ def calibrate_int8(target: Path,
     for name, _, model in dernet.members:
         prepared = prepare_member(model, name, spec.input_size)
         with torch.inference_mode():
-            # Four images a pass: each pass rebuilds the histogram of every observer.
-            for start in range(0, len(images[name]), 4):
-                prepared(tta_views(dernet.inputs(images[name][start:start + 4]), spec.tta))
+            for start in range(0, len(images[name]), INT8_IMAGES_A_PASS):
+                batch = images[name][start:start + INT8_IMAGES_A_PASS]
+                prepared(tta_views(dernet.inputs(batch), spec.tta))
         statistics[name] = observer_statistics(prepared)
     _keep_int8_calibration(target, statistics)
     return statistics
@@ -100,9 +103,8 @@ def check_int8(target: Path, calibration: dict[str, list[np.ndarray]],
     members = {}
     for name, images in checked.items():
         members[name] = 0.0
-        # A few images at a time: 32 at full size would be 160 views of 384 px in one batch.
-        for start in range(0, len(images), 4):
-            inputs = exact.inputs(images[start:start + 4])
+        for start in range(0, len(images), INT8_IMAGES_A_PASS):
+            inputs = exact.inputs(images[start:start + INT8_IMAGES_A_PASS])
             full, int8 = (dernet.view_probabilities(inputs, only=name)[name].mean(dim=1)
                           for dernet in (exact, reduced))
             members[name] = max(members[name], float((full - int8).abs().max()))

@@ -102,8 +102,9 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True,
     demo_dir = settings.data_dir.resolve() / "demo"
     own_bundle = settings.bundle is not None
     bundle = settings.bundle or ready_demo_bundle(demo_dir)
-    if bundle is not None and setup:
-        _run_setup(setup, demo_dir, background=False)  # the worker needs torch for the bundle
+    setup_log = demo_dir / "setup.log"
+    if bundle is not None and setup:  # the worker needs torch for the bundle: before the node
+        _wait_for_setup(_start_setup(setup, setup_log), setup_log)
     received = demo_dir / "received"
     server, receiver_port = _start_receiver(received)
     destination = Destination(ae_title=RECEIVER_AE, host="127.0.0.1", port=receiver_port)
@@ -121,7 +122,9 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True,
             print(f"demo: results page http://{settings.http_bind_address}:{settings.http_port}/"
                   f" ; log in with the operator token {_demo_token(settings)}", flush=True)
         if bundle is None and setup:
-            installing = _run_setup(setup, demo_dir, background=True)
+            print(f"demo: installing the packages that train while the node takes images "
+                  f"({' '.join(setup)}; log {setup_log})", flush=True)
+            installing = _start_setup(setup, setup_log)
         if own_bundle:  # not trained on phantoms: plain synthetic radiographs
             from training.synthetic import make_radiograph
 
@@ -136,7 +139,7 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True,
             print("demo: the images wait as waiting-for-model while the bundle trains",
                   flush=True)
             if installing is not None:
-                _wait_for_setup(installing, demo_dir / "setup.log")
+                _wait_for_setup(installing, setup_log)
             settings = settings.model_copy(update={"bundle": _train(demo_dir)})
             _stop_node(node)
             node = _start_node(settings)
@@ -165,19 +168,12 @@ def run_demo(settings: Settings, count: int = 3, keep_serving: bool = True,
             installing.terminate()
 
 
-def _run_setup(command: list[str], demo_dir: Path, background: bool) -> subprocess.Popen:
-    """Install what training needs with ``command`` (quick when it is there), its output in a
-    log file."""
-    demo_dir.mkdir(parents=True, exist_ok=True)
-    log = demo_dir / "setup.log"
-    if background:
-        print(f"demo: installing the packages that train while the node takes images "
-              f"({' '.join(command)}; log {log})", flush=True)
+def _start_setup(command: list[str], log: Path) -> subprocess.Popen:
+    """Start installing what training needs with ``command`` (quick when it is there), its
+    output in ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    if not background:
-        _wait_for_setup(process, log)
-    return process
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _wait_for_setup(process: subprocess.Popen, log: Path) -> None:
