@@ -51,6 +51,10 @@ class ClassifyConfig(BaseModel):
     # paper's final models) one trained on all of train for the median of the folds' best
     # epoch counts. The ensemble weights and threshold come from the folds either way.
     final_members: Literal["best_fold", "retrain"] = "best_fold"
+    # Whether export checks int8 members on an x86-64 CPU (and the workers serve those within
+    # the tolerance there). Their calibration takes minutes of the export; small members (the
+    # demo's, 96 px) gain little from int8.
+    int8: bool = True
 
 
 class DetectConfig(BaseModel):

@@ -13,7 +13,7 @@ from workers.bundle import BundleError, load_bundle
 # Varied phantoms (three difficulty bands, 4-7 levels, both photometrics), their long side from
 # 300 to 1,500 px: the generator goes to 3,000, which doubles the demo's data for no new look.
 DEMO_SIZES = (300, 1500)
-DEMO_VERSION = "0.3.0"  # change it with the phantoms or training/configs/demo.yaml
+DEMO_VERSION = "0.4.0"  # change it with the phantoms or training/configs/demo.yaml
 
 
 def demo_phantoms(folder: Path) -> Path:

@@ -150,15 +150,19 @@ def check_precision(bundle_path: Path, images: list[np.ndarray], dtype: torch.dt
 
 
 def validate_precisions(target: Path, images: list[np.ndarray],
-                        int8_images: tuple[dict, dict, bool] | None = None) -> dict:
-    """Check the bundle in every reduced precision this machine has (reduced_precisions) and
-    write into its manifest which passed, per component (the members on probabilities, the
-    detector on raw boxes and scores), and the differences measured. The checks, by name.
-    int8 (``check_int8``) uses ``int8_images`` (calibration and checked images per member, and
-    whether those are held out), by default the first and second half of ``images``."""
+                        int8_images: tuple[dict, dict, bool] | None = None,
+                        int8: bool = True) -> dict:
+    """Check the bundle in every reduced precision this machine has (reduced_precisions; int8
+    only if ``int8``) and write into its manifest which passed, per component (the members on
+    probabilities, the detector on raw boxes and scores), and the differences measured. The
+    checks, by name. int8 (``check_int8``) uses ``int8_images`` (calibration and checked
+    images per member, and whether those are held out), by default the first and second half
+    of ``images``."""
     checks = {}
     validated = {"classifier": ["float32"], "detector": ["float32"]}
     for name, device in reduced_precisions().items():
+        if name == "int8" and not int8:
+            continue
         if name == "int8":
             checks[name] = check_int8(target, *(int8_images or _halves(target, images)))
         else:
@@ -253,6 +257,7 @@ def export_bundle(run: Path, config: TrainingConfig, target: Path, name: str,
                     "init_weights": recorded_starts(run, config.classify.members)},
         metrics=metrics,
     ))
-    validate_precisions(target, _check_images(run), _int8_images(run, config, ensemble))
+    validate_precisions(target, _check_images(run), _int8_images(run, config, ensemble),
+                        int8=config.classify.int8)
     load_bundle(target)
     return target

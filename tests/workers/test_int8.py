@@ -14,6 +14,7 @@ import torch
 import training.export
 from dicom_node.files import sha256_of
 from tests.support.bundles import make_test_bundle
+from training.config import load_config
 from training.export import INT8_CALIBRATION, PRECISION_TOLERANCE, validate_precisions
 from training.synthetic import radiograph_pixels
 from workers.bundle import BundleError, ValidatedPrecisions, load_bundle, write_manifest
@@ -122,3 +123,17 @@ def test_int8_only_where_checked(test_bundle: Path, tmp_path: Path,
     assert manifest.classifier.int8_calibration is None
     assert not (path / INT8_CALIBRATION).exists()
     assert ModelRuntime(load_bundle(path), CPU, 0, None).classifier.dtype != torch.qint8
+
+
+def test_a_recipe_without_int8_is_not_calibrated(test_bundle: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The demo's recipe (classify.int8: false): no calibration, no claim, float32 served.
+    path = tmp_path / "bundle"
+    shutil.copytree(test_bundle, path)
+    monkeypatch.setattr(training.export, "reduced_precisions", lambda: {"int8": CPU})
+    assert validate_precisions(path, _images(range(2)), int8=False) == {}
+    manifest = load_bundle(path).manifest
+    assert manifest.validated_precisions.classifier == ["float32"]
+    assert manifest.classifier.int8_calibration is None
+    assert not (path / INT8_CALIBRATION).exists()
+    assert load_config("demo").classify.int8 is False

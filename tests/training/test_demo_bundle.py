@@ -1,0 +1,49 @@
+"""The demo's bundle is trained with DERNet here and YOLO11 in a second process at once
+(training.demo_bundle.train_side_by_side), tiny."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config import TrainingConfig
+from training.demo_bundle import train_side_by_side
+from training.phantoms import generate
+from training.prepare import prepare
+
+TINY = TrainingConfig.model_validate({
+    "data": {"cache_size": 64, "folds": 2, "val_fraction": 0.5, "seed": 0},
+    "classify": {"members": ["resnet50"], "input_size": 32, "epochs": 1, "batch_size": 8,
+                 "progressive_sizes": [32], "int8": False},
+    "detect": {"scale": "n", "image_size": 64, "epochs": 1, "batch": 8, "nominal_batch": 8,
+               "warmup_epochs": 0, "scales": [64]},
+})
+
+
+@pytest.fixture
+def prepared(tmp_path: Path) -> Path:
+    data = generate(tmp_path / "data", train=16, test=2, height=128, width=96, seed=3)
+    prepare(data, tmp_path / "run", TINY)
+    return tmp_path / "run"
+
+
+def test_dernet_and_yolo11_train_side_by_side(prepared: Path) -> None:
+    threads, steps = torch.get_num_threads(), []
+    train_side_by_side(prepared, TINY, "cpu", steps.append)
+    assert steps == ["DERNet members trained, ensemble fitted", "YOLO11 trained"]
+    assert json.loads((prepared / "ensemble.json").read_text())["weights"] == {"resnet50": 1.0}
+    assert (prepared / "detect" / "train" / "weights" / "best.pt").is_file()
+    results = (prepared / "detect" / "train" / "results.csv").read_text().splitlines()
+    assert len(results) == 2  # the header and its one epoch
+    assert torch.get_num_threads() == threads  # DERNet's share ends with the detector
+
+
+def test_a_failed_detector_fails_the_demo_training(prepared: Path) -> None:
+    (prepared / "yolo" / "data.yaml").unlink()
+    steps = []
+    with pytest.raises(RuntimeError, match=r"YOLO11 training failed \(exit code 1\)"):
+        train_side_by_side(prepared, TINY, "cpu", steps.append)
+    assert steps == ["DERNet members trained, ensemble fitted"]
