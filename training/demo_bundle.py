@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,16 +43,16 @@ def train_demo_bundle(folder: Path, device: str = "cpu") -> Path:
 
 def train_side_by_side(run: Path, config: TrainingConfig, device: str,
                        done: Callable[[str], None]) -> None:
-    """DERNet (cross-validation, ensemble) here and YOLO11 in a second process, at once.
-    ultralytics trains on the CPU with cores - 1 threads (at most 8) and runs slower on two
-    than on one at the demo's sizes, so one after the other leaves a core of a 2-core machine
-    idle for the detector's minutes (2-core AMD EPYC without AVX-512: 273 s + 328 s one after
-    the other, 474 s at once). DERNet takes the other half of the cores meanwhile."""
+    """DERNet (cross-validation, ensemble) here and YOLO11 in a second process, at once, each
+    on half the cores: at the demo's sizes neither gains much from a second core (2-core AMD
+    EPYC without AVX-512: 273 s + 328 s one after the other on two threads each, 474 s at
+    once on one each)."""
+    share = max(1, (os.cpu_count() or 2) // 2)
     detector = multiprocessing.get_context("spawn").Process(
-        target=_train_detector, args=(run, config.detect, device), name="yolo11-training")
+        target=_train_detector, args=(run, config.detect, device, share), name="yolo11-training")
     detector.start()
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    torch.set_num_threads(share)
     try:
         cross_validate(run, config, torch_device(device))
         fit_ensemble(run, config)
@@ -68,5 +69,7 @@ def train_side_by_side(run: Path, config: TrainingConfig, device: str,
     done("YOLO11 trained")
 
 
-def _train_detector(run: Path, detect: DetectConfig, device: str) -> None:
+def _train_detector(run: Path, detect: DetectConfig, device: str, threads: int) -> None:
+    torch.set_num_threads(threads)  # before ultralytics is imported: it trains on as many
+    sys.stdout.reconfigure(line_buffering=True)  # its epoch lines as they come, into a pipe too
     train_detector(run, detect, device=device)
