@@ -150,8 +150,10 @@ def train_fold(run: Path, architecture: str, train_items: list[IndexedImage],
     return model, best["state"], {"best_epoch": best["epoch"], "val_auroc": best["auroc"]}
 
 
-def cross_validate(run: Path, config: TrainingConfig,
-                   device: torch.device = CPU) -> dict[str, dict]:
+def cross_validate(run: Path, config: TrainingConfig, device: torch.device = CPU,
+                   fold_bars: bool = True) -> dict[str, dict]:
+    """Each member on each fold; ``fold_bars``: a progress bar over each member's folds (not
+    where another process prints to the same terminal: it would break into its lines)."""
     train = DatasetIndex.read(run).split("train")
     folds = sorted({image.fold for image in train if image.fold is not None})
     results = {}
@@ -165,7 +167,7 @@ def cross_validate(run: Path, config: TrainingConfig,
         record_start(folder, config.classify.init_weights.get(architecture), architecture)
         oof: dict[str, float] = {}
         per_fold = []
-        for fold in tqdm(folds, desc=architecture, unit="fold"):
+        for fold in tqdm(folds, desc=architecture, unit="fold", disable=not fold_bars):
             done = folder / f"fold{fold}.json"  # written after its weights: the fold is whole
             if done.exists():
                 saved = json.loads(done.read_text())

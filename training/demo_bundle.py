@@ -54,7 +54,7 @@ def train_side_by_side(run: Path, config: TrainingConfig, device: str,
     threads = torch.get_num_threads()
     torch.set_num_threads(share)
     try:
-        cross_validate(run, config, torch_device(device))
+        cross_validate(run, config, torch_device(device), fold_bars=False)
         fit_ensemble(run, config)
         done("DERNet members trained, ensemble fitted")
         detector.join()
