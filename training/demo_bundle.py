@@ -27,7 +27,7 @@ def train_demo_bundle(folder: Path, device: str = "cpu") -> Path:
     data, run, bundle = folder / "phantoms", folder / "run", folder / "bundle"
     start = time.monotonic()
     config = load_config("demo")
-    print("demo: training a phantom bundle (first run only, 5 to 10 minutes on 2 cores)...",
+    print("demo: training a phantom bundle (first run only: about 7 minutes on 2 cores)...",
           flush=True)
 
     def done(step: str) -> None:
