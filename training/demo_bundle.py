@@ -44,9 +44,9 @@ def train_demo_bundle(folder: Path, device: str = "cpu") -> Path:
 def train_side_by_side(run: Path, config: TrainingConfig, device: str,
                        done: Callable[[str], None]) -> None:
     """DERNet (cross-validation, ensemble) here and YOLO11 in a second process, at once, each
-    on half the cores: at the demo's sizes neither gains much from a second core (2-core AMD
-    EPYC without AVX-512: 273 s + 328 s one after the other on two threads each, 474 s at
-    once on one each)."""
+    on half the cores (2-core AMD EPYC without AVX-512, the demo's recipe before 0.4.0: 273 s
+    + 328 s one after the other on two threads each, 474 s at once on one each). A detector
+    that fails is reported once DERNet is done."""
     share = max(1, (os.cpu_count() or 2) // 2)
     detector = multiprocessing.get_context("spawn").Process(
         target=_train_detector, args=(run, config.detect, device, share), name="yolo11-training")
