@@ -203,12 +203,18 @@ def settle_and_check(rig: Rig, fault: str, sent: list[Sent]) -> Row:
     started = time.monotonic()
 
     def settled() -> bool:
+        # In this order, each query after the one before it: a report (with its deliveries)
+        # committed between the deliveries' count and the check for studies to report would
+        # otherwise read as settled with its SR never sent.
         with sessions() as session:
-            statuses = set(session.scalars(select(Instance.status)))
-            pending = session.scalar(select(func.count()).select_from(Delivery)
-                                     .where(Delivery.status != "delivered"))
+            if not set(session.scalars(select(Instance.status))) <= TERMINAL:
+                return False
         # Every study reported (each streamed image is a study of its own), and sent.
-        return statuses <= TERMINAL and not pending and not studies_to_report(sessions, 0)
+        if studies_to_report(sessions, 0):
+            return False
+        with sessions() as session:
+            return not session.scalar(select(func.count()).select_from(Delivery)
+                                      .where(Delivery.status != "delivered"))
 
     try:
         wait_for(settled, BOUND_SECONDS, interval=0.5, what=f"{fault}: all results delivered")
