@@ -27,7 +27,8 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import VR
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.codestreams import CODING_OF_SYNTAX, HEAD_BYTES, coding, declared_size
@@ -338,18 +339,47 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
     return str(ds.get(keyword, "") or "")[:limit]
 
 
-def _get_or_create(session: Session, model: type, key: dict, values: dict):  # noqa: ANN202
-    """The row with ``key``, created with ``values`` if new; safe against a concurrent insert."""
-    row = session.scalar(select(model).filter_by(**key))
-    if row is not None:
-        return row
-    try:
-        with session.begin_nested():
-            row = model(**key, **values)
-            session.add(row)
-        return row
-    except IntegrityError:
-        return session.scalar(select(model).filter_by(**key))
+_INSERT = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}  # ON CONFLICT is per dialect
+
+
+def _id_of(session: Session, model: type, key: dict, values: Callable[[], dict]) -> int:
+    """The id of the row with ``key``, inserted with ``values()`` if there is none. ON CONFLICT
+    DO NOTHING lets a sender storing the same study at once win the race without an error
+    (or a SAVEPOINT round trip); its row is then read."""
+    found = session.scalar(select(model.id).filter_by(**key))
+    if found is not None:
+        return found
+    insert = _INSERT[session.get_bind().dialect.name](model)
+    inserted = session.scalar(insert.values(**key, **values()).on_conflict_do_nothing()
+                              .returning(model.id))
+    return inserted if inserted is not None else session.scalar(
+        select(model.id).filter_by(**key))
+
+
+def _patient_id(session: Session, ds: Dataset) -> int:
+    return _id_of(session, Patient,
+                  {"patient_id": _text(ds, "PatientID", 64),
+                   "issuer": _text(ds, "IssuerOfPatientID", 64)},
+                  lambda: {"name": _text(ds, "PatientName", 324),
+                           "birth_date": _text(ds, "PatientBirthDate", 8),
+                           "sex": _text(ds, "PatientSex", 16)})
+
+
+def _study_id(session: Session, ds: Dataset) -> int:
+    return _id_of(session, Study, {"study_uid": str(ds.StudyInstanceUID)},
+                  lambda: {"patient_pk": _patient_id(session, ds),
+                           "accession_number": _text(ds, "AccessionNumber", 16),
+                           "study_date": _text(ds, "StudyDate", 8),
+                           "description": _text(ds, "StudyDescription", 64)})
+
+
+def _series_id(session: Session, ds: Dataset) -> int:
+    """The series' id; its study and patient are looked up only for a new series, so an image
+    of a series already here costs one query."""
+    return _id_of(session, Series, {"series_uid": str(ds.SeriesInstanceUID)},
+                  lambda: {"study_pk": _study_id(session, ds), "modality": modality_of(ds),
+                           "body_part": _text(ds, "BodyPartExamined", 64),
+                           "series_number": _int(ds, "SeriesNumber", 0) or None})
 
 
 class Intake:
@@ -444,29 +474,10 @@ class Intake:
     def _record(self, session: Session, instance: Instance | None, ds: Dataset, path: Path,
                 digest: str, size: int, decision: RoutingDecision, calling_ae: str,
                 called_ae: str) -> int:
-        """The instance's row (new, or ``instance`` revised) with its patient, study and
-        series; its id."""
+        """The instance's row (new, or ``instance`` revised), with its patient, study and
+        series where they are new; its id."""
         status = InstanceStatus.RECEIVED if decision.analyse else InstanceStatus.SKIPPED
-        patient = _get_or_create(
-            session, Patient,
-            {"patient_id": _text(ds, "PatientID", 64),
-             "issuer": _text(ds, "IssuerOfPatientID", 64)},
-            {"name": _text(ds, "PatientName", 324),
-             "birth_date": _text(ds, "PatientBirthDate", 8),
-             "sex": _text(ds, "PatientSex", 16)},
-        )
-        study = _get_or_create(
-            session, Study, {"study_uid": str(ds.StudyInstanceUID)},
-            {"patient": patient, "accession_number": _text(ds, "AccessionNumber", 16),
-             "study_date": _text(ds, "StudyDate", 8),
-             "description": _text(ds, "StudyDescription", 64)},
-        )
-        series = _get_or_create(
-            session, Series, {"series_uid": str(ds.SeriesInstanceUID)},
-            {"study": study, "modality": modality_of(ds),
-             "body_part": _text(ds, "BodyPartExamined", 64),
-             "series_number": _int(ds, "SeriesNumber", 0) or None},
-        )
+        series_id = _series_id(session, ds)  # before the instance is added: queries autoflush
         event = "received"
         if instance is None:
             instance = Instance(sop_instance_uid=str(ds.SOPInstanceUID), revision=1)
@@ -484,7 +495,7 @@ class Intake:
             instance.decoded_at = None
             instance.photometric_interpretation = ""
         instance.sop_class_uid = str(ds.SOPClassUID)
-        instance.series = series
+        instance.series_pk = series_id
         instance.transfer_syntax_uid = str(ds.file_meta.TransferSyntaxUID)
         instance.calling_ae = calling_ae
         instance.called_ae = called_ae

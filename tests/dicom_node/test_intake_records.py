@@ -1,0 +1,114 @@
+"""The rows the intake finds or makes for an image's patient, study and series, and what that
+costs in statements: each is a round trip that holds up the sender's next C-STORE."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import event, func, select
+
+from dicom_node.config import Settings, load_settings
+from dicom_node.db import migrate
+from dicom_node.db.models import Instance, Patient, Series, Study
+from dicom_node.db.session import engine_for, session_factory
+from dicom_node.intake import Intake, StoreOutcome, StoreStatus
+from training.synthetic import make_radiograph
+
+_HIERARCHY = re.compile(r"\b(patients|studies|series)\b")
+
+
+def _node(tmp_path: Path, database_url: str) -> tuple[Settings, Intake]:
+    settings = load_settings(data_dir=tmp_path / "var", database_url=database_url)
+    settings.make_dirs()
+    migrate.upgrade(database_url)
+    return settings, Intake(settings, session_factory(database_url))
+
+
+def _store(settings: Settings, intake: Intake, study_uid: str | None = None,
+           series_uid: str | None = None) -> StoreOutcome:
+    path = make_radiograph(settings.incoming_dir / f"{generate_uid()}.dcm", rows=64, columns=48,
+                           study_uid=study_uid)
+    ds = dcmread(path)
+    if series_uid:
+        ds.SeriesInstanceUID = series_uid
+        ds.save_as(path)
+    return intake.store(path, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+                        calling_ae="MODALITY", called_ae="SPINENODE")
+
+
+def _statements(database_url: str, store) -> list[str]:  # noqa: ANN001
+    """The SQL statements that ``store()`` sent."""
+    sent: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:  # noqa: ANN001
+        sent.append(statement)
+
+    engine = engine_for(database_url)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        assert store().status == StoreStatus.SUCCESS
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    return sent
+
+
+def test_an_image_of_a_known_series_reads_only_the_series_row(tmp_path: Path,
+                                                              database_url: str) -> None:
+    settings, intake = _node(tmp_path, database_url)
+    first = _store(settings, intake)
+    with intake.sessions() as session:
+        series_uid = session.scalar(select(Series.series_uid))
+        study_uid = session.scalar(select(Study.study_uid))
+
+    known = _statements(database_url, lambda: _store(settings, intake, study_uid, series_uid))
+    touching = [s for s in known if _HIERARCHY.search(s)]
+    assert len(touching) == 1 and touching[0].lstrip().upper().startswith("SELECT")
+    assert not [s for s in known if "SAVEPOINT" in s.upper()]
+
+    # A new series of that study: the series is inserted, the study found, the patient not read.
+    new_series = _statements(database_url, lambda: _store(settings, intake, study_uid))
+    assert [s.split()[0].upper() for s in new_series if re.search(r"\bpatients\b", s)] == []
+    assert [s.split()[0].upper() for s in new_series if _HIERARCHY.search(s)] == [
+        "SELECT", "SELECT", "INSERT"]
+
+    with intake.sessions() as session:
+        assert session.scalar(select(func.count(Patient.id))) == 1
+        assert session.scalar(select(func.count(Study.id))) == 1
+        assert session.scalar(select(func.count(Series.id))) == 2
+        assert session.get(Instance, first.instance_id).series.series_uid == series_uid
+
+
+def test_two_senders_of_one_new_study_share_its_rows(tmp_path: Path, postgres_url: str) -> None:
+    """The other sender's transaction holds the new patient, study and series, not yet
+    committed: this image's insert waits for it and then takes its rows, with no error."""
+    settings, intake = _node(tmp_path, postgres_url)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    other = intake.sessions()
+    other.begin()
+    patient = Patient(patient_id="TEST-0001", issuer="")
+    series = Series(series_uid=series_uid, study=Study(study_uid=study_uid, patient=patient))
+    other.add(series)
+    other.flush()
+
+    outcome: list[StoreOutcome] = []
+    sender = threading.Thread(target=lambda: outcome.append(
+        _store(settings, intake, study_uid, series_uid)))
+    sender.start()
+    time.sleep(1.0)
+    assert sender.is_alive(), "the insert did not wait for the other transaction"
+    other.commit()
+    sender.join(30)
+
+    assert outcome and outcome[0].status == StoreStatus.SUCCESS
+    with intake.sessions() as session:
+        instance = session.get(Instance, outcome[0].instance_id)
+        assert instance.series_pk == series.id
+        assert session.scalar(select(func.count(Patient.id))) == 1
+        assert session.scalar(select(func.count(Study.id))) == 1
+        assert session.scalar(select(func.count(Series.id))) == 1
+    other.close()
