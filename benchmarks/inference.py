@@ -4,7 +4,8 @@ Full-size random-weight models (DenseNet-121, EfficientNetV2-S, ResNet-50 at 384
 views each, YOLO11-l at 640 px) on one 2500x2000 radiograph. Prints seconds per image for plain
 eager PyTorch (NCHW float32, what a straightforward implementation does) and for our runtime in
 each precision it offers on this machine (and bfloat16 where oneDNN only emulates it, which the
-runtime never chooses; and int8 members, workers/int8.py, beside each detector precision), the
+runtime never chooses; and int8 members, workers/int8.py, beside each detector precision; and
+the models compiled at load, compile_models, in the precision the runtime picks first), the
 achieved GFLOP/s against a float32 (and bfloat16) GEMM measured in the same run as the machine's
 practical peak, and how far our outputs are from eager's.
 Random weights: the deviation says nothing about a trained bundle, which must be checked
@@ -16,6 +17,7 @@ again (its manifest's validated_precisions).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -134,13 +136,21 @@ def main() -> None:
         # int8 members (workers/int8.py) with each detector precision this CPU serves.
         settings += [{"classifier": ["int8"], "detector": [p]} for p in precisions
                      if not (emulated and p == "bfloat16")]
-        for validated in settings:
+        runs = [(validated, False) for validated in settings]
+        # Compiled at load (compile_models, workers/compiled.py) in the precision the runtime
+        # picks first on this CPU.
+        best = "bfloat16" if native else "float32"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder) / "inductor")  # a first start
+        runs.append(({"classifier": [best], "detector": [best]}, True))
+        for validated, compiled in runs:
             manifest = load_bundle(path).manifest
             write_manifest(path, manifest.model_copy(update={
                 "validated_precisions": ValidatedPrecisions(**validated)}))
             forced = emulated and validated["classifier"] == ["bfloat16"]
+            loading = time.perf_counter()
             runtime = ModelRuntime(load_bundle(path), torch.device("cpu"), args.threads, None,
-                                   "bfloat16" if forced else "auto")
+                                   "bfloat16" if forced else "auto", compile_models=compiled)
+            loaded = time.perf_counter() - loading
             seconds = median_seconds(lambda r=runtime: r.analyse([image]), args.repeats)
             (result,) = runtime.analyse([image])
             deviation = max(abs(result.classification.member_probabilities[name] - p)
@@ -148,7 +158,8 @@ def main() -> None:
             achieved = gflop / seconds
             peak = (f"{achieved / peaks[runtime.precision]:5.1%} of {runtime.precision} GEMM"
                     if runtime.precision in peaks else f"{'':>5s}    (mixed)      ")
-            name = runtime.precision + (", emulated: never chosen" if forced else "")
+            name = runtime.precision + (", emulated: never chosen" if forced else "") + (
+                f", compiled in {loaded:.0f} s" if compiled else "")
             print(f"{'spinenode runtime (' + name + ')':38s} {seconds:6.2f} "
                   f"s/image  {achieved:6.0f} GFLOP/s  {peak}   {eager_seconds / seconds:4.2f}x "
                   f"eager   max |dp| vs eager {deviation:.4f}")

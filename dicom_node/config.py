@@ -271,6 +271,9 @@ class Settings(BaseSettings):
     # members (x86-64), else float32; a reduced precision only where the bundle's manifest lists
     # it as validated, per component. float32 turns them all off.
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # CPU workers: compile the models with PyTorch's inductor at load (workers/compiled.py):
+    # faster inference for minutes of compiling at the first start, and g++ on the machine.
+    compile_models: bool = False
     # Batching: a task also claims up to batch_size - 1 other queued instances, waiting at most
     # batch_wait_ms for them, and decodes them in decode_workers processes at once. Worth it on
     # a GPU (e.g. 8); 1 = one image per task.

@@ -24,14 +24,18 @@ from training.config import ConfigError, TrainingConfig
 from training.dataset_index import DatasetIndex
 from training.init_weights import recorded_starts
 from training.provenance import git_commit, library_versions
-from workers.bundle import Manifest, ValidatedPrecisions, load_bundle, write_manifest
+from workers.bundle import (
+    PRECISION_TOLERANCE,
+    Manifest,
+    ValidatedPrecisions,
+    load_bundle,
+    write_manifest,
+)
 from workers.dernet import DERNet, build_member, tta_views
 from workers.detector import Detector, letterbox, load_detection_model
 from workers.int8 import cpu_serves_int8, observer_statistics, prepare_member
 from workers.offline import prepare_offline
 from workers.runtime import DTYPES, cpu_has_native_bfloat16
-
-PRECISION_TOLERANCE = {"probability": 0.01, "box_px": 0.5, "score": 0.01}
 
 
 def _check_images(run: Path, limit: int = 32) -> list[np.ndarray]:

@@ -129,6 +129,9 @@ class DetectorSpec(_Strict):
 
 # int8: the classifier only, on a CPU (workers/int8.py).
 Precision = Literal["float32", "bfloat16", "float16", "int8"]
+# How far a reduced precision may move a result from float32 (export's check), and a compiled
+# model from the same model eager (workers/compiled.py).
+PRECISION_TOLERANCE = {"probability": 0.01, "box_px": 0.5, "score": 0.01}
 
 
 class ValidatedPrecisions(_Strict):

@@ -15,6 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dicom_node.analysis import Classification
 from workers.bundle import Bundle, BundleError, ClassifierSpec
+from workers.compiled import compiled_or_eager, probabilities_agree
 from workers.int8 import quantized_member
 
 
@@ -115,6 +116,19 @@ class DERNet:
             model.to(device, memory_format=torch.channels_last)
             self.members.append((member.architecture, member.ensemble_weight, model))
         self.int8_members = sorted(calibration)
+
+    def compile(self) -> None:
+        """Each float member compiled for one image's views where it agrees with itself eager
+        (workers/compiled.py); int8 members stay as they are."""
+        size = self.spec.input_size
+        example = torch.randn(len(self.spec.tta), 3, size, size,
+                              generator=torch.Generator().manual_seed(0))
+        example = example.to(self.device).contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.dtype):
+            self.members = [
+                (name, weight, model if name in self.int8_members else compiled_or_eager(
+                    model, example, probabilities_agree, name))
+                for name, weight, model in self.members]
 
     @torch.inference_mode()
     def view_probabilities(self, inputs: torch.Tensor,

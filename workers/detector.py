@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from dicom_node.analysis import FindingBox
 from workers.bundle import Bundle, BundleError, DetectorSpec
+from workers.compiled import compiled_or_eager, predictions_agree
 from workers.dernet import autocast
 from workers.offline import ultralytics_modules
 
@@ -136,6 +137,15 @@ class Detector:
         if classes != len(self.spec.class_names):
             raise ValueError(f"detector has {classes} classes, manifest names "
                              f"{len(self.spec.class_names)}")
+
+    def compile(self) -> None:
+        """The model compiled for one image where it agrees with itself eager
+        (workers/compiled.py)."""
+        size = self.spec.image_size
+        example = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        example = example.to(self.device).contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.dtype):
+            self.model = compiled_or_eager(self.model, example, predictions_agree, "detector")
 
     @torch.inference_mode()
     def raw_predictions(self, batch: torch.Tensor) -> torch.Tensor:

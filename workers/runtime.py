@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 import time
@@ -91,7 +92,8 @@ class ModelRuntime:
     loads = 0  # how many runtimes this process built: models load once per process
 
     def __init__(self, bundle: Bundle, device: torch.device, threads: int,
-                 normal_min_box_score: float | None, precision: str = "auto"):
+                 normal_min_box_score: float | None, precision: str = "auto",
+                 compile_models: bool = False):
         ModelRuntime.loads += 1
         self.bundle = bundle
         self.device = device
@@ -103,6 +105,9 @@ class ModelRuntime:
         if threads:
             torch.set_num_threads(threads)
         self.classifier = DERNet(bundle, device, classifier_dtype)
+        if compile_models and device.type == "cpu":
+            self.classifier.compile()
+            self.detector.compile()
         int8 = (f" (int8 members: {', '.join(self.classifier.int8_members)}; the rest float32)"
                 if self.classifier.int8_members else "")
         log.info("loaded bundle %s on %s, %s%s, in %.1f s (%d torch threads)", bundle.label,
@@ -137,14 +142,15 @@ class ModelRuntime:
         return results
 
 
-_runtimes: dict[tuple[Path, str, str], ModelRuntime] = {}
+_runtimes: dict[tuple[Path, str, str, bool], ModelRuntime] = {}
 
 
 def runtime_for(settings: Settings) -> ModelRuntime | None:
     """This process's runtime for the configured bundle, or None when none is configured."""
     if settings.bundle is None:
         return None
-    key = (settings.bundle.resolve(), settings.device, settings.precision)
+    key = (settings.bundle.resolve(), settings.device, settings.precision,
+           settings.compile_models)
     if key not in _runtimes:
         prepare_offline(settings.data_dir / "ultralytics")
         # Each weight file's SHA-256 is checked as it is loaded (Bundle.verified_bytes), so
@@ -154,7 +160,11 @@ def runtime_for(settings: Settings) -> ModelRuntime | None:
         for mismatch in bundle.manifest.version_mismatches():
             log.warning("bundle %s: %s: its results may differ from those measured when it "
                         "was made", bundle.label, mismatch)
+        if settings.compile_models:
+            # What inductor builds is kept with the node's data (importing torch's libraries
+            # already pointed it at a temporary folder): the next start finds it.
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((settings.data_dir / "inductor").resolve())
         _runtimes[key] = ModelRuntime(bundle, select_device(settings.device),
                                       settings.torch_threads, settings.normal_min_box_score,
-                                      settings.precision)
+                                      settings.precision, settings.compile_models)
     return _runtimes[key]

@@ -24,10 +24,11 @@ def make_test_bundle(folder: Path, *, version: str = "0.0.1-test", input_size: i
                      image_size: int = 64, scale: str = "n", threshold: float = 0.5,
                      validated_precisions: tuple[str, ...] | dict[str, list[str]] = ("float32",),
                      seed: int = 0,
-                     detector: Literal["random", "quadrants"] = "random") -> Path:
+                     detector: Literal["random", "quadrants"] = "random",
+                     members: tuple[tuple[str, float], ...] = MEMBERS) -> Path:
     prepare_offline(folder.parent / "ultralytics")
     torch.manual_seed(seed)
-    members = [ClassifierMember(name, build_member(name), weight) for name, weight in MEMBERS]
+    members = [ClassifierMember(name, build_member(name), weight) for name, weight in members]
     model = ultralytics_modules().DetectionModel(f"yolo11{scale}.yaml", nc=7, verbose=False)
     if detector == "quadrants":
         _find_a_lesion_per_quadrant(model)
