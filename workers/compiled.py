@@ -61,6 +61,9 @@ def compiled_or_eager(model: torch.nn.Module, example: torch.Tensor, agree: Agre
     compiled = torch.compile(model, dynamic=False, fullgraph=True)
     try:
         with torch.inference_mode():
+            # An inference tensor, as serving's are: compiled code is also specialised to that,
+            # and a plain tensor here would have the first image compile it all again.
+            example = example.clone()
             eager_out = _first(model(example)).float()
             compiled_out = _first(compiled(example)).float()
     except Exception as error:  # no C++ compiler, or a graph inductor cannot take

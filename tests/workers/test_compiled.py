@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 
 from dicom_node.config import load_settings
 from tests.support.bundles import make_test_bundle
@@ -35,7 +36,10 @@ def test_compiled_models_give_the_eager_results(tmp_path: Path,
 
     rng = np.random.default_rng(3)
     images = [rng.random((300, 240), dtype=np.float32) for _ in range(3)]  # a batch of three
-    for ours, reference in zip(compiled.analyse(images), eager.analyse(images), strict=True):
+    graphs = dynamo_counters["stats"]["unique_graphs"]
+    served = compiled.analyse(images)
+    assert dynamo_counters["stats"]["unique_graphs"] == graphs, "serving compiled again"
+    for ours, reference in zip(served, eager.analyse(images), strict=True):
         assert abs(ours.classification.probability - reference.classification.probability) \
             <= 0.01
         assert len(ours.findings) == len(reference.findings) == 4  # one a quadrant
