@@ -27,7 +27,7 @@ from training.init_weights import member_start, record_start
 from training.metrics import auroc, ensemble_weight_search, youden_threshold
 from training.progress import Epoch, EpochLog
 from workers.bundle import IMAGENET_MEAN, IMAGENET_STD, TTA_NAMES
-from workers.dernet import autocast, resize_and_normalise, tta_views
+from workers.dernet import autocast, ensemble_mean, resize_and_normalise, tta_views
 from workers.runtime import cpu_has_native_bfloat16
 
 CPU = torch.device("cpu")
@@ -230,7 +230,7 @@ def fit_ensemble(run: Path, config: TrainingConfig) -> dict:
     scores = {name: np.array([result["oof"][image.image_id] for image in train])
               for name, result in results.items()}
     weights, ensemble_auroc = ensemble_weight_search(labels, scores, config.classify.weight_step)
-    combined = sum(weights[name] * scores[name] for name in scores)
+    combined = ensemble_mean(scores, weights)
     threshold = youden_threshold(labels, combined)
     summary = {
         "weights": weights, "threshold": threshold, "oof_auroc": ensemble_auroc,

@@ -26,7 +26,7 @@ from training.phantoms import read_bands
 from training.progress import read as read_epochs
 from training.vindr import read_split
 from workers.bundle import VINDR_CLASSES
-from workers.dernet import classifier_input, tta_views
+from workers.dernet import classifier_input, ensemble_mean, tta_views
 from workers.imaging import decode
 from workers.runtime import runtime_for
 
@@ -257,9 +257,9 @@ def _float32_probability(runtime, pixels: np.ndarray) -> float:  # noqa: ANN001
     spec = runtime.bundle.manifest.classifier
     views = tta_views(classifier_input(pixels, spec)[None].to(runtime.device), spec.tta)
     members = runtime.classifier.members
-    total = sum(weight * float(torch.sigmoid(model(views).float()).mean())
-                for _, weight, model in members)
-    return total / sum(weight for _, weight, _ in members)
+    return ensemble_mean({name: float(torch.sigmoid(model(views).float()).mean())
+                          for name, _, model in members},
+                         {name: weight for name, weight, _ in members})
 
 
 def pixel_path_difference(run: Path, runtime, records: list, served: np.ndarray) -> dict:  # noqa: ANN001
@@ -273,9 +273,10 @@ def pixel_path_difference(run: Path, runtime, records: list, served: np.ndarray)
     ordered = [items[record.image_id] for record in records]
     spec = runtime.bundle.manifest.classifier
     members = runtime.classifier.members
-    trained = sum(weight * predict(model, run, ordered, spec.input_size, list(spec.tta),
-                                   runtime.device) for _, weight, model in members)
-    trained = trained / sum(weight for _, weight, _ in members)
+    trained = ensemble_mean({name: predict(model, run, ordered, spec.input_size,
+                                           list(spec.tta), runtime.device)
+                             for name, _, model in members},
+                            {name: weight for name, weight, _ in members})
     difference = np.abs(trained - served)
     return {"max_abs_dp": float(difference.max()), "mean_abs_dp": float(difference.mean()),
             "decisions_differ": int(((trained >= spec.threshold)
@@ -296,7 +297,7 @@ def ensemble_ablation(labels: np.ndarray, views: dict[str, np.ndarray],
 
     def row(configuration: str, w: dict[str, float], scores: dict[str, np.ndarray]) -> dict:
         total = sum(w.values())
-        combined = sum(w[name] * scores[name] for name in names) / total
+        combined = ensemble_mean({name: scores[name] for name in names}, w)
         report = binary_report(labels, combined, threshold, bootstrap=0)
         return {"configuration": configuration, "weights": [round(w[n] / total, 2) for n in names],
                 "auroc": report.auroc, "f1": report.f1}

@@ -7,6 +7,9 @@ mean of the members' (weights from the bundle), compared with the bundle's thres
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
 import numpy as np
 import timm
 import torch
@@ -17,6 +20,8 @@ from dicom_node.analysis import Classification
 from workers.bundle import Bundle, BundleError, ClassifierSpec
 from workers.compiled import compiled_or_eager, probabilities_agree
 from workers.int8 import quantized_member
+
+T = TypeVar("T")
 
 
 def classifier_input(pixels: np.ndarray | torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:
@@ -89,6 +94,13 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
                           enabled=dtype in (torch.bfloat16, torch.float16))
 
 
+def ensemble_mean(per_member: Mapping[str, T], weights: Mapping[str, float]) -> T:
+    """DERNet's ensemble: the members' probabilities (numbers or arrays) averaged with their
+    ensemble weights."""
+    total = sum(weights[name] * value for name, value in per_member.items())
+    return total / sum(weights[name] for name in per_member)
+
+
 class DERNet:
     def __init__(self, bundle: Bundle, device: torch.device,
                  dtype: torch.dtype = torch.float32):
@@ -149,11 +161,10 @@ class DERNet:
         per_view = self.view_probabilities(self.inputs(images))
         per_member = {name: views.mean(dim=1) for name, views in per_view.items()}
         weights = {name: weight for name, weight, _ in self.members}
-        total = sum(weights.values())
         results = []
         for index in range(len(images)):
             members = {name: float(probs[index]) for name, probs in per_member.items()}
-            probability = sum(weights[name] * p for name, p in members.items()) / total
+            probability = ensemble_mean(members, weights)
             views = {name: tuple(map(float, probs[index])) for name, probs in per_view.items()}
             results.append(Classification(members, views, probability, self.spec.threshold,
                                           probability >= self.spec.threshold))
