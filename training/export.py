@@ -32,7 +32,7 @@ from workers.bundle import (
     write_manifest,
 )
 from workers.dernet import DERNet, build_member, tta_views
-from workers.detector import Detector, letterbox, load_detection_model
+from workers.detector import Detector, letterbox, load_detection_model, prediction_differences
 from workers.int8 import cpu_serves_int8, observer_statistics, prepare_member
 from workers.offline import prepare_offline
 from workers.runtime import DTYPES, cpu_has_native_bfloat16
@@ -148,9 +148,7 @@ def check_precision(bundle_path: Path, images: list[np.ndarray], dtype: torch.dt
     detector = Detector(bundle, device, dtype)
     with autocast(device, dtype):
         approximate = detector.raw_predictions(batch)
-    return {"probability": float(probability),
-            "box_px": float((full[:, :4] - approximate[:, :4]).abs().max()),
-            "score": float((full[:, 4:] - approximate[:, 4:]).abs().max())}
+    return {"probability": float(probability), **prediction_differences(full, approximate)}
 
 
 def validate_precisions(target: Path, images: list[np.ndarray],

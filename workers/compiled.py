@@ -21,11 +21,10 @@ from collections.abc import Callable
 
 import torch
 
-from workers.bundle import PRECISION_TOLERANCE
-
 log = logging.getLogger(__name__)
 
-Agreement = Callable[[torch.Tensor, torch.Tensor], str | None]  # (eager, compiled) -> why not
+# (eager, compiled) -> why they disagree, or None: the model's own module knows its outputs.
+Agreement = Callable[[torch.Tensor, torch.Tensor], str | None]
 
 
 def _first(output: torch.Tensor | tuple | list) -> torch.Tensor:
@@ -77,18 +76,3 @@ def compiled_or_eager(model: torch.nn.Module, example: torch.Tensor, agree: Agre
         return model
     log.info("%s: compiled in %.0f s", name, time.perf_counter() - start)
     return FixedBatch(model, compiled, len(example))
-
-
-def probabilities_agree(eager: torch.Tensor, compiled: torch.Tensor) -> str | None:
-    deviation = (torch.sigmoid(eager) - torch.sigmoid(compiled)).abs().max().item()
-    return (None if deviation <= PRECISION_TOLERANCE["probability"]
-            else f"its probabilities differ by {deviation:.4f}")
-
-
-def predictions_agree(eager: torch.Tensor, compiled: torch.Tensor) -> str | None:
-    """(B, 4 + classes, anchors): box centre and size in pixels, then class scores."""
-    boxes = (eager[:, :4] - compiled[:, :4]).abs().max().item()
-    scores = (eager[:, 4:] - compiled[:, 4:]).abs().max().item()
-    if boxes > PRECISION_TOLERANCE["box_px"] or scores > PRECISION_TOLERANCE["score"]:
-        return f"its boxes differ by {boxes:.3f} px and its scores by {scores:.4f}"
-    return None

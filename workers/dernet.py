@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from dicom_node.analysis import Classification
-from workers.bundle import Bundle, BundleError, ClassifierSpec
-from workers.compiled import compiled_or_eager, probabilities_agree
+from workers.bundle import PRECISION_TOLERANCE, Bundle, BundleError, ClassifierSpec
+from workers.compiled import compiled_or_eager
 from workers.int8 import quantized_member
 
 T = TypeVar("T")
@@ -99,6 +99,13 @@ def ensemble_mean(per_member: Mapping[str, T], weights: Mapping[str, float]) -> 
     ensemble weights."""
     total = sum(weights[name] * value for name, value in per_member.items())
     return total / sum(weights[name] for name in per_member)
+
+
+def probabilities_agree(eager: torch.Tensor, compiled: torch.Tensor) -> str | None:
+    """A member's logits compiled against eager (workers/compiled.py)."""
+    deviation = (torch.sigmoid(eager) - torch.sigmoid(compiled)).abs().max().item()
+    return (None if deviation <= PRECISION_TOLERANCE["probability"]
+            else f"its probabilities differ by {deviation:.4f}")
 
 
 class DERNet:

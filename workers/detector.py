@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from dicom_node.analysis import FindingBox
-from workers.bundle import Bundle, BundleError, DetectorSpec
-from workers.compiled import compiled_or_eager, predictions_agree
+from workers.bundle import PRECISION_TOLERANCE, Bundle, BundleError, DetectorSpec
+from workers.compiled import compiled_or_eager
 from workers.dernet import autocast
 from workers.offline import ultralytics_modules
 
@@ -120,6 +120,22 @@ def load_detection_model(weights: str | io.BytesIO) -> torch.nn.Module:
     if not isinstance(model, ultralytics.DetectionModel):
         raise ValueError(f"{weights} does not hold an ultralytics DetectionModel")
     return model.fuse(verbose=False).eval()
+
+
+def prediction_differences(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """Two detectors' raw predictions (B, 4 + classes, anchors): the largest difference of the
+    box centres and sizes in pixels, and of the class scores."""
+    return {"box_px": float((reference[:, :4] - other[:, :4]).abs().max()),
+            "score": float((reference[:, 4:] - other[:, 4:]).abs().max())}
+
+
+def predictions_agree(eager: torch.Tensor, compiled: torch.Tensor) -> str | None:
+    """The detector compiled against eager (workers/compiled.py)."""
+    differences = prediction_differences(eager, compiled)
+    if all(value <= PRECISION_TOLERANCE[key] for key, value in differences.items()):
+        return None
+    return (f"its boxes differ by {differences['box_px']:.3f} px and its scores by "
+            f"{differences['score']:.4f}")
 
 
 class Detector:

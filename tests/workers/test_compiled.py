@@ -13,7 +13,9 @@ from torch._dynamo.utils import counters as dynamo_counters
 
 from dicom_node.config import load_settings
 from tests.support.bundles import make_test_bundle
-from workers.compiled import FixedBatch, compiled_or_eager, probabilities_agree
+from workers.bundle import PRECISION_TOLERANCE
+from workers.compiled import FixedBatch, compiled_or_eager
+from workers.dernet import probabilities_agree
 from workers.runtime import ModelRuntime, runtime_for
 
 
@@ -41,14 +43,15 @@ def test_compiled_models_give_the_eager_results(tmp_path: Path,
     assert dynamo_counters["stats"]["unique_graphs"] == graphs, "serving compiled again"
     for ours, reference in zip(served, eager.analyse(images), strict=True):
         assert abs(ours.classification.probability - reference.classification.probability) \
-            <= 0.01
+            <= PRECISION_TOLERANCE["probability"]
         assert len(ours.findings) == len(reference.findings) == 4  # one a quadrant
         for box, expected in zip(ours.findings, reference.findings, strict=True):
             assert box.class_name == expected.class_name
-            assert abs(box.score - expected.score) <= 0.01
+            assert abs(box.score - expected.score) <= PRECISION_TOLERANCE["score"]
             assert max(abs(a - b) for a, b in zip(
                 (box.x0, box.y0, box.x1, box.y1),
-                (expected.x0, expected.y0, expected.x1, expected.y1), strict=True)) <= 0.5
+                (expected.x0, expected.y0, expected.x1, expected.y1), strict=True)) \
+                <= PRECISION_TOLERANCE["box_px"]
 
 
 class _DependsOnItsData(torch.nn.Module):
