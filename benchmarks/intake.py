@@ -7,7 +7,7 @@ fsync, atomic rename, DB commit, enqueue); the reference is `storescp +B -pdu 13
 fresh node, database and folder; the figures are medians over the rounds.
 
     .venv/bin/python benchmarks/intake.py [--images 100] [--rounds 3] [--database postgresql]
-                                          [--senders 4]
+                                          [--senders 4] [--intake-processes 2]
 
 Needs DCMTK (storescu/storescp), and for --database postgresql a PostgreSQL server and Redis as
 the tests use them (scripts/services starts both).
@@ -69,6 +69,18 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
+def wait_for_listeners(port: int, count: int, timeout: float = 60) -> None:
+    """Wait until COUNT sockets listen on PORT (the node's intake processes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listing = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
+                                 text=True).stdout
+        if len(listing.splitlines()) >= count:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"fewer than {count} processes listen on port {port}")
+
+
 def send(port: int, called_ae: str, files: list[Path], senders: int) -> float:
     """Seconds for ``senders`` storescu at once, each sending its share of the files over one
     association."""
@@ -110,10 +122,11 @@ def round_storescp(files: list[Path], work: Path, senders: int) -> float:
     return seconds
 
 
-def round_node(files: list[Path], work: Path, database: str, senders: int) -> float:
+def round_node(files: list[Path], work: Path, database: str, senders: int,
+               processes: int) -> float:
     data_dir = work / "node"
     env = {**os.environ, "SPINENODE_DATA_DIR": str(data_dir),
-           "SPINENODE_LOG_LEVEL": "WARNING"}
+           "SPINENODE_LOG_LEVEL": "WARNING", "SPINENODE_INTAKE_PROCESSES": str(processes)}
     name = None
     if database == "postgresql":
         name = f"spinenode_bench_{uuid.uuid4().hex[:8]}"
@@ -134,6 +147,7 @@ def round_node(files: list[Path], work: Path, database: str, senders: int) -> fl
                                start_new_session=True, stdout=subprocess.DEVNULL)
     try:
         wait_for_port(port)
+        wait_for_listeners(port, processes)
         seconds = send(port, "SPINENODE", files, senders)
         status = subprocess.run([*cli, "status", "--json"], env=env, check=True,
                                 capture_output=True, text=True).stdout
@@ -159,6 +173,8 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=1,
                         help="storescu sending at once, each over its own association "
                              "(the reference runs storescp --fork then)")
+    parser.add_argument("--intake-processes", type=int, default=1,
+                        help="the node's SPINENODE_INTAKE_PROCESSES")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where images and received files go (default: a temp dir)")
     args = parser.parse_args()
@@ -171,11 +187,12 @@ def main() -> None:
         megabytes = sum(path.stat().st_size for path in files) / 1e6
         print(f"CPU: {cpu()}")
         print(f"{len(files)} images, {megabytes:.0f} MB in all, {args.senders} association(s) "
-              "at once each round")
+              f"at once each round, {args.intake_processes} intake process(es)")
         ours, reference = [], []
         for index in range(args.rounds):  # interleaved, so drift hits both alike
             reference.append(round_storescp(files, work, args.senders))
-            ours.append(round_node(files, work, args.database, args.senders))
+            ours.append(round_node(files, work, args.database, args.senders,
+                                   args.intake_processes))
             print(f"round {index + 1}: storescp {megabytes / reference[-1]:7.1f} MB/s   "
                   f"spinenode ({args.database}) {megabytes / ours[-1]:7.1f} MB/s", flush=True)
     ours_rate = megabytes / statistics.median(ours)

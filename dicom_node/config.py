@@ -188,6 +188,11 @@ class Settings(BaseSettings):
     require_called_ae: bool = True
     max_pdu: int = Field(131072, ge=0)
     max_associations: int = Field(16, ge=1)
+    # Processes that take associations, all on the same port(s) (SO_REUSEPORT: the kernel
+    # spreads new connections over them). One Python process receives at most a few hundred
+    # MB/s whatever the number of senders; several senders at once want about one per core.
+    # Each takes up to max_associations; metrics add up in the node's /metrics.
+    intake_processes: int = Field(1, ge=1, le=64)
     # DICOM TLS: a second listener on tls_port (0: none), or only it (tls_only). Our certificate
     # and key (also shown to peers we send to over TLS), the CA bundle that peers' certificates
     # must chain to, and whether a sender must show one. TLS 1.2 at least.

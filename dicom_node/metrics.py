@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -29,6 +30,15 @@ STAGES = {"decode": Analysis.decode_seconds, "classify": Analysis.classify_secon
           "detect": Analysis.detect_seconds}
 
 
+class IntakeCounts(Protocol):
+    """What the SCP counts as it answers: IntakeMetrics in the node's own process, or what
+    forwards the counts to it from a further intake process."""
+
+    def stored(self, status: int, calling_ae: str, size: int) -> None: ...
+
+    def rejected(self, reason: str) -> None: ...
+
+
 class IntakeMetrics:
     """Counters the SCP increments as it answers."""
 
@@ -41,11 +51,18 @@ class IntakeMetrics:
             "spinenode_associations_rejected", "Association requests rejected, by reason "
             "(called-ae: not our AE title; not-allowed: calling AE/address not in the "
             "allow-list)", ["reason"], registry=registry)
+        self.processes = Gauge("spinenode_intake_processes",
+                               "Processes taking associations (intake_processes)",
+                               registry=registry)
+        self.processes.set(1)
 
     def stored(self, status: int, calling_ae: str, size: int) -> None:
         self.c_store.labels(f"0x{status:04X}", calling_ae).inc()
         if status == 0:
             self.bytes_received.inc(size)
+
+    def rejected(self, reason: str) -> None:
+        self.associations_rejected.labels(reason).inc()
 
 
 class DatabaseCollector:

@@ -8,21 +8,24 @@ and the reconciler sends it later.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import queue
+import socket
 import tempfile
 import threading
 
 from pydicom import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import pynetdicom_fixes, receiving
 from dicom_node.config import Settings
 from dicom_node.intake import Enqueue, Intake, StoreStatus, mark_queued
-from dicom_node.metrics import IntakeMetrics
+from dicom_node.metrics import IntakeCounts
 from dicom_node.sop_classes import STORAGE_SOP_CLASSES, decodable_transfer_syntaxes
 from dicom_node.tls import server_context
 
@@ -90,19 +93,52 @@ class Dispatcher:
                 log.warning("could not mark %d instances queued: %s", len(sent), error)
 
 
+class SharedPortServer(ThreadedAssociationServer):
+    """A listener that other processes of this node (same user) may bind beside: the kernel
+    hands each new connection to one of them (SO_REUSEPORT)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class FirstSharedPortServer(SharedPortServer):
+    """The node's first listener on a shared port. It must find the port free, as a plain
+    listener would: else a second node started by mistake on the same port would bind beside
+    this one and silently take a share of the associations into its own data dir."""
+
+    def server_bind(self) -> None:
+        with socket.socket(self.address_family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(self.server_address)  # EADDRINUSE where anything listens there
+        super().server_bind()
+
+
+class PortSharing(enum.Enum):
+    """How a StoreSCP listens: alone, as the first of the node's intake processes on its
+    ports, or beside that first one."""
+
+    NONE = ThreadedAssociationServer
+    FIRST = FirstSharedPortServer
+    BESIDE = SharedPortServer
+
+
 class StoreSCP:
     """The listening node: stores what it is sent and hands it to the dispatcher. The process
-    must have called ``receive_into_spool`` first."""
+    must have called ``receive_into_spool`` first. Where the node has several intake processes
+    (dicom_node.intake_processes), each has a StoreSCP on the same ports (``sharing``)."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], enqueue: Enqueue,
-                 metrics: IntakeMetrics | None = None):
+                 metrics: IntakeCounts | None = None,
+                 sharing: PortSharing = PortSharing.NONE):
         self.settings = settings
         self.metrics = metrics
         self._allowed = settings.allowed_peers
         self.intake = Intake(settings, sessions)
         self.dispatcher = Dispatcher(sessions, enqueue)
         self.ae = self._make_ae()
-        self._servers: list = []
+        self._server_class = sharing.value
+        self._servers: list[ThreadedAssociationServer] = []
 
     def _make_ae(self) -> AE:
         pynetdicom_fixes.apply()  # process-wide; applying it again changes nothing
@@ -142,7 +178,7 @@ class StoreSCP:
         log.warning("association rejected: calling AE %r from %s to called AE %r: %s", calling,
                     address, called, reason)
         if self.metrics is not None:
-            self.metrics.associations_rejected.labels(reason).inc()
+            self.metrics.rejected(reason)
         assoc.acse.send_reject(0x01, 0x01, diagnostic)  # rejected-permanent, by the service user
         assoc.kill()  # as pynetdicom does after its own rejections: the A-ASSOCIATE-RJ goes out
 
@@ -183,9 +219,15 @@ class StoreSCP:
                     (evt.EVT_C_STORE, self.handle_store)]
         for port, tls in self._ports():
             address = (self.settings.bind_address, port)
-            self._servers.append(self.ae.start_server(
-                address, block=False, evt_handlers=handlers,
-                ssl_context=server_context(self.settings) if tls else None))
+            # What AE.start_server(block=False) does, with our server class (the AE's list of
+            # servers is where it counts active associations and what shutdown() leaves).
+            server = self.ae.make_server(
+                address, evt_handlers=handlers, server_class=self._server_class,
+                ssl_context=server_context(self.settings) if tls else None)
+            threading.Thread(target=server.serve_forever, name=f"listener:{port}",
+                             daemon=True).start()
+            self.ae._servers.append(server)
+            self._servers.append(server)
             log.info("%s listening on %s:%d%s", self.settings.ae_title, *address,
                      " (DICOM TLS)" if tls else "")
 

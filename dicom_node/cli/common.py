@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,13 +65,34 @@ def announce(settings: Settings, message: str) -> None:
         print(message, flush=True)
 
 
-def stop_on_signal() -> threading.Event:
-    """An event set by SIGINT or SIGTERM (Ctrl-C, docker stop), from now on: a command asks
-    for it before it starts anything, so a stop during start-up is a clean stop too."""
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    return stop
+class StopRequest:
+    """Set by a signal, or by ``set()`` from any thread; ``wait()`` (one thread) returns once
+    it is. The signal handler only writes a byte to a pipe. One that set a threading.Event
+    deadlocked: Python runs a handler between any two lines of the main thread, the first
+    handler's included, so a second SIGTERM (docker stop on the parent, which passes it on to
+    its children, beside a kill of the whole group) found the first holding the Event's lock."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...]):
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        for signum in signals:
+            signal.signal(signum, self.set)
+
+    def set(self, *_: object) -> None:
+        try:
+            os.write(self._write, b"x")
+        except BlockingIOError:  # the pipe is full: asked many times already
+            pass
+
+    def wait(self) -> None:
+        os.read(self._read, 1)
+
+
+def stop_on_signal(signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+                   ) -> StopRequest:
+    """A stop request set by SIGINT or SIGTERM (Ctrl-C, docker stop), from now on: a command
+    asks for it before it starts anything, so a stop during start-up is a clean stop too."""
+    return StopRequest(signals)
 
 
 class Fatal(Exception):

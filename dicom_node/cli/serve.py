@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from dicom_node.cli.common import (
     Fatal,
@@ -21,7 +23,14 @@ from dicom_node.cli.common import (
     settings_from,
     stop_on_signal,
 )
-from dicom_node.config import Settings, redact
+from dicom_node.config import Settings, load_settings, redact
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+
+    from dicom_node.metrics import IntakeCounts
+    from dicom_node.scp import StoreSCP
+    from workers.tasks import TaskQueue
 
 
 class EmbeddedWorker:
@@ -53,12 +62,41 @@ class EmbeddedWorker:
                 self._process.kill()
 
 
+def _store_scp(settings: Settings, tasks: TaskQueue, counts: IntakeCounts, *,
+               first: bool) -> StoreSCP:
+    """The SCP of serve's own process (the FIRST) or of a further intake process."""
+    from dicom_node.db.session import session_factory
+    from dicom_node.scp import PortSharing, StoreSCP, receive_into_spool
+
+    receive_into_spool(settings)
+    sharing = (PortSharing.NONE if settings.intake_processes == 1
+               else PortSharing.FIRST if first else PortSharing.BESIDE)
+    return StoreSCP(settings, session_factory(settings.effective_database_url),
+                    tasks.enqueue_analysis, counts, sharing)
+
+
+def serve_intake(environment: dict[str, str], counts: Queue) -> None:
+    """A further intake process of serve (dicom_node.intake_processes): the SCP alone."""
+    from dicom_node.intake_processes import ForwardedCounts, stop_with_parent
+    from workers.tasks import TaskQueue
+
+    os.environ.update(environment)
+    settings = load_settings(None)
+    configure_logging(settings)
+    stop = stop_on_signal((signal.SIGTERM,))
+    stop_with_parent(stop.set)
+    scp = _store_scp(settings, TaskQueue(settings), ForwardedCounts(counts), first=False)
+    scp.start()
+    stop.wait()
+    scp.stop()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.cli.web import start_http
     from dicom_node.db.session import session_factory
     from dicom_node.dispatch import Reconciler, remove_incoming_files
+    from dicom_node.intake_processes import IntakeProcesses
     from dicom_node.metrics import IntakeMetrics, node_registry
-    from dicom_node.scp import StoreSCP, receive_into_spool
     from dicom_node.study_reports import StudyReporter
     from workers.tasks import TaskQueue
 
@@ -72,9 +110,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Not listening yet: whatever is in incoming was left by an association that never ended.
     remove_incoming_files(settings.incoming_dir, older_than=0)
     sessions = session_factory(settings.effective_database_url)
-    receive_into_spool(settings)
     registry = node_registry(sessions, tasks.depth)
-    scp = StoreSCP(settings, sessions, tasks.enqueue_analysis, IntakeMetrics(registry))
+    metrics = IntakeMetrics(registry)
+    scp = _store_scp(settings, tasks, metrics, first=True)
+    intake = IntakeProcesses(settings.intake_processes - 1, serve_intake,
+                             settings.as_environment(), metrics)
+    metrics.processes.set_function(lambda: 1 + len(intake.pids))
     worker = None if args.no_worker else EmbeddedWorker(settings)
     reconciler = Reconciler(settings, sessions, tasks.enqueue_analysis, tasks.depth,
                             enqueue_delivery=tasks.enqueue_delivery,
@@ -88,6 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise Fatal(f"cannot listen on {settings.bind_address} port {settings.port}"
                     f"{f' or TLS port {settings.tls_port}' if settings.tls_port else ''}: "
                     f"{error.strerror or error}") from None
+    intake.start()
     http = start_http(settings, sessions, tasks, registry)
     if worker is not None:
         worker.ensure_running()
@@ -95,14 +137,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if reporter is not None:
         reporter.start()
     broker = "embedded queue" if settings.embedded_broker else redact(settings.broker_url)
+    processes = settings.intake_processes
     announce(settings,
-             f"spinenode: {settings.ae_title} listening on {scp.listening}; "
+             f"spinenode: {settings.ae_title} listening on {scp.listening}"
+             f"{f' in {processes} processes' if processes > 1 else ''}; "
              f"database {redact(settings.effective_database_url)}; {broker}; "
              f"spool {settings.spool_dir.resolve()}; "
              f"worker {'embedded' if worker else 'separate (spinenode worker)'}; "
              f"{'page and API ' + http.url if http else 'no HTTP (http_port 0)'}")
     stop.wait()
     announce(settings, "spinenode: stopping")
+    intake.stop()
     scp.stop()
     if http is not None:
         http.stop()
