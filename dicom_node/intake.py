@@ -28,7 +28,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import VR
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.codestreams import CODING_OF_SYNTAX, HEAD_BYTES, coding, declared_size
@@ -420,24 +420,41 @@ class Intake:
         final = spool_path_for(self.settings.spool_dir, uid, digest)
         moved = False
         # One transaction for the lookups and the record: each round trip to the database
-        # holds up the association's next C-STORE.
-        try:
-            with self.sessions.begin() as session:
-                existing = session.scalar(select(Instance).filter_by(sop_instance_uid=uid))
-                if existing is not None and existing.sha256 == digest:
-                    session.add(InstanceEvent(instance=existing, event="duplicate",
-                                              detail="same bytes received again"))
-                    log.info("duplicate %s (same bytes): acknowledged, not analysed again", uid)
-                    return StoreOutcome(StoreStatus.SUCCESS, "duplicate")
-                decision = route(ds, self.settings, ours=self._is_our_output(session, ds))
-                moved = self._move_into_spool(received, final)
-                instance_id = self._record(session, existing, ds, final, digest, size,
-                                           decision, calling_ae, called_ae)
-        except SQLAlchemyError as error:
-            if moved:
-                final.unlink(missing_ok=True)
-            log.error("database unavailable while storing %s: %s", uid, error.__class__.__name__)
-            raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES, "database unavailable") from None
+        # holds up the association's next C-STORE. A second try where another association
+        # recorded the same SOP Instance UID while this one looked (a modality's retry beside
+        # its first send, two routes to us): the first try found no row, the insert then hit
+        # the unique UID. It is a duplicate or a revision now, not an error for the sender.
+        for attempt in (1, 2):
+            try:
+                with self.sessions.begin() as session:
+                    existing = session.scalar(select(Instance).filter_by(sop_instance_uid=uid))
+                    if existing is not None and existing.sha256 == digest:
+                        session.add(InstanceEvent(instance=existing, event="duplicate",
+                                                  detail="same bytes received again"))
+                        log.info("duplicate %s (same bytes): acknowledged, not analysed again",
+                                 uid)
+                        return StoreOutcome(StoreStatus.SUCCESS, "duplicate")
+                    decision = route(ds, self.settings, ours=self._is_our_output(session, ds))
+                    moved = self._move_into_spool(received, final) or moved
+                    instance_id = self._record(session, existing, ds, final, digest, size,
+                                               decision, calling_ae, called_ae)
+                break
+            except IntegrityError:
+                # Not unlinked: a row that another association committed may name that file.
+                if attempt == 2:
+                    log.error("could not record %s beside another association's", uid)
+                    raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES,
+                                        "stored at the same time by another association, "
+                                        "retry") from None
+                log.info("%s was recorded by another association meanwhile: looking again",
+                         uid)
+            except SQLAlchemyError as error:
+                if moved and attempt == 1:  # (after a first try, another row may name it)
+                    final.unlink(missing_ok=True)
+                log.error("database unavailable while storing %s: %s", uid,
+                          error.__class__.__name__)
+                raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES,
+                                    "database unavailable") from None
         if not decision.analyse and not self.settings.keep_skipped:
             final.unlink(missing_ok=True)  # recorded; the bytes are not ours to keep
         log.info("stored %s (%s) from %s: %s", uid, ds.file_meta.TransferSyntaxUID.name,

@@ -72,14 +72,11 @@ class IntakeProcesses:
         self._metrics = metrics
         # spawn, not fork: the parent has threads (a forked copy of a held lock deadlocks).
         self._context = multiprocessing.get_context("spawn")
-        self._counts: Queue = self._context.Queue()
+        self._counts: Queue | None = None  # made at start: with no children, nothing to run
         self._children: list[BaseProcess] = []
         self._started_at: list[float] = []
         self._stopping = threading.Event()
-        self._threads = [threading.Thread(target=self._supervise, name="intake-supervisor",
-                                          daemon=True),
-                         threading.Thread(target=self._add_counts, name="intake-counts",
-                                          daemon=True)]
+        self._threads: list[threading.Thread] = []
 
     @property
     def pids(self) -> list[int]:
@@ -87,14 +84,23 @@ class IntakeProcesses:
         return [child.pid for child in self._children if child.is_alive() and child.pid]
 
     def start(self) -> None:
+        if not self._count:
+            return
+        self._counts = self._context.Queue()
         for slot in range(self._count):
             self._children.append(self._spawn(slot))
             self._started_at.append(time.monotonic())
+        self._threads = [threading.Thread(target=self._supervise, name="intake-supervisor",
+                                          daemon=True),
+                         threading.Thread(target=self._add_counts, name="intake-counts",
+                                          daemon=True)]
         for thread in self._threads:
             thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Ask every child to stop (it finishes the C-STOREs it is answering), then wait."""
+        """Ask every child to stop, then wait. A child stops as serve does: it stops listening
+        and exits; a C-STORE it had not answered yet was not acknowledged, so its sender sends
+        it again."""
         self._stopping.set()
         for child in self._children:
             if child.is_alive():
@@ -107,7 +113,8 @@ class IntakeProcesses:
                             timeout)
                 child.kill()
                 child.join()
-        self._counts.put(None)
+        if self._counts is not None:
+            self._counts.put(None)
         for thread in self._threads:
             thread.join(timeout)
 

@@ -3,11 +3,13 @@ costs in statements: each is a round trip that holds up the sender's next C-STOR
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import event, func, select
@@ -16,7 +18,7 @@ from dicom_node.config import Settings, load_settings
 from dicom_node.db import migrate
 from dicom_node.db.models import Instance, Patient, Series, Study
 from dicom_node.db.session import engine_for, session_factory
-from dicom_node.intake import Intake, StoreOutcome, StoreStatus
+from dicom_node.intake import Intake, StoreOutcome, StoreStatus, spool_path_for
 from training.synthetic import make_radiograph
 
 _HIERARCHY = re.compile(r"\b(patients|studies|series)\b")
@@ -111,4 +113,48 @@ def test_two_senders_of_one_new_study_share_its_rows(tmp_path: Path, postgres_ur
         assert session.scalar(select(func.count(Patient.id))) == 1
         assert session.scalar(select(func.count(Study.id))) == 1
         assert session.scalar(select(func.count(Series.id))) == 1
+    other.close()
+
+
+@pytest.mark.parametrize("same_bytes", [True, False])
+def test_an_instance_recorded_meanwhile_by_another_sender(tmp_path: Path, postgres_url: str,
+                                                          same_bytes: bool) -> None:
+    """Another association records the same SOP Instance UID while this one stores it (its
+    insert waits on the unique UID, then fails): the sender gets success, as a duplicate or as
+    a revision, and the file that the other's row names stays."""
+    settings, intake = _node(tmp_path, postgres_url)
+    path = make_radiograph(settings.incoming_dir / "ours.dcm", rows=64, columns=48)
+    ds = dcmread(path)
+    ours = path.read_bytes()
+    theirs = ours if same_bytes else ours + b"\0\0"
+    digest = hashlib.sha256(theirs).hexdigest()
+    their_file = spool_path_for(settings.spool_dir, ds.SOPInstanceUID, digest)
+    their_file.parent.mkdir(parents=True)
+    their_file.write_bytes(theirs)
+    other = intake.sessions()
+    other.begin()
+    series = Series(series_uid=ds.SeriesInstanceUID, study=Study(
+        study_uid=ds.StudyInstanceUID, patient=Patient(patient_id=ds.PatientID, issuer="")))
+    other.add(Instance(sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+                       series=series, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                       size_bytes=len(theirs), sha256=digest, spool_path=str(their_file)))
+    other.flush()
+
+    outcome: list[StoreOutcome] = []
+    sender = threading.Thread(target=lambda: outcome.append(intake.store(
+        path, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+        calling_ae="MODALITY", called_ae="SPINENODE")))
+    sender.start()
+    time.sleep(1.0)
+    assert sender.is_alive(), "the insert did not wait for the other transaction"
+    other.commit()
+    sender.join(30)
+
+    assert outcome and outcome[0].status == StoreStatus.SUCCESS, outcome
+    assert outcome[0].message == ("duplicate" if same_bytes else "stored")
+    assert their_file.read_bytes() == theirs
+    with intake.sessions() as session:
+        (row,) = session.scalars(select(Instance)).all()
+        assert row.revision == (1 if same_bytes else 2)
+        assert Path(row.spool_path).read_bytes() == ours
     other.close()
