@@ -11,6 +11,7 @@ import os
 import signal
 import ssl
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -26,24 +27,29 @@ from tests.support.web import Http
 from training.synthetic import make_radiograph
 
 
+def _connections(node: NodeProcess) -> Iterator[tuple[int, psutil._common.pconn]]:
+    """(pid, TCP connection) of the node's processes, skipping one that ends meanwhile (the
+    embedded worker starts and ends processes of its own)."""
+    root = psutil.Process(node.process.pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            connections = process.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        for conn in connections:
+            yield process.pid, conn
+
+
 def _listening(node: NodeProcess, port: int) -> set[int]:
     """Process ids of the node's processes that listen on PORT."""
-    processes = [psutil.Process(node.process.pid)]
-    processes += processes[0].children(recursive=True)
-    return {process.pid for process in processes
-            for conn in process.net_connections(kind="tcp")
+    return {pid for pid, conn in _connections(node)
             if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port}
 
 
 def _taker(node: NodeProcess, client_port: int) -> int | None:
     """The process id of the node's process that holds the connection from CLIENT_PORT."""
-    processes = [psutil.Process(node.process.pid)]
-    processes += processes[0].children(recursive=True)
-    for process in processes:
-        for conn in process.net_connections(kind="tcp"):
-            if conn.raddr and conn.raddr.port == client_port:
-                return process.pid
-    return None
+    return next((pid for pid, conn in _connections(node)
+                 if conn.raddr and conn.raddr.port == client_port), None)
 
 
 def _one_association_each(node: NodeProcess, port: int, pids: set[int],
@@ -140,7 +146,8 @@ def test_two_intake_processes_share_the_ports(tmp_path: Path, postgres_url: str,
     again = wait_for(lambda: len(_listening(node, node.port)) == 2 and _listening(node, node.port),
                      30, what="the intake process started again")
     assert child not in again and node.process.pid in again
-    assert f"intake process {child} exited with -9; starting it again" in node.log()
+    restarted = f"intake process {child} exited with -9; starting it again"
+    wait_for(lambda: restarted in node.log(), 10, what=f"{restarted!r} in {node.log()[-2000:]}")
 
     # A child whose parent dies stops (it would hold the port for no node).
     (child,) = again - {node.process.pid}
