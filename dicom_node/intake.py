@@ -439,18 +439,18 @@ class Intake:
                     instance_id = self._record(session, existing, ds, final, digest, size,
                                                decision, calling_ae, called_ae)
                 break
-            except IntegrityError:
-                # Not unlinked: a row that another association committed may name that file.
+            except IntegrityError as error:
                 if attempt == 2:
-                    log.error("could not record %s beside another association's", uid)
+                    if moved:
+                        self._remove_unless_recorded(final)
+                    log.error("could not record %s: %s", uid, error.__class__.__name__)
                     raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES,
-                                        "stored at the same time by another association, "
-                                        "retry") from None
+                                        "could not record it, retry") from None
                 log.info("%s was recorded by another association meanwhile: looking again",
                          uid)
             except SQLAlchemyError as error:
-                if moved and attempt == 1:  # (after a first try, another row may name it)
-                    final.unlink(missing_ok=True)
+                if moved:
+                    self._remove_unless_recorded(final)
                 log.error("database unavailable while storing %s: %s", uid,
                           error.__class__.__name__)
                 raise IntakeRefused(StoreStatus.OUT_OF_RESOURCES,
@@ -462,6 +462,20 @@ class Intake:
                  extra={"instance_id": instance_id, "sop_instance_uid": uid,
                         "study_uid": str(ds.StudyInstanceUID)})
         return StoreOutcome(StoreStatus.SUCCESS, "stored", instance_id, decision.analyse)
+
+    def _remove_unless_recorded(self, path: Path) -> None:
+        """Remove a file this store moved into the spool but could not record, unless a row
+        names it: another association's, committed meanwhile for the same UID and bytes (hence
+        the same path). Where the database cannot say, the file stays; the sender's retry (same
+        UID and bytes) finds it in place and records it."""
+        try:
+            with self.sessions() as session:
+                named = session.scalar(select(Instance.id).filter_by(spool_path=str(path))
+                                       .limit(1))
+        except SQLAlchemyError:
+            return
+        if named is None:
+            path.unlink(missing_ok=True)
 
     @staticmethod
     def _move_into_spool(received: Path, final: Path) -> bool:

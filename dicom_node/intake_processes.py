@@ -76,12 +76,14 @@ class IntakeProcesses:
         self._children: list[BaseProcess] = []
         self._started_at: list[float] = []
         self._stopping = threading.Event()
+        self._lock = threading.Lock()  # the supervisor's restart against stop() and pids
         self._threads: list[threading.Thread] = []
 
     @property
     def pids(self) -> list[int]:
         """The children's process ids (those alive)."""
-        return [child.pid for child in self._children if child.is_alive() and child.pid]
+        with self._lock:
+            return [child.pid for child in self._children if child.is_alive() and child.pid]
 
     def start(self) -> None:
         if not self._count:
@@ -98,15 +100,16 @@ class IntakeProcesses:
             thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Ask every child to stop, then wait. A child stops as serve does: it stops listening
-        and exits; a C-STORE it had not answered yet was not acknowledged, so its sender sends
-        it again."""
-        self._stopping.set()
-        for child in self._children:
+        """Ask every child to stop, then wait. A child stops listening and exits at once: a
+        C-STORE it had not answered was not acknowledged, so its sender sends it again."""
+        with self._lock:  # no restart from here on
+            self._stopping.set()
+            children = list(self._children)
+        for child in children:
             if child.is_alive():
                 child.terminate()
         deadline = time.monotonic() + timeout
-        for child in self._children:
+        for child in children:
             child.join(max(0.0, deadline - time.monotonic()))
             if child.is_alive():
                 log.warning("intake process %s did not stop in %.0f s: killed", child.pid,
@@ -119,8 +122,9 @@ class IntakeProcesses:
             thread.join(timeout)
 
     def _spawn(self, slot: int) -> BaseProcess:
+        # daemon: should serve itself exit without stop(), multiprocessing ends them at exit.
         child = self._context.Process(target=self._child_main, name=f"intake-{slot + 1}",
-                                      args=(self._environment, self._counts))
+                                      args=(self._environment, self._counts), daemon=True)
         child.start()
         return child
 
@@ -136,19 +140,23 @@ class IntakeProcesses:
                     self._stopping.wait(pause)
                     if self._stopping.is_set():
                         return
-                log.warning("intake process %s exited with %s; starting it again", child.pid,
-                            child.exitcode)
-                child.close()
-                self._children[slot] = self._spawn(slot)
-                self._started_at[slot] = time.monotonic()
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    log.warning("intake process %s exited with %s; starting it again",
+                                child.pid, child.exitcode)
+                    self._children[slot] = self._spawn(slot)
+                    self._started_at[slot] = time.monotonic()
 
     def _add_counts(self) -> None:
         while (item := self._counts.get()) is not None:
             if self._metrics is None:
                 continue
-            kind, *values = item
-            if kind == "stored":
-                self._metrics.stored(*values)
-            else:
-                self._metrics.rejected(*values)
-
+            try:
+                kind, *values = item
+                if kind == "stored":
+                    self._metrics.stored(*values)
+                else:
+                    self._metrics.rejected(*values)
+            except Exception:  # a count lost, not the thread: children block on a full pipe
+                log.exception("could not count %r from an intake process", item)

@@ -129,13 +129,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise Fatal(f"cannot listen on {settings.bind_address} port {settings.port}"
                     f"{f' or TLS port {settings.tls_port}' if settings.tls_port else ''}: "
                     f"{error.strerror or error}") from None
-    intake.start()
     http = start_http(settings, sessions, tasks, registry)
     if worker is not None:
         worker.ensure_running()
     reconciler.start()
     if reporter is not None:
         reporter.start()
+    intake.start()  # last: nothing after it may fail and leave children behind
     broker = "embedded queue" if settings.embedded_broker else redact(settings.broker_url)
     processes = settings.intake_processes
     announce(settings,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import migrate
@@ -59,6 +59,20 @@ def _statements(database_url: str, store) -> list[str]:  # noqa: ANN001
     return sent
 
 
+def _wait_until_blocked(intake: Intake, sender: threading.Thread) -> None:
+    """Until the sender's transaction waits for a lock that the other one holds (PostgreSQL)."""
+    def blocked() -> bool:
+        assert sender.is_alive(), "the sender finished without waiting for the other transaction"
+        with intake.sessions() as session:
+            return bool(session.scalar(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()")))
+    deadline = time.monotonic() + 30
+    while not blocked():
+        assert time.monotonic() < deadline, "the sender never waited for the other transaction"
+        time.sleep(0.05)
+
+
 def test_an_image_of_a_known_series_reads_only_the_series_row(tmp_path: Path,
                                                               database_url: str) -> None:
     settings, intake = _node(tmp_path, database_url)
@@ -101,8 +115,7 @@ def test_two_senders_of_one_new_study_share_its_rows(tmp_path: Path, postgres_ur
     sender = threading.Thread(target=lambda: outcome.append(
         _store(settings, intake, study_uid, series_uid)))
     sender.start()
-    time.sleep(1.0)
-    assert sender.is_alive(), "the insert did not wait for the other transaction"
+    _wait_until_blocked(intake, sender)
     other.commit()
     sender.join(30)
 
@@ -145,8 +158,7 @@ def test_an_instance_recorded_meanwhile_by_another_sender(tmp_path: Path, postgr
         path, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
         calling_ae="MODALITY", called_ae="SPINENODE")))
     sender.start()
-    time.sleep(1.0)
-    assert sender.is_alive(), "the insert did not wait for the other transaction"
+    _wait_until_blocked(intake, sender)
     other.commit()
     sender.join(30)
 
@@ -158,3 +170,18 @@ def test_an_instance_recorded_meanwhile_by_another_sender(tmp_path: Path, postgr
         assert row.revision == (1 if same_bytes else 2)
         assert Path(row.spool_path).read_bytes() == ours
     other.close()
+
+
+def test_a_file_that_could_not_be_recorded_goes_unless_a_row_names_it(tmp_path: Path) -> None:
+    """After a failed record, the file moved into the spool is removed, unless another
+    association's row (same UID and bytes, hence the same path) names it."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    settings, intake = _node(tmp_path, url)
+    outcome = _store(settings, intake)
+    with intake.sessions() as session:
+        named = Path(session.get(Instance, outcome.instance_id).spool_path)
+    stray = named.with_name("stray.dcm")
+    stray.write_bytes(named.read_bytes())
+    intake._remove_unless_recorded(named)
+    intake._remove_unless_recorded(stray)
+    assert named.exists() and not stray.exists()

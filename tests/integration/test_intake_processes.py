@@ -143,9 +143,10 @@ def test_two_intake_processes_share_the_ports(tmp_path: Path, postgres_url: str,
     # A child that dies is started again.
     (child,) = pids - {node.process.pid}
     os.kill(child, signal.SIGKILL)
-    again = wait_for(lambda: len(_listening(node, node.port)) == 2 and _listening(node, node.port),
-                     30, what="the intake process started again")
-    assert child not in again and node.process.pid in again
+    again = wait_for(lambda: (listening := _listening(node, node.port)) and len(listening) == 2
+                     and child not in listening and listening, 30,
+                     what="the intake process started again")
+    assert node.process.pid in again
     restarted = f"intake process {child} exited with -9; starting it again"
     wait_for(lambda: restarted in node.log(), 10, what=f"{restarted!r} in {node.log()[-2000:]}")
 
