@@ -146,7 +146,6 @@ def round_node(files: list[Path], work: Path, database: str, senders: int,
     process = subprocess.Popen([*cli, "serve", "--no-worker"], env=env, cwd=ROOT,
                                start_new_session=True, stdout=subprocess.DEVNULL)
     try:
-        wait_for_port(port)
         wait_for_listeners(port, processes)
         seconds = send(port, "SPINENODE", files, senders)
         status = subprocess.run([*cli, "status", "--json"], env=env, check=True,

@@ -65,7 +65,7 @@ class IntakeProcesses:
     ``metrics``."""
 
     def __init__(self, count: int, child_main: ChildMain, environment: dict[str, str],
-                 metrics: IntakeMetrics | None):
+                 metrics: IntakeMetrics):
         self._count = count
         self._child_main = child_main
         self._environment = environment
@@ -138,8 +138,6 @@ class IntakeProcesses:
                 pause = self._started_at[slot] + RESTART_PAUSE_SECONDS - time.monotonic()
                 if pause > 0:
                     self._stopping.wait(pause)
-                    if self._stopping.is_set():
-                        return
                 with self._lock:
                     if self._stopping.is_set():
                         return
@@ -150,8 +148,6 @@ class IntakeProcesses:
 
     def _add_counts(self) -> None:
         while (item := self._counts.get()) is not None:
-            if self._metrics is None:
-                continue
             try:
                 kind, *values = item
                 if kind == "stored":
