@@ -1,9 +1,9 @@
 """Several intake processes on one port (intake_processes = 2, SO_REUSEPORT), on PostgreSQL:
 both processes listen on the plain and the TLS port and take associations (which process took
-one is read off the server side of its connection); each stores and queues what it takes; the
-allow-list holds in both; /metrics adds up both processes' counts; a second node started by
-mistake on the same port is refused; a child that dies is started again; a child whose parent
-dies stops."""
+one is read off the server side of its connection), and DCMTK's storescu stores over TLS; each
+process stores and queues what it takes; the allow-list holds in both; /metrics adds up both
+processes' counts; a second node started by mistake on the same port is refused; a child that
+dies is started again; a child whose parent dies stops."""
 
 from __future__ import annotations
 
@@ -21,7 +21,14 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
 from dicom_node.cli.common import free_port
-from tests.support.node import DECODED, SPINENODE, NodeProcess, wait_for, wait_until_settled
+from tests.support.node import (
+    DECODED,
+    SPINENODE,
+    NodeProcess,
+    storescu,
+    wait_for,
+    wait_until_settled,
+)
 from tests.support.pki import make_pki
 from tests.support.web import Http
 from training.synthetic import make_radiograph
@@ -110,6 +117,12 @@ def test_two_intake_processes_share_the_ports(tmp_path: Path, postgres_url: str,
             assert status.Status == 0x0000, f"process {pid}: {status}"
             assoc.release()
             sent.append(image)
+    # And a DICOM TLS peer of another make, DCMTK's storescu, to whichever process takes it.
+    image = make_radiograph(tmp_path / "dcmtk.dcm", seed=len(sent))
+    stored = storescu(tls_port, [image], "+tls", str(ids["modality"].key),
+                      str(ids["modality"].cert), "+cf", str(ca))
+    assert stored.returncode == 0, stored.stderr
+    sent.append(image)
     rows = wait_until_settled(node.database_url, len(sent))
     assert sorted(row.sop_instance_uid for row in rows) == sorted(
         dcmread(image).SOPInstanceUID for image in sent)
