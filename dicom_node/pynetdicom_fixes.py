@@ -54,16 +54,18 @@ def _do_action_or_abort(machine: StateMachine, event: str) -> None:
     except Exception:  # noqa: BLE001 - any of them would kill the reactor thread
         log.warning("association aborted: pynetdicom could not act on %s in %s", event,
                     machine.current_state, exc_info=True)
-        _abort(machine.dul)
+        abort(machine.dul)
 
 
-def _abort(dul: DULServiceProvider) -> None:
-    abort = A_ABORT_RQ()
-    abort.source = 0x02  # service provider
-    abort.reason_diagnostic = 0x00  # reason not specified
+def abort(dul: DULServiceProvider) -> None:
+    """Send an A-ABORT (if the socket still can) and end the association and its DUL thread,
+    as pynetdicom does for a PDU it cannot decode."""
+    pdu = A_ABORT_RQ()
+    pdu.source = 0x02  # service provider
+    pdu.reason_diagnostic = 0x00  # reason not specified
     try:
         if dul.socket is not None:
-            dul.socket.send(abort.encode())
+            dul.socket.send(pdu.encode())
     except Exception:  # noqa: BLE001 - the peer may be gone already; the end is the same
         log.debug("A-ABORT not sent", exc_info=True)
     dul.assoc.is_aborted = True

@@ -22,7 +22,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import pynetdicom_fixes, receiving
+from dicom_node import pynetdicom_fixes, receiving, waking_reactor
 from dicom_node.config import Settings
 from dicom_node.intake import Enqueue, Intake, StoreStatus, mark_queued
 from dicom_node.metrics import IntakeCounts
@@ -142,6 +142,7 @@ class StoreSCP:
 
     def _make_ae(self) -> AE:
         pynetdicom_fixes.apply()  # process-wide; applying it again changes nothing
+        waking_reactor.install()
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = self.settings.max_pdu
         ae.maximum_associations = self.settings.max_associations
