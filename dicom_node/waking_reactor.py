@@ -15,6 +15,10 @@ lasts. ``install()`` has each thread sleep until it has something to do:
 
 Either also wakes after ``_FALLBACK_SECONDS``: that keeps the checks that only time triggers
 (the network timeout, the ARTIM timer) and bounds the wait for any wake-up we did not foresee.
+
+Both the wait and the DUL thread's look at its socket use poll(), not select(): select fails on
+descriptors numbered 1024 and up, and pynetdicom took that failure for a closed connection, so
+a process with a thousand files open refused every association.
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket
 
 from dicom_node.pynetdicom_fixes import abort
 
-log = logging.getLogger("pynetdicom.association")  # where pynetdicom logs these lines
+# Where pynetdicom logs the same lines.
+log = logging.getLogger("pynetdicom.association")
+dul_log = logging.getLogger("pynetdicom.dul")
 
 _FALLBACK_SECONDS = 0.05
 
@@ -76,20 +83,33 @@ class _Doorbell:
         self._bell, self._ringer = socket.socketpair()
         self._bell.setblocking(False)
         self._ringer.setblocking(False)
+        # Ringing and closing exclude each other: a byte sent on a descriptor just closed could
+        # land in whatever connection reuses its number.
+        self._lock = threading.Lock()
+        self._closed = False
 
     def ring(self) -> None:
         if threading.current_thread() is self._dul:
             return  # the DUL thread looks at its queues before it waits again
-        try:
-            self._ringer.send(b"\0")
-        except OSError:  # full (it will wake anyway) or closed (it has ended)
-            pass
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._ringer.send(b"\0")
+            except OSError:  # full: it will wake anyway
+                pass
 
     def wait(self, peer: socket.socket) -> None:
+        """Until the peer's socket or the bell can be read, or the fallback passes. poll, not
+        select: select fails on descriptors numbered 1024 and up, which a busy node has."""
+        poller = select.poll()
+        poller.register(self._bell, select.POLLIN)
         try:
-            select.select([self._bell, peer], [], [], _FALLBACK_SECONDS)
-        except (OSError, ValueError):  # the socket was closed meanwhile: the loop finds out
+            poller.register(peer, select.POLLIN)
+        except (OSError, ValueError):  # closed meanwhile: the loop finds out, a moment later
+            time.sleep(self._dul._run_loop_delay)
             return
+        poller.poll(_FALLBACK_SECONDS * 1000)
         try:
             while self._bell.recv(4096):
                 pass
@@ -97,8 +117,10 @@ class _Doorbell:
             pass
 
     def close(self) -> None:
-        self._bell.close()
-        self._ringer.close()
+        with self._lock:
+            self._closed = True
+            self._bell.close()
+            self._ringer.close()
 
 
 _init = Association.__init__
@@ -146,6 +168,10 @@ def _run_reactor(assoc: Association) -> None:  # noqa: C901 - pynetdicom's, step
         assoc._is_paused = True
         assoc._reactor_checkpoint.wait()
         assoc._is_paused = False
+        if not assoc._reactor_checkpoint.is_set():
+            # Paused again before _is_paused went False, a send that saw it True goes ahead:
+            # taking a message now could take its reply (pynetdicom's race, seen 2 in 4,000).
+            continue
 
         context_id, msg = assoc.dimse.get_msg(block=False)
         if msg:
@@ -193,12 +219,17 @@ def _run_reactor(assoc: Association) -> None:  # noqa: C901 - pynetdicom's, step
 def _run_dul(dul: DULServiceProvider) -> None:
     """pynetdicom 3.0.4's ``DULServiceProvider.run_reactor`` with its 1-ms sleep replaced by
     waiting for work; the reactor is woken when it ends."""
-    dul._doorbell = _Doorbell(dul)
+    try:
+        dul._doorbell = _Doorbell(dul)
+    except OSError as error:  # out of descriptors, say: the association still works, polling
+        dul_log.warning("this association's DUL thread polls: no socket pair to wait on (%s)",
+                        error)
     try:
         _run_dul_loop(dul)
     finally:
         doorbell, dul._doorbell = dul._doorbell, None
-        doorbell.close()
+        if doorbell is not None:
+            doorbell.close()
         dul.assoc._wake.set()  # the reactor sees the DUL thread has ended
 
 
@@ -223,7 +254,7 @@ def _run_dul_loop(dul: DULServiceProvider) -> None:
             elif dul._is_transport_event():
                 dul._idle_timer.restart()
         except Exception:
-            log.exception("Exception in DUL.run(), aborting association")
+            dul_log.exception("Exception in DUL.run(), aborting association")
             abort(dul)  # bypasses the state machine, which the exception may have left broken
             return
         try:
@@ -238,14 +269,30 @@ def _run_dul_loop(dul: DULServiceProvider) -> None:
 def _wait_for_work(dul: DULServiceProvider) -> None:
     """Until the peer's socket has data, another thread rings, or the fallback passes. With no
     connection (Sta1: before one or after it) pynetdicom's own 1-ms sleep: there the thread
-    only waits for ``stop_dul``, which sets its flag and waits without ringing."""
+    only waits for ``stop_dul``, which sets its flag and waits without ringing. With no
+    doorbell the same sleep."""
     peer = dul.socket.socket if dul.socket is not None else None
-    if peer is None or dul.state_machine.current_state == "Sta1":
+    if peer is None or dul._doorbell is None or dul.state_machine.current_state == "Sta1":
         time.sleep(dul._run_loop_delay)
         return
     if isinstance(peer, ssl.SSLSocket) and peer.pending():
         return  # decrypted data already buffered, which select does not see
     dul._doorbell.wait(peer)
+
+
+def _ready(sock: AssociationSocket) -> bool:
+    """pynetdicom 3.0.4's ``AssociationSocket.ready`` (is there data to read?) with poll."""
+    if sock.socket is None or sock._is_connected is False:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock.socket, select.POLLIN)
+        ready = bool(poller.poll(0))
+    except (OSError, ValueError):
+        sock.event_queue.put("Evt17")  # transport connection closed
+        return False
+    # An SSLSocket may hold decrypted data that poll does not see.
+    return ready or (isinstance(sock.socket, ssl.SSLSocket) and bool(sock.socket.pending()))
 
 
 def install() -> None:
@@ -255,3 +302,4 @@ def install() -> None:
     Association._run_reactor = _run_reactor
     DULServiceProvider.kill_dul = _kill_dul_waking
     DULServiceProvider.run_reactor = _run_dul
+    AssociationSocket.ready = property(_ready)

@@ -4,6 +4,9 @@ release and abort still reaches them at once."""
 
 from __future__ import annotations
 
+import errno
+import os
+import resource
 import time
 from collections import Counter
 from pathlib import Path
@@ -11,7 +14,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 
 from dicom_node import waking_reactor
@@ -75,3 +80,60 @@ def test_the_reactor_sleeps_while_idle_and_wakes_for_each_message(
     aborted.abort()
     assert _wait_until(lambda: not store_scp.ae.active_associations, FALLBACK_SECONDS / 2), \
         "the acceptor's reactor waited for the fallback to see the abort"
+
+
+def _associate(scp: StoreSCP) -> Association:
+    sender = AE(ae_title="MODALITY")
+    sender.add_requested_context(Verification)
+    association = sender.associate("127.0.0.1", scp.settings.port, ae_title=scp.settings.ae_title)
+    assert association.is_established
+    return association
+
+
+def test_sockets_numbered_above_1024_are_waited_on_too(
+        monkeypatch: pytest.MonkeyPatch, store_scp: StoreSCP) -> None:
+    """select() cannot take descriptors from 1024 up, which a busy node's sockets get: the
+    DUL threads would spin on its error instead of waiting."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"at most {hard} open files here")
+    monkeypatch.setattr(waking_reactor, "_FALLBACK_SECONDS", FALLBACK_SECONDS)
+    waits = Counter()
+    wait_for_work = waking_reactor._wait_for_work
+
+    def counted(dul: DULServiceProvider) -> None:
+        waits[dul.assoc.is_acceptor] += 1
+        wait_for_work(dul)
+
+    monkeypatch.setattr(waking_reactor, "_wait_for_work", counted)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = []
+    try:
+        while not filler or filler[-1] < 1030:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        association = _associate(store_scp)
+        assert association.dul.socket.socket.fileno() > 1024
+        before = dict(waits)
+        time.sleep(1.0)
+        assert waits[True] - before[True] <= 3, "the acceptor's DUL thread did not wait"
+        assert waits[False] - before[False] <= 3, "the requestor's DUL thread did not wait"
+        assert association.send_c_echo().Status == 0x0000
+        association.release()
+    finally:
+        for descriptor in filler:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_without_a_socket_pair_an_association_polls_as_pynetdicom_does(
+        monkeypatch: pytest.MonkeyPatch, store_scp: StoreSCP,
+        caplog: pytest.LogCaptureFixture) -> None:
+    def out_of_descriptors(dul: DULServiceProvider) -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(waking_reactor, "_Doorbell", out_of_descriptors)
+    association = _associate(store_scp)
+    assert association.send_c_echo().Status == 0x0000
+    association.release()
+    assert association.is_released
+    assert "no socket pair to wait on" in caplog.text
