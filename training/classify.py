@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,10 @@ from workers.dernet import autocast, ensemble_mean, resize_and_normalise, tta_vi
 from workers.runtime import cpu_has_native_bfloat16
 
 CPU = torch.device("cpu")
+
+
+class TrainingStopped(Exception):
+    """A caller's ``stop`` asked training to end (the demo's, when its detector failed)."""
 
 
 class CachedImages(Dataset):
@@ -92,9 +97,11 @@ def train_fold(run: Path, architecture: str, train_items: list[IndexedImage],
                val_items: list[IndexedImage],
                config: ClassifyConfig, seed: int,
                device: torch.device = CPU,
-               progress: EpochLog | None = None) -> tuple[torch.nn.Module, dict, dict]:
+               progress: EpochLog | None = None,
+               stop: Callable[[], bool] | None = None) -> tuple[torch.nn.Module, dict, dict]:
     """(the model holding its best state, that state on the CPU, best epoch and AUROC); each
-    epoch's numbers go to PROGRESS."""
+    epoch's numbers go to PROGRESS. ``stop`` is asked before each batch: where it says so,
+    TrainingStopped ends the training (nothing of the fold is kept)."""
     torch.manual_seed(seed)
     model = member_start(architecture, config.init_weights.get(architecture)).to(
         device, memory_format=torch.channels_last)
@@ -120,6 +127,8 @@ def train_fold(run: Path, architecture: str, train_items: list[IndexedImage],
                             generator=torch.Generator().manual_seed(seed + epoch),
                             num_workers=config.loader_workers)
         for inputs, targets in loader:
+            if stop is not None and stop():
+                raise TrainingStopped(f"{architecture}: stopped in epoch {epoch + 1}")
             optimizer.zero_grad()
             with autocast(device, dtype):
                 logits = model(_to(inputs, device)).view(-1).float()
@@ -151,9 +160,11 @@ def train_fold(run: Path, architecture: str, train_items: list[IndexedImage],
 
 
 def cross_validate(run: Path, config: TrainingConfig, device: torch.device = CPU,
-                   fold_bars: bool = True) -> dict[str, dict]:
+                   fold_bars: bool = True,
+                   stop: Callable[[], bool] | None = None) -> dict[str, dict]:
     """Each member on each fold; ``fold_bars``: a progress bar over each member's folds (not
-    where another process prints to the same terminal: it would break into its lines)."""
+    where another process prints to the same terminal: it would break into its lines);
+    ``stop``: as train_fold takes it (the folds finished so far are kept and resume)."""
     train = DatasetIndex.read(run).split("train")
     folds = sorted({image.fold for image in train if image.fold is not None})
     results = {}
@@ -180,7 +191,7 @@ def cross_validate(run: Path, config: TrainingConfig, device: torch.device = CPU
                                 f"{architecture} fold {fold}", config.classify.epochs)
             model, state, info = train_fold(run, architecture, train_items, val_items,
                                             config.classify, seed=config.classify.seed + fold,
-                                            device=device, progress=progress)
+                                            device=device, progress=progress, stop=stop)
             torch.save(state, folder / f"fold{fold}.pt")
             probabilities = predict(model, run, val_items, config.classify.input_size,
                                     list(TTA_NAMES), device, config.classify.loader_workers)

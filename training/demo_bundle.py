@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from training.classify import cross_validate, fit_ensemble
+from training.classify import TrainingStopped, cross_validate, fit_ensemble
 from training.config import DetectConfig, TrainingConfig, load_config, torch_device
 from training.demo_data import DEMO_VERSION
 from training.detect import train_detector
@@ -46,18 +46,25 @@ def train_side_by_side(run: Path, config: TrainingConfig, device: str,
     """DERNet (cross-validation, ensemble) here and YOLO11 in a second process, at once, each
     on half the cores (2-core AMD EPYC without AVX-512, the demo's recipe before 0.4.0: 273 s
     + 328 s one after the other on two threads each, 474 s at once on one each). A detector
-    that fails is reported once DERNet is done."""
+    that fails stops DERNet at its next batch (a fold finished so far resumes on the next run)."""
     share = max(1, (os.cpu_count() or 2) // 2)
     detector = multiprocessing.get_context("spawn").Process(
         target=_train_detector, args=(run, config.detect, device, share), name="yolo11-training")
     detector.start()
     threads = torch.get_num_threads()
     torch.set_num_threads(share)
+
+    def detector_failed() -> bool:
+        # Only this thread looks at the process (its exit status is collected once).
+        return detector.exitcode not in (None, 0)
+
     try:
-        cross_validate(run, config, torch_device(device), fold_bars=False)
+        cross_validate(run, config, torch_device(device), fold_bars=False, stop=detector_failed)
         fit_ensemble(run, config)
         done("DERNet members trained, ensemble fitted")
         detector.join()
+    except TrainingStopped:
+        pass  # the detector's failure is reported below
     finally:
         torch.set_num_threads(threads)
         if detector.is_alive():  # DERNet failed or was interrupted: the detector goes too

@@ -41,9 +41,15 @@ def test_dernet_and_yolo11_train_side_by_side(prepared: Path) -> None:
     assert torch.get_num_threads() == threads  # DERNet's share ends with the detector
 
 
-def test_a_failed_detector_fails_the_demo_training(prepared: Path) -> None:
+def test_a_failed_detector_stops_dernet_at_once(prepared: Path) -> None:
+    # DERNet alone would train for minutes: many epochs and nothing stops them early.
+    long_dernet = TINY.model_copy(update={"classify": TINY.classify.model_copy(
+        update={"epochs": 500, "patience": 500})})
     (prepared / "yolo" / "data.yaml").unlink()
     steps = []
     with pytest.raises(RuntimeError, match=r"YOLO11 training failed \(exit code 1\)"):
-        train_side_by_side(prepared, TINY, "cpu", steps.append)
-    assert steps == ["DERNet members trained, ensemble fitted"]
+        train_side_by_side(prepared, long_dernet, "cpu", steps.append)
+    assert steps == []  # DERNet stopped, not finished
+    epochs = (prepared / "classify" / "resnet50" / "fold0.metrics.csv").read_text().splitlines()
+    assert len(epochs) - 1 < 500  # the header, then an epoch a line
+    assert not (prepared / "classify" / "resnet50" / "fold0.json").exists()  # not kept as done
