@@ -3,6 +3,7 @@ The helpers they use live in ``tests/support``."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,8 +56,12 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    # A database index of its own per test run keeps parallel runs from sharing a queue.
-    index = 1 + uuid.uuid4().int % 15
+    # A database index of its own per test keeps parallel runs from sharing a queue: each of
+    # pytest-xdist's test processes draws from its own share of indexes 1-15.
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    share = max(1, 15 // count)
+    index = 1 + (worker * share + uuid.uuid4().int % share) % 15
     url = f"{REDIS_HOST_URL}/{index}"
     client = redis.Redis.from_url(url)
     client.flushdb()
