@@ -138,10 +138,14 @@ def main() -> None:
                      if not (emulated and p == "bfloat16")]
         runs = [(validated, False) for validated in settings]
         # Compiled at load (compile_models, workers/compiled.py) in the precision the runtime
-        # picks first on this CPU.
+        # picks first on this CPU (in float32 where it has no native bfloat16).
         best = "bfloat16" if native else "float32"
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder) / "inductor")  # a first start
         runs.append(({"classifier": [best], "detector": [best]}, True))
+        if not native:
+            # What the runtime picks first on a CPU without native bfloat16, compiled: int8
+            # members (they stay as they are) beside the detector compiled in float32.
+            runs.append(({"classifier": ["int8"], "detector": ["float32"]}, True))
         for validated, compiled in runs:
             manifest = load_bundle(path).manifest
             write_manifest(path, manifest.model_copy(update={
