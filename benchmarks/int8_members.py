@@ -1,0 +1,68 @@
+"""int8 members one by one: which DERNet member gains from int8 on this CPU, and which does not.
+
+Each full-size random-weight member (384 px, 5 TTA views of one 2500x2000 radiograph) as the
+worker serves it (``DERNet.view_probabilities``): float32 (the reference), float32 compiled at
+load (``compile_models``) and int8 (``workers/int8.py``, calibrated as export does on two
+synthetic radiographs), seconds per image and the ratio to float32, same run. The runtime takes
+int8 for every member whose export check passed, whatever its speed: this says where that costs.
+
+    .venv/bin/python benchmarks/int8_members.py [--repeats 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.inference import median_seconds  # noqa: E402
+from benchmarks.machine import cpu  # noqa: E402
+from tests.support.bundles import make_test_bundle  # noqa: E402
+from training.export import calibrate_int8  # noqa: E402
+from training.synthetic import radiograph_pixels  # noqa: E402
+from workers.bundle import load_bundle  # noqa: E402
+from workers.dernet import DERNet  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu()}; {args.threads} threads")
+    with tempfile.TemporaryDirectory() as folder:
+        path = make_test_bundle(Path(folder) / "bundle", input_size=384, image_size=64,
+                                scale="n")
+        calibration = [radiograph_pixels(2500, 2000, 12, seed).astype(np.float32) / 4095
+                       for seed in (1, 2)]
+        calibrate_int8(path, {member.architecture: calibration
+                              for member in load_bundle(path).manifest.classifier.members})
+        bundle = load_bundle(path)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder) / "inductor")  # a first start
+        compiled = DERNet(bundle, torch.device("cpu"))
+        compiled.compile()
+        served = {"float32": DERNet(bundle, torch.device("cpu")), "float32 compiled": compiled,
+                  "int8": DERNet(bundle, torch.device("cpu"), torch.qint8)}
+        image = np.random.default_rng(0).random((2500, 2000), dtype=np.float32)
+        inputs = served["float32"].inputs([image])
+        print(f"{'member (5 views at 384 px)':24s}" + "".join(f"{name:>24s}" for name in served))
+        for member in bundle.manifest.classifier.members:
+            name = member.architecture
+            seconds = {kind: median_seconds(
+                lambda d=dernet, n=name: d.view_probabilities(inputs, only=n), args.repeats)
+                for kind, dernet in served.items()}
+            reference = seconds["float32"]
+            print(f"{name:24s}" + "".join(
+                f"{f'{s:.3f} s ({reference / s:.2f}x)':>24s}" for s in seconds.values()))
+
+
+if __name__ == "__main__":
+    main()
