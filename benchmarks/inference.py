@@ -50,6 +50,16 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def calibrate_every_member(path: Path) -> None:
+    """Every member of the bundle at ``path`` in int8, calibrated as export does, on two
+    synthetic radiographs (not the image a benchmark times); export would keep a member in
+    float32 where its check failed."""
+    calibration = [radiograph_pixels(2500, 2000, 12, seed).astype(np.float32) / 4095
+                   for seed in (1, 2)]
+    calibrate_int8(path, {member.architecture: calibration
+                          for member in load_bundle(path).manifest.classifier.members})
+
+
 def gemm_gflops(dtype: torch.dtype, repeats: int, n: int = 4096) -> float:
     """The machine's practical peak: the best of several large square matrix products."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
@@ -102,12 +112,7 @@ def main() -> None:
         precisions = ["float32"] + (["bfloat16"] if native or emulated else [])
         path = make_test_bundle(Path(folder) / "bundle", input_size=384, image_size=640,
                                 scale="l", validated_precisions=tuple(precisions))
-        # Every member in int8, calibrated as export does, on two synthetic radiographs (not the
-        # image timed below); export would keep a member in float32 where its check failed.
-        calibration = [radiograph_pixels(2500, 2000, 12, seed).astype(np.float32) / 4095
-                       for seed in (1, 2)]
-        calibrate_int8(path, {member.architecture: calibration
-                              for member in load_bundle(path).manifest.classifier.members})
+        calibrate_every_member(path)
         bundle = load_bundle(path)
         torch.set_num_threads(args.threads)
         image = np.random.default_rng(0).random((2500, 2000), dtype=np.float32)

@@ -22,11 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.inference import median_seconds  # noqa: E402
+from benchmarks.inference import calibrate_every_member, median_seconds  # noqa: E402
 from benchmarks.machine import cpu  # noqa: E402
 from tests.support.bundles import make_test_bundle  # noqa: E402
-from training.export import calibrate_int8  # noqa: E402
-from training.synthetic import radiograph_pixels  # noqa: E402
 from workers.bundle import load_bundle  # noqa: E402
 from workers.dernet import DERNet  # noqa: E402
 
@@ -41,10 +39,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = make_test_bundle(Path(folder) / "bundle", input_size=384, image_size=64,
                                 scale="n")
-        calibration = [radiograph_pixels(2500, 2000, 12, seed).astype(np.float32) / 4095
-                       for seed in (1, 2)]
-        calibrate_int8(path, {member.architecture: calibration
-                              for member in load_bundle(path).manifest.classifier.members})
+        calibrate_every_member(path)
         bundle = load_bundle(path)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder) / "inductor")  # a first start
         compiled = DERNet(bundle, torch.device("cpu"))
