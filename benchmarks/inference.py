@@ -5,7 +5,8 @@ views each, YOLO11-l at 640 px) on one 2500x2000 radiograph. Prints seconds per 
 eager PyTorch (NCHW float32, what a straightforward implementation does) and for our runtime in
 each precision it offers on this machine (and bfloat16 where oneDNN only emulates it, which the
 runtime never chooses; and int8 members, workers/int8.py, beside each detector precision; and
-the models compiled at load, compile_models, in the precision the runtime picks first), the
+the models compiled at load, compile_models, in the float precision the runtime picks first and
+with int8 members), the
 achieved GFLOP/s against a float32 (and bfloat16) GEMM measured in the same run as the machine's
 practical peak, and how far our outputs are from eager's.
 Random weights: the deviation says nothing about a trained bundle, which must be checked
@@ -129,7 +130,7 @@ def main() -> None:
         print(f"{args.threads} threads, {gflop:.0f} GFLOP per image (3 members x 5 TTA at 384 "
               f"+ YOLO11-l at 640)")
         print("GEMM peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
-        print(f"{'eager PyTorch (float32, NCHW)':38s} {eager_seconds:6.2f} s/image  "
+        print(f"{'eager PyTorch (float32, NCHW)':54s} {eager_seconds:6.2f} s/image  "
               f"{gflop / eager_seconds:6.0f} GFLOP/s  "
               f"{gflop / eager_seconds / peaks['float32']:5.1%} of float32 GEMM")
         # Each precision for both components, then (where bfloat16 exists) the members in
@@ -142,15 +143,13 @@ def main() -> None:
         settings += [{"classifier": ["int8"], "detector": [p]} for p in precisions
                      if not (emulated and p == "bfloat16")]
         runs = [(validated, False) for validated in settings]
-        # Compiled at load (compile_models, workers/compiled.py) in the precision the runtime
-        # picks first on this CPU (in float32 where it has no native bfloat16).
+        # Compiled at load (compile_models, workers/compiled.py): both components in the float
+        # precision the runtime picks first on this CPU, and what it picks first of all, int8
+        # members (compiled in any case) beside that detector compiled.
         best = "bfloat16" if native else "float32"
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder) / "inductor")  # a first start
         runs.append(({"classifier": [best], "detector": [best]}, True))
-        if not native:
-            # What the runtime picks first on a CPU without native bfloat16, compiled: int8
-            # members (they stay as they are) beside the detector compiled in float32.
-            runs.append(({"classifier": ["int8"], "detector": ["float32"]}, True))
+        runs.append(({"classifier": ["int8"], "detector": [best]}, True))
         for validated, compiled in runs:
             manifest = load_bundle(path).manifest
             write_manifest(path, manifest.model_copy(update={
@@ -167,9 +166,12 @@ def main() -> None:
             achieved = gflop / seconds
             peak = (f"{achieved / peaks[runtime.precision]:5.1%} of {runtime.precision} GEMM"
                     if runtime.precision in peaks else f"{'':>5s}    (mixed)      ")
+            # Loading compiles: int8 members always, everything with compile_models.
             name = runtime.precision + (", emulated: never chosen" if forced else "") + (
-                f", compiled in {loaded:.0f} s" if compiled else "")
-            print(f"{'spinenode runtime (' + name + ')':38s} {seconds:6.2f} "
+                ", compiled" if compiled else "") + (
+                f", loaded in {loaded:.0f} s" if compiled or runtime.classifier.int8_members
+                else "")
+            print(f"{'spinenode runtime (' + name + ')':54s} {seconds:6.2f} "
                   f"s/image  {achieved:6.0f} GFLOP/s  {peak}   {eager_seconds / seconds:4.2f}x "
                   f"eager   max |dp| vs eager {deviation:.4f}")
 

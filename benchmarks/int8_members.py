@@ -2,9 +2,10 @@
 
 Each full-size random-weight member (384 px, 5 TTA views of one 2500x2000 radiograph) as the
 worker serves it (``DERNet.view_probabilities``): float32 (the reference), float32 compiled at
-load (``compile_models``) and int8 (``workers/int8.py``, calibrated as export does on two
-synthetic radiographs), seconds per image and the ratio to float32, same run. The runtime takes
-int8 for every member whose export check passed, whatever its speed: this says where that costs.
+load (``compile_models``), int8 (``workers/int8.py``: calibrated as export does on two synthetic
+radiographs, compiled by inductor) and, where the CPU has native bfloat16, bfloat16 eager and
+compiled; seconds per image and the ratio to float32, same run. The runtime takes int8 for every
+member whose export check passed, before bfloat16: this says what that gains or costs.
 
     .venv/bin/python benchmarks/int8_members.py [--repeats 5] [--threads 2]
 """
@@ -27,6 +28,7 @@ from benchmarks.machine import cpu  # noqa: E402
 from tests.support.bundles import make_test_bundle  # noqa: E402
 from workers.bundle import load_bundle  # noqa: E402
 from workers.dernet import DERNet  # noqa: E402
+from workers.runtime import cpu_has_native_bfloat16  # noqa: E402
 
 
 def main() -> None:
@@ -46,6 +48,10 @@ def main() -> None:
         compiled.compile()
         served = {"float32": DERNet(bundle, torch.device("cpu")), "float32 compiled": compiled,
                   "int8": DERNet(bundle, torch.device("cpu"), torch.qint8)}
+        if cpu_has_native_bfloat16():
+            served["bfloat16"] = DERNet(bundle, torch.device("cpu"), torch.bfloat16)
+            served["bfloat16 compiled"] = DERNet(bundle, torch.device("cpu"), torch.bfloat16)
+            served["bfloat16 compiled"].compile()
         image = np.random.default_rng(0).random((2500, 2000), dtype=np.float32)
         inputs = served["float32"].inputs([image])
         print(f"{'member (5 views at 384 px)':24s}" + "".join(f"{name:>24s}" for name in served))

@@ -1,121 +1,100 @@
-"""DERNet members in int8 on a CPU: post-training static quantization with PyTorch's FX graph
-mode and its x86 engine (fbgemm's int8 kernels, VNNI where the CPU has it). No other runtime:
-nothing to install, nothing that reports usage anywhere.
+"""DERNet members in int8 on an x86-64 CPU: post-training static quantization in PyTorch's
+export (PT2E) form, with torchao's x86 quantizer, compiled by inductor into oneDNN's int8
+kernels (VNNI or AMX where the CPU has them). Nothing to install beyond torchao, nothing that
+reports usage anywhere.
 
 Export calibrates each member on training images and keeps only what the activation observers
-saw (histograms and ranges, no pixels) in the bundle; a worker rebuilds the same graph, loads
-those statistics and converts it, so it serves exactly what export checked against float32.
-The detector stays out: its boxes must stay within 0.5 px, which even float16 missed.
+saw (ranges, no pixels) in the bundle; a worker exports the same graph, loads those statistics,
+converts and compiles it, so it serves what export checked against float32 (export checks the
+compiled member, as served). The detector stays out: its boxes must stay within 0.5 px, which
+even float16 missed.
 
-Each member is checked apart and served in int8 only where it passed; the rest stay float32.
-Measured on a 2-core AMD EPYC at 384 px, every layer in int8: ResNet-50 4.7x, DenseNet-121 1.9x
-and EfficientNetV2-S 1.3x faster than float32.
+Only compiled is int8 fast: uncompiled, a quantized graph emulates int8 in float32 and is
+slower than float32 itself. So int8 needs a C++ compiler, as ``compile_models`` does; where
+compiling fails, the member is served in float32 and the log says why.
+
+Measured on a 2-core AMD EPYC with avx512_bf16 (benchmarks/int8_members.py, 5 views at 384 px,
+same machine and hour): DenseNet-121 0.222 s, EfficientNetV2-S 0.211 s, ResNet-50 0.196 s; the
+same members took 0.337/0.407/0.205 s with PyTorch's earlier FX int8 (fbgemm's kernels, not
+compiled), 0.258/0.287/0.308 s compiled in bfloat16 and 0.647/0.653/0.835 s in float32.
 """
 
 from __future__ import annotations
 
+import logging
 import platform
+import shutil
 import warnings
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
 
-ENGINE = "x86"
+from workers.compiled import Agreement, compiled_or_eager
+
+log = logging.getLogger(__name__)
+
 # Left in float32: each member's first convolution and its head. On the phantom demo bundle's
 # held-out images ResNet-50's int8 probabilities moved by up to 0.041 with them quantized, 0.009
-# without (DenseNet-121: 0.017 and 0.012); ResNet-50 took about 14% longer at 96 px.
+# without (DenseNet-121: 0.017 and 0.012; measured with the earlier FX int8).
 FLOAT_LAYERS = {"densenet121": ("features.conv0", "classifier"),
                 "tf_efficientnetv2_s": ("conv_stem", "classifier"),
                 "resnet50": ("conv1", "fc")}
 
 
 def cpu_serves_int8() -> bool:
-    """PyTorch's x86 int8 engine is there (any x86-64 build of torch has it)."""
+    """An x86-64 CPU and a C++ compiler for inductor to build the int8 kernels with."""
     return (platform.machine().lower() in ("x86_64", "amd64")
-            and ENGINE in torch.backends.quantized.supported_engines)
+            and shutil.which("g++") is not None)
 
 
-class _PaddedConv(nn.Module):
-    """TensorFlow's 'same' padding as a fixed pad and a plain convolution, for one input size."""
+def _quantizer(architecture: str):
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
-    def __init__(self, pad: tuple[int, int, int, int], conv: nn.Conv2d):
-        super().__init__()
-        self.pad = nn.ZeroPad2d(pad)
-        self.conv = conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.pad(x))
-
-
-def _fix_same_padding(model: nn.Module, example: torch.Tensor) -> None:
-    """timm's Conv2dSame works its padding out from each input's size, which FX cannot trace
-    (EfficientNetV2-S has them): the input size is fixed here, so each gets its fixed pad."""
-    from timm.layers.conv2d_same import Conv2dSame
-    from timm.layers.padding import get_same_padding
-
-    sizes: dict[str, torch.Size] = {}
-    hooks = [module.register_forward_pre_hook(
-        lambda _, args, name=name: sizes.__setitem__(name, args[0].shape[-2:]))
-        for name, module in model.named_modules() if isinstance(module, Conv2dSame)]
-    with torch.no_grad():
-        model(example)
-    for hook in hooks:
-        hook.remove()
-    for name, (height, width) in sizes.items():
-        same = model.get_submodule(name)
-        pad_h, pad_w = (get_same_padding(size, kernel, stride, dilation) for size, kernel,
-                        stride, dilation in zip((height, width), same.kernel_size, same.stride,
-                                                same.dilation, strict=True))
-        conv = nn.Conv2d(same.in_channels, same.out_channels, same.kernel_size, same.stride, 0,
-                         same.dilation, same.groups, same.bias is not None)
-        conv.load_state_dict(same.state_dict())
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, _PaddedConv(
-            (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), conv))
-
-
-def prepare_member(model: nn.Module, architecture: str, input_size: int) -> GraphModule:
-    """The float32 member (weights loaded, eval mode) with observers on its activations, for a
-    square input of ``input_size``: run calibration images through it, then ``convert``."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import prepare_fx
-
-    torch.backends.quantized.engine = ENGINE
-    example = torch.zeros(1, 3, input_size, input_size)
-    _fix_same_padding(model, example)
-    # The x86 default: int8 weights per channel, activations in 7 bits (full 8-bit activations
-    # wrecked DenseNet-121's outputs here: |dp| 0.35).
-    mapping = get_default_qconfig_mapping(ENGINE)
+    quantizer = x86.X86InductorQuantizer()
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
     for name in FLOAT_LAYERS[architecture]:
-        mapping = mapping.set_module_name(name, None)
+        quantizer.set_module_name_qconfig(name, None)
+    return quantizer
+
+
+def prepare_member(model: nn.Module, architecture: str, input_size: int) -> torch.fx.GraphModule:
+    """The float32 member (weights loaded, eval mode) exported for square inputs of
+    ``input_size`` (any batch) with observers on its activations: run calibration images
+    through it, then ``quantized_member`` or ``observer_statistics``."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    example = torch.zeros(2, 3, input_size, input_size)
+    batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
-        # FX graph mode is deprecated in favour of torchao, which this project does not carry,
-        # and the 7-bit activations (reduce_range) warn.
-        warnings.simplefilter("ignore")
-        return prepare_fx(model, mapping, (example,))
+        warnings.simplefilter("ignore")  # torchao's notes on its own deprecations
+        exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        return prepare_pt2e(exported.module(), _quantizer(architecture))
 
 
-def observer_statistics(prepared: GraphModule) -> dict[str, torch.Tensor]:
+def observer_statistics(prepared: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     """What calibration taught the observers: the tensors a bundle keeps (no weights)."""
     return {key: value for key, value in prepared.state_dict().items()
             if "activation_post_process" in key}
 
 
-def convert(prepared: GraphModule) -> GraphModule:
-    from torch.ao.quantization.quantize_fx import convert_fx
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # as in prepare_member
-        return convert_fx(prepared)
-
-
 def quantized_member(model: nn.Module, architecture: str, input_size: int,
-                     statistics: dict[str, torch.Tensor]) -> GraphModule:
-    """The int8 member a worker serves: the float32 ``model`` with the bundle's calibration."""
+                     statistics: dict[str, torch.Tensor], example: torch.Tensor,
+                     agree: Agreement) -> nn.Module:
+    """The int8 member a worker serves: the float32 ``model`` with the bundle's calibration,
+    compiled for inputs shaped like ``example`` (one image's views). The float32 ``model``
+    where it could not be compiled."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
     prepared = prepare_member(model, architecture, input_size)
     result = prepared.load_state_dict(statistics, strict=False)
     if result.unexpected_keys or any("activation_post_process" in key
                                      for key in result.missing_keys):
         raise ValueError("int8 calibration does not fit this member's graph")
-    return convert(prepared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = convert_pt2e(prepared)
+    compiled = compiled_or_eager(converted, example, agree, f"{architecture} (int8)")
+    if compiled is converted:
+        log.warning("%s: served in float32, as int8 is fast only compiled", architecture)
+        return model
+    return compiled

@@ -75,16 +75,17 @@ def select_precision(requested: str, device: torch.device, bundle: Bundle,
         if requested == "float16" and device.type != "cuda":
             raise ValueError("float16 needs a CUDA device")
         if requested == "int8" and (device.type != "cpu" or not cpu_serves_int8()):
-            raise ValueError("int8 needs an x86-64 CPU")
+            raise ValueError("int8 needs an x86-64 CPU and a C++ compiler (g++) to build "
+                             "its kernels")
         return DTYPES[requested]
     if device.type == "cuda" and "float16" in validated:
         return torch.float16
-    # Native bfloat16 before int8: as fast (full size, 2-core AMD EPYC with avx512_bf16: 1.33 s
-    # an image in bfloat16, 1.38 s with int8 members; float32 2.57 s) and closer to float32.
-    if device.type == "cpu" and "bfloat16" in validated and cpu_has_native_bfloat16():
-        return torch.bfloat16
+    # int8 before native bfloat16: the three members at 384 px on a 2-core AMD EPYC with
+    # avx512_bf16 took 0.63 s an image in int8, 0.85 s compiled in bfloat16 (int8_members.py).
     if device.type == "cpu" and "int8" in validated and cpu_serves_int8():
         return torch.qint8
+    if device.type == "cpu" and "bfloat16" in validated and cpu_has_native_bfloat16():
+        return torch.bfloat16
     return torch.float32
 
 
@@ -160,10 +161,10 @@ def runtime_for(settings: Settings) -> ModelRuntime | None:
         for mismatch in bundle.manifest.version_mismatches():
             log.warning("bundle %s: %s: its results may differ from those measured when it "
                         "was made", bundle.label, mismatch)
-        if settings.compile_models:
-            # What inductor builds is kept with the node's data (importing torch's libraries
-            # already pointed it at a temporary folder): the next start finds it.
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((settings.data_dir / "inductor").resolve())
+        # What inductor builds (int8 members, compile_models) is kept with the node's data
+        # (importing torch's libraries already pointed it at a temporary folder): the next
+        # start finds it.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((settings.data_dir / "inductor").resolve())
         _runtimes[key] = ModelRuntime(bundle, select_device(settings.device),
                                       settings.torch_threads, settings.normal_min_box_score,
                                       settings.precision, settings.compile_models)

@@ -5,6 +5,8 @@ the calibration the bundle carries (hashed like the weights), and never the dete
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +17,20 @@ import training.export
 from dicom_node.files import sha256_of
 from tests.support.bundles import make_test_bundle
 from training.config import load_config
-from training.export import INT8_CALIBRATION, PRECISION_TOLERANCE, validate_precisions
+from training.export import (
+    INT8_CALIBRATION,
+    PRECISION_TOLERANCE,
+    calibrate_int8,
+    validate_precisions,
+)
 from training.synthetic import radiograph_pixels
 from workers.bundle import BundleError, ValidatedPrecisions, load_bundle, write_manifest
+from workers.compiled import FixedBatch
 from workers.dernet import DERNet
 from workers.int8 import cpu_serves_int8
 from workers.runtime import ModelRuntime, select_precision
 
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not cpu_serves_int8(), reason="no x86-64 int8 engine here")
 CPU = torch.device("cpu")
 
@@ -48,8 +57,12 @@ def test_export_calibrates_checks_and_records_int8(int8_bundle: tuple[Path, dict
     # each member apart; the members only, no detector.
     assert check["device"] == "cpu" and check["held_out"] is False
     assert check["images"] == dict.fromkeys(members, 2) and set(check["members"]) == members
+    # int8: each member within the tolerance whose int8 graph compiled here and agreed with
+    # itself uncompiled (workers/int8.py); one that did not is served in float32.
     assert set(check["int8_members"]) == {
-        name for name, d in check["members"].items() if d <= PRECISION_TOLERANCE["probability"]}
+        name for name, d in check["members"].items()
+        if d <= PRECISION_TOLERANCE["probability"]} - set(check["not_compiled"])
+    assert not set(check["not_compiled"]) - members
     assert check["passed"] == {"classifier": bool(check["int8_members"])}
     assert check["differences"]["probability"] == max(check["members"][n]
                                                       for n in check["int8_members"])
@@ -70,17 +83,17 @@ def test_the_worker_serves_the_checked_int8_members(int8_bundle: tuple[Path, dic
     assert checks["int8"]["passed"]["classifier"], checks
     path = tmp_path / "bundle"
     shutil.copytree(int8_bundle[0], path)
-    # Where the CPU has native bfloat16 and the bundle passed it, that comes first: here as on a
-    # CPU without it (or a bundle whose bfloat16 check failed), int8 is what "auto" finds.
+    # int8 comes before native bfloat16 where the bundle passed both (workers/runtime.py).
     manifest = load_bundle(path).manifest
     write_manifest(path, manifest.model_copy(update={"validated_precisions": ValidatedPrecisions(
         classifier=["float32", "int8"], detector=["float32"])}))
     runtime = ModelRuntime(load_bundle(path), CPU, 0, None)
     assert runtime.precision.split("/")[0] == "int8" and runtime.detector.dtype != torch.qint8
     assert runtime.classifier.int8_members == sorted(checks["int8"]["int8_members"])
-    for name, _, model in runtime.classifier.members:  # int8 convolutions where checked only
-        kinds = {type(module).__module__ for module in model.modules()}
-        assert ("torch.ao.nn.quantized.modules.conv" in kinds) == (
+    for name, _, model in runtime.classifier.members:  # compiled int8 graphs where checked only
+        operations = ({str(node.target) for node in model.eager.graph.nodes}
+                      if isinstance(model, FixedBatch) else set())
+        assert ("quantized_decomposed.quantize_per_tensor.default" in operations) == (
             name in checks["int8"]["int8_members"])
     exact = ModelRuntime(load_bundle(path), CPU, 0, None, "float32")
     held_out = _images(range(10, 13))  # neither calibrated nor checked on
@@ -89,6 +102,54 @@ def test_the_worker_serves_the_checked_int8_members(int8_bundle: tuple[Path, dic
             assert abs(probability - b.classification.member_probabilities[name]) <= \
                 PRECISION_TOLERANCE["probability"]
         assert len(a.findings) == len(b.findings)  # the detector is not int8
+
+
+NO_COMPILER = """
+from tests.support import no_network
+no_network.block()  # before torchao is imported: nothing of int8 reaches outside
+import sys, torch
+from workers.bundle import load_bundle
+from workers.compiled import FixedBatch
+from workers.dernet import DERNet
+from workers.int8 import cpu_serves_int8
+from workers.runtime import select_precision
+
+bundle, cpu = load_bundle(sys.argv[1]), torch.device("cpu")
+assert "int8" in bundle.manifest.validated_precisions.classifier
+assert not cpu_serves_int8()
+assert select_precision("auto", cpu, bundle, "classifier") != torch.qint8
+try:
+    select_precision("int8", cpu, bundle, "classifier")
+    raise AssertionError("int8 taken without a compiler")
+except ValueError as error:
+    assert "C++ compiler" in str(error), error
+dernet, exact = DERNet(bundle, cpu, torch.qint8), DERNet(bundle, cpu)
+assert dernet.int8_members == []
+assert not any(isinstance(model, FixedBatch) for _, _, model in dernet.members)
+inputs = torch.rand(1, 3, 96, 96)
+assert torch.equal(dernet.view_probabilities(inputs)["resnet50"],
+                   exact.view_probabilities(inputs)["resnet50"])
+print("served in float32")
+"""
+
+
+def test_without_a_compiler_int8_members_are_served_in_float32(tmp_path: Path) -> None:
+    # int8 is fast only compiled (workers/int8.py): on a machine without a C++ compiler (a
+    # worker process whose PATH has none) "auto" does not take it, and int8 asked for all the
+    # same serves each member in float32. Its own process: inductor's compiling processes
+    # would keep the PATH without a compiler.
+    path = make_test_bundle(tmp_path / "bundle", input_size=96, members=(("resnet50", 1.0),))
+    calibrate_int8(path, {"resnet50": _images(range(2))})
+    write_manifest(path, load_bundle(path).manifest.model_copy(update={
+        "validated_precisions": ValidatedPrecisions(classifier=["float32", "int8"],
+                                                    detector=["float32"])}))
+    result = subprocess.run([sys.executable, "-c", NO_COMPILER, str(path)], cwd=ROOT,
+                            env={"PATH": "/nonexistent", "HOME": str(tmp_path)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "served in float32" in result.stdout
+    assert "resnet50 (int8): not compiled" in result.stderr
+    assert "blocked" not in result.stderr
 
 
 def test_a_changed_calibration_is_refused(int8_bundle: tuple[Path, dict],
@@ -111,8 +172,7 @@ def test_int8_only_where_checked(test_bundle: Path, tmp_path: Path,
     with pytest.raises(BundleError, match="no int8 calibration"):
         DERNet(bundle, CPU, torch.qint8)
     # A check that fails (a tolerance nothing meets) leaves neither the claim nor the file.
-    path = tmp_path / "bundle"
-    shutil.copytree(test_bundle, path)
+    path = make_test_bundle(tmp_path / "bundle", input_size=96, members=(("resnet50", 1.0),))
     monkeypatch.setitem(training.export.PRECISION_TOLERANCE, "probability", -1.0)
     monkeypatch.setattr(training.export, "reduced_precisions", lambda: {"int8": CPU})
     checks = validate_precisions(path, _images(range(2)))
