@@ -18,7 +18,8 @@ FROM base AS worker
 # g++: inductor builds the int8 members' kernels (and compile_models' code) on this machine;
 # without it int8 members are served in float32.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
-    && rm -rf /var/lib/apt/lists/* && scripts/setup --worker
+    && rm -rf /var/lib/apt/lists/*
+RUN scripts/setup --worker
 CMD ["spinenode", "worker"]
 
 FROM base AS node

@@ -26,7 +26,7 @@ from training.phantoms import read_bands
 from training.progress import read as read_epochs
 from training.vindr import read_split
 from workers.bundle import VINDR_CLASSES
-from workers.dernet import classifier_input, ensemble_mean, tta_views
+from workers.dernet import DERNet, ensemble_mean
 from workers.imaging import decode
 from workers.runtime import runtime_for
 
@@ -125,15 +125,18 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
     records = read_split(data, "test")
     spec = runtime.bundle.manifest.classifier
     labels, probabilities, members, views, served_float32 = [], [], {}, {}, []
+    # The members in float32 (as training evaluates them) beside a runtime that serves them in
+    # a reduced precision, so that the pixel paths compare pixels, not precisions.
+    float32 = (runtime.classifier if runtime.classifier.dtype == torch.float32
+               else DERNet(runtime.bundle, runtime.device))
     ground_truth, detections, sizes = [], [], {}
     for record in tqdm(records, desc="test images", unit="image"):
         image = decode(record.path)
         (result,) = runtime.analyse([image.pixels], confidence=MAP_CONFIDENCE)
         labels.append(record.abnormal)
         probabilities.append(result.classification.probability)
-        served_float32.append(_float32_probability(runtime, image.pixels)
-                              if runtime.classifier.dtype != torch.float32
-                              else result.classification.probability)
+        served_float32.append(result.classification.probability if float32 is runtime.classifier
+                              else float32.classify([image.pixels])[0].probability)
         for name, p in result.classification.member_probabilities.items():
             members.setdefault(name, []).append(p)
         for name, p in result.classification.view_probabilities.items():
@@ -145,7 +148,7 @@ def evaluate(run: Path, data: Path, bundle: Path) -> dict:
                         "score": b.score, "box": [b.x0, b.y0, b.x1, b.y1]}
                        for b in result.findings]
     labels_array, scores = np.array(labels), np.array(probabilities)
-    paths = pixel_path_difference(run, runtime, records, np.array(served_float32))
+    paths = pixel_path_difference(run, float32, records, np.array(served_float32))
     threshold = runtime.bundle.manifest.classifier.threshold
     report = binary_report(labels_array, scores, threshold)
     member_reports = {name: asdict(binary_report(labels_array, np.array(p), threshold))
@@ -251,30 +254,21 @@ PIXEL_PATH_TOLERANCE = 0.02
 
 
 @torch.inference_mode()
-def _float32_probability(runtime, pixels: np.ndarray) -> float:  # noqa: ANN001
-    """The ensemble probability from serving's pixels with the members in float32 (as training
-    evaluates them), so that the comparison below is about pixels, not precision."""
-    spec = runtime.bundle.manifest.classifier
-    views = tta_views(classifier_input(pixels, spec)[None].to(runtime.device), spec.tta)
-    members = runtime.classifier.members
-    return ensemble_mean({name: float(torch.sigmoid(model(views).float()).mean())
-                          for name, _, model in members},
-                         {name: weight for name, weight, _ in members})
-
-
-def pixel_path_difference(run: Path, runtime, records: list, served: np.ndarray) -> dict:  # noqa: ANN001
+def pixel_path_difference(run: Path, float32: DERNet, records: list,
+                          served: np.ndarray) -> dict:
     """The test images through the training pipeline (RUN's cache, the DataLoader the members
-    were validated with) beside serving's pixels (SERVED, float32 both): the ensemble
-    probability's difference and the decisions that differ at the bundle's threshold."""
+    were validated with) beside serving's pixels (SERVED), both through the ``float32``
+    members: the ensemble probability's difference and the decisions that differ at the
+    bundle's threshold."""
     from training.classify import predict
     from training.dataset_index import DatasetIndex
 
     items = {item.image_id: item for item in DatasetIndex.read(run).images}
     ordered = [items[record.image_id] for record in records]
-    spec = runtime.bundle.manifest.classifier
-    members = runtime.classifier.members
+    spec = float32.spec
+    members = float32.members
     trained = ensemble_mean({name: predict(model, run, ordered, spec.input_size,
-                                           list(spec.tta), runtime.device)
+                                           list(spec.tta), float32.device)
                              for name, _, model in members},
                             {name: weight for name, weight, _ in members})
     difference = np.abs(trained - served)
