@@ -63,6 +63,7 @@ def prepare_member(model: nn.Module, architecture: str, input_size: int) -> torc
     through it, then ``quantized_member`` or ``observer_statistics``."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
+    # Batch 2, not 1: export would take a dimension of size 1 for a constant.
     example = torch.zeros(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
