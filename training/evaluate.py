@@ -253,7 +253,6 @@ def write_training_curves(run: Path, target: Path) -> bool:
 PIXEL_PATH_TOLERANCE = 0.02
 
 
-@torch.inference_mode()
 def pixel_path_difference(run: Path, float32: DERNet, records: list,
                           served: np.ndarray) -> dict:
     """The test images through the training pipeline (RUN's cache, the DataLoader the members

@@ -123,6 +123,7 @@ class DERNet:
             calibration = torch.load(bundle.verified_bytes(self.spec.int8_calibration),
                                      weights_only=True)
         self.int8_members: list[str] = []
+        example = self._example() if calibration else None  # what int8 members compile for
         for member in self.spec.members:
             model = build_member(member.architecture)
             state = torch.load(bundle.verified_bytes(member.weights), map_location="cpu",
@@ -133,7 +134,7 @@ class DERNet:
             model.to(device, memory_format=torch.channels_last)
             if member.architecture in calibration:  # else this member stays float32
                 int8 = quantized_member(model, member.architecture, self.spec.input_size,
-                                        calibration[member.architecture], self._example(),
+                                        calibration[member.architecture], example,
                                         probabilities_agree)
                 if int8 is not model:
                     self.int8_members.append(member.architecture)
