@@ -320,6 +320,7 @@ def studies(sessions: sessionmaker[Session], filters: StudyFilters, limit: int =
             select(Series.study_pk, func.count(Instance.id), func.max(Instance.received_at))
             .join(Instance.series).where(Series.study_pk.in_([s.id for s, *_ in rows]))
             .group_by(Series.study_pk))}
+        overlays = _report_overlays(session, [report for *_, report in rows if report])
         items = [{
             "study_uid": study.study_uid, "accession_number": study.accession_number,
             "patient_id": patient_id, "study_date": study.study_date,
@@ -328,9 +329,27 @@ def studies(sessions: sessionmaker[Session], filters: StudyFilters, limit: int =
             "report": None if report is None else {
                 "version": report.version, "label": report.label,
                 "probability": report.probability, "image_count": report.image_count,
-                "finding_count": report.finding_count, "created_at": _iso(report.created_at)},
+                "finding_count": report.finding_count, "created_at": _iso(report.created_at),
+                "overlay_sop_instance_uid": overlays.get(report.id)},
         } for study, patient_id, report in rows]
     return items, next_cursor
+
+
+def _report_overlays(session: Session, reports: list[StudyReport]) -> dict[int, str]:
+    """By report id: the SC overlay of the image that gave the report its probability (of that
+    image's analysis the report took), for a thumbnail of the study."""
+    top = {(report.top_instance_pk, analysis_id): report.id for report in reports
+           for analysis_id in report.analysis_ids}
+    if not top:
+        return {}
+    rows = session.execute(
+        select(Analysis.instance_pk, Analysis.id, Output.sop_instance_uid)
+        .join(Output, Output.analysis_pk == Analysis.id)
+        .where(Analysis.id.in_({analysis_id for _, analysis_id in top}),
+               Output.kind.in_(OVERLAY_KINDS))
+        .order_by(Output.id))
+    return {top[(instance_pk, analysis_id)]: uid for instance_pk, analysis_id, uid in rows
+            if (instance_pk, analysis_id) in top}
 
 
 def _findings_of(session: Session, analysis_ids: list[int]) -> dict[int, list[Finding]]:
@@ -380,48 +399,3 @@ def results(sessions: sessionmaker[Session], filters: Filters, limit: int = 10_0
          "finding_classes": ";".join(sorted({f["class"] for f in row["analysis"]["findings"]}))}
         for row in rows
     ]
-
-
-def recent_studies(sessions: sessionmaker[Session], filters: Filters, limit: int = 20,
-                   scan: int = 200) -> list[dict]:
-    """The newest studies among the newest ``scan`` instances matching ``filters``, each with
-    what its images say together (abnormal if any is, the highest probability, all findings)
-    and the SC overlay of its most suspicious image for a thumbnail."""
-    rows, _ = search(sessions, filters, limit=scan)
-    studies: dict[str, dict] = {}
-    for row in rows:
-        study = studies.get(row["study_uid"])
-        if study is None:
-            if len(studies) == limit:
-                continue
-            study = studies[row["study_uid"]] = {
-                "study_uid": row["study_uid"], "accession_number": row["accession_number"],
-                "patient_id": row["patient_id"], "study_date": row["study_date"],
-                "received_at": row["received_at"], "images": 0, "analysed": 0,
-                "label": None, "probability": None, "findings": [], "top_sop_instance_uid": None}
-        study["images"] += 1
-        analysis = row["analysis"]
-        if analysis is None:
-            continue
-        study["analysed"] += 1
-        study["findings"] += [f["class"] for f in analysis["findings"]]
-        if study["probability"] is None or analysis["probability"] > study["probability"]:
-            study["probability"] = analysis["probability"]
-            study["top_sop_instance_uid"] = row["sop_instance_uid"]
-        if study["label"] != "abnormal":
-            study["label"] = analysis["label"]
-    with sessions() as session:
-        for study in studies.values():
-            study["overlay_uid"] = _overlay_of(session, study["top_sop_instance_uid"])
-    return list(studies.values())
-
-
-def _overlay_of(session: Session, sop_instance_uid: str | None) -> str | None:
-    """The SOP Instance UID of the SC overlay made from this instance's latest analysis."""
-    if sop_instance_uid is None:
-        return None
-    return session.scalar(
-        select(Output.sop_instance_uid).join(Output.analysis).join(Analysis.instance)
-        .where(Instance.sop_instance_uid == sop_instance_uid,
-               Output.kind.in_(OVERLAY_KINDS))
-        .order_by(Analysis.id.desc()).limit(1))

@@ -19,6 +19,7 @@ from dicom_node.web.auth import COOKIE, operator, viewer
 from dicom_node.web.images import overlay_png
 
 router = APIRouter(include_in_schema=False)
+RECENT_STUDIES = 20  # on the dashboard; the API pages through all of them
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 # ISO times to the second for people ("2026-11-28 03:51:10 UTC"); the API keeps full precision.
 templates.env.filters["when"] = lambda iso: f"{iso[:19].replace('T', ' ')} UTC" if iso else ""
@@ -54,12 +55,13 @@ def logout() -> Response:
 def dashboard(request: Request, who: Viewer, accession: str = "", patient_id: str = ""
               ) -> Response:
     sessions = request.app.state.sessions
-    where = admin.Filters(accession=accession.strip() or None,
-                          patient_id=patient_id.strip() or None)
+    where = admin.StudyFilters(accession=accession.strip() or None,
+                               patient_id=patient_id.strip() or None)
+    studies, _ = admin.studies(sessions, where, limit=RECENT_STUDIES)
     return templates.TemplateResponse(request, "dashboard.html", {
         "who": who, "status": admin.node_status(sessions, request.app.state.queue.depth),
         "accession": accession, "patient_id": patient_id,
-        "studies": admin.recent_studies(sessions, where)})
+        "studies": studies})
 
 
 @router.get("/studies/{study_uid}", response_class=HTMLResponse)

@@ -73,6 +73,9 @@ def test_dashboard_find_open_and_retry(tmp_path: Path, postgres_url: str, redis_
             assert page.inner_text("#queue-depth") == "2"
             waited = int(page.inner_text("#oldest-waiting").removesuffix(" s"))
             assert 0 <= waited <= api.ok("/api/v1/status")["oldest_waiting"]["age_seconds"] + 1
+            # Both studies listed, neither reported yet.
+            assert page.locator("#studies td", has_text="pending").count() == 2
+            assert page.locator("#studies img.thumb").count() == 0
 
             # A worker starts. Each study: an SC overlay and, once the study is quiet, its SR;
             # four failed deliveries.

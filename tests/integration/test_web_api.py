@@ -162,6 +162,10 @@ def test_results_api_for_viewers_and_operators(tmp_path: Path, postgres_url: str
     assert first["report"]["version"] == 1 and first["report"]["label"] == "abnormal"
     assert first["report"]["finding_count"] == 4
     assert first["report"]["probability"] == analysis["probability"]
+    # Its thumbnail: the SC overlay of the image that gave the report its probability.
+    (overlay,) = [o["sop_instance_uid"] for o in viewer.ok(f"/api/v1/studies/{study_uid}")
+                  ["instances"][0]["analysis"]["objects"] if o["kind"] == "sc"]
+    assert first["report"]["overlay_sop_instance_uid"] == overlay
     assert listed["items"][0]["report"] is None
 
     def studies(query: str) -> list[str]:
