@@ -49,10 +49,10 @@ class FixedBatch(torch.nn.Module):
 
 
 def compiled_or_eager(model: torch.nn.Module, example: torch.Tensor, agree: Agreement,
-                      name: str) -> torch.nn.Module:
-    """``model`` compiled for inputs shaped like ``example``, where it agrees with itself eager;
-    else ``model``. Called under the autocast the model will run in: compiled code is
-    specialised to it."""
+                      name: str, reference: torch.nn.Module | None = None) -> torch.nn.Module:
+    """``model`` compiled for inputs shaped like ``example``, where it agrees with ``reference``
+    (by default ``model`` itself eager); else ``model``. Called under the autocast the model
+    will run in: compiled code is specialised to it."""
     import torch._inductor.config as inductor
 
     inductor.freezing = True  # weights as constants: batch norms folded, weights packed once
@@ -63,7 +63,7 @@ def compiled_or_eager(model: torch.nn.Module, example: torch.Tensor, agree: Agre
             # An inference tensor, as serving's are: compiled code is also specialised to that,
             # and a plain tensor here would have the first image compile it all again.
             example = example.clone()
-            eager_out = _first(model(example)).float()
+            eager_out = _first((model if reference is None else reference)(example)).float()
             compiled_out = _first(compiled(example)).float()
     except Exception as error:  # no C++ compiler, or a graph inductor cannot take
         why = (str(error).splitlines() or [""])[0][:200]

@@ -1,8 +1,10 @@
 """Models compiled by inductor at load (compile_models): the same results as eager, and eager
-wherever compiling fails or the compiled model disagrees."""
+wherever compiling fails or the compiled model disagrees (with itself eager, or the reference
+it is checked against)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -81,3 +83,19 @@ def test_a_compiled_model_that_disagrees_runs_eager(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.WARNING, logger="workers.compiled"):
         assert compiled_or_eager(model, example, lambda *_: "they differ", "conv") is model
     assert "conv: compiled, but they differ; it runs eager" in caplog.text
+
+
+def test_a_compiled_model_is_checked_against_its_reference() -> None:
+    # An int8 member (workers/int8.py) is checked against the float32 member it stands for,
+    # not against its own uncompiled graph.
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 3).eval()
+    example = torch.randn(2, 3, 8, 8)
+    elsewhere = torch.nn.Conv2d(3, 4, 3).eval()  # other weights: other probabilities
+    assert compiled_or_eager(model, example, probabilities_agree, "conv",
+                             reference=elsewhere) is model
+    near = copy.deepcopy(model)
+    with torch.no_grad():
+        near.bias += 0.01  # logits 0.01 apart: probabilities within 0.0025
+    assert isinstance(compiled_or_eager(model, example, probabilities_agree, "conv",
+                                        reference=near), FixedBatch)
