@@ -53,7 +53,8 @@ class ClassifyConfig(BaseModel):
     final_members: Literal["best_fold", "retrain"] = "best_fold"
     # Whether export checks int8 members on an x86-64 CPU (and the workers serve those within
     # the tolerance there). Their calibration takes minutes of the export: about 130 s of the
-    # demo's, on 2 cores without AVX-512, which then kept one member of three in int8.
+    # demo's, on 2 cores without AVX-512, which then kept one member of three in int8 (two
+    # once the load's check compared with float32: README, int8 members).
     int8: bool = True
 
 

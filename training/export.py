@@ -98,7 +98,7 @@ def check_int8(target: Path, calibration: dict[str, list[np.ndarray]],
                checked: dict[str, list[np.ndarray]], held_out: bool) -> dict:
     """Calibrate each member on ``calibration[architecture]``, then compare its int8 and float32
     probabilities (TTA mean) on ``checked[architecture]``. A member within the tolerance keeps
-    its calibration and is served in int8; the others stay float32. ``held_out``: whether the
+    its calibration and is served in int8; the others as float members. ``held_out``: whether the
     checked images are ones the member did not learn from."""
     statistics = calibrate_int8(target, calibration)
     bundle = load_bundle(target)

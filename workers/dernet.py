@@ -110,7 +110,9 @@ def probabilities_agree(eager: torch.Tensor, compiled: torch.Tensor) -> str | No
 
 class DERNet:
     def __init__(self, bundle: Bundle, device: torch.device,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, rest: torch.dtype = torch.float32):
+        """``dtype`` int8: the members the bundle calibrated in int8, the rest in ``rest``
+        (bfloat16 where the bundle validated it and the CPU has it natively)."""
         self.spec = bundle.manifest.classifier
         self.device = device
         self.dtype = dtype
@@ -132,7 +134,7 @@ class DERNet:
             model.eval()
             # channels_last: oneDNN's fast convolution layout on CPU, tensor cores on GPU.
             model.to(device, memory_format=torch.channels_last)
-            if member.architecture in calibration:  # else this member stays float32
+            if member.architecture in calibration:  # else this member runs in ``rest``
                 int8 = quantized_member(model, member.architecture, self.spec.input_size,
                                         calibration[member.architecture], example,
                                         probabilities_agree)
@@ -141,6 +143,11 @@ class DERNet:
                 model = int8
             self.members.append((member.architecture, member.ensemble_weight, model))
         self.int8_members.sort()
+        # What each member computes in: autocast for the float ones, none for int8 graphs.
+        self.member_dtypes = {
+            name: (torch.qint8 if name in self.int8_members
+                   else rest if dtype == torch.qint8 else dtype)
+            for name, _, _ in self.members}
 
     def _example(self) -> torch.Tensor:
         """What models are compiled for and checked on: one image's views, as served, of a
@@ -156,11 +163,13 @@ class DERNet:
         """Each float member compiled for one image's views where it agrees with itself eager
         (workers/compiled.py); int8 members are compiled already."""
         example = self._example()
-        with autocast(self.device, self.dtype):
-            self.members = [
-                (name, weight, model if name in self.int8_members else compiled_or_eager(
-                    model, example, probabilities_agree, name))
-                for name, weight, model in self.members]
+        compiled = []
+        for name, weight, model in self.members:
+            if name not in self.int8_members:
+                with autocast(self.device, self.member_dtypes[name]):
+                    model = compiled_or_eager(model, example, probabilities_agree, name)
+            compiled.append((name, weight, model))
+        self.members = compiled
 
     @torch.inference_mode()
     def view_probabilities(self, inputs: torch.Tensor,
@@ -170,9 +179,13 @@ class DERNet:
         views = tta_views(inputs.to(self.device), self.spec.tta)
         views = views.contiguous(memory_format=torch.channels_last)
         count = len(self.spec.tta)
-        with autocast(self.device, self.dtype):
-            return {name: torch.sigmoid(model(views).float().view(-1, count)).cpu()
-                    for name, _, model in self.members if only in (None, name)}
+        probabilities = {}
+        for name, _, model in self.members:
+            if only in (None, name):
+                with autocast(self.device, self.member_dtypes[name]):
+                    logits = model(views)
+                probabilities[name] = torch.sigmoid(logits.float().view(-1, count)).cpu()
+        return probabilities
 
     def inputs(self, images: list[np.ndarray]) -> torch.Tensor:
         return torch.stack([classifier_input(image, self.spec) for image in images])

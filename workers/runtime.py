@@ -78,12 +78,19 @@ def select_precision(requested: str, device: torch.device, bundle: Bundle,
             raise ValueError("int8 needs an x86-64 CPU and a C++ compiler (g++) to build "
                              "its kernels")
         return DTYPES[requested]
-    if device.type == "cuda" and "float16" in validated:
-        return torch.float16
     # int8 before native bfloat16: the three members at 384 px on a 2-core AMD EPYC with
     # avx512_bf16 took 0.63 s an image in int8, 0.85 s compiled in bfloat16 (int8_members.py).
     if device.type == "cpu" and "int8" in validated and cpu_serves_int8():
         return torch.qint8
+    return best_float_precision(device, bundle, component)
+
+
+def best_float_precision(device: torch.device, bundle: Bundle, component: str) -> torch.dtype:
+    """What ``auto`` picks but int8: float16 on CUDA, native bfloat16 on a CPU, where the bundle
+    validated it; else float32. Also what an int8 classifier's other members run in."""
+    validated = getattr(bundle.manifest.validated_precisions, component)
+    if device.type == "cuda" and "float16" in validated:
+        return torch.float16
     if device.type == "cpu" and "bfloat16" in validated and cpu_has_native_bfloat16():
         return torch.bfloat16
     return torch.float32
@@ -105,11 +112,13 @@ class ModelRuntime:
         self.detector = Detector(bundle, device, detector_dtype)  # imports ultralytics first
         if threads:
             torch.set_num_threads(threads)
-        self.classifier = DERNet(bundle, device, classifier_dtype)
+        self.classifier = DERNet(bundle, device, classifier_dtype,
+                                 best_float_precision(device, bundle, "classifier"))
         if compile_models and device.type == "cpu":
             self.classifier.compile()
             self.detector.compile()
-        int8 = (f" (int8 members: {', '.join(self.classifier.int8_members)}; the rest float32)"
+        members = self.classifier.member_dtypes
+        int8 = (f" (members: {', '.join(f'{n} {precision_name(d)}' for n, d in members.items())})"
                 if self.classifier.int8_members else "")
         log.info("loaded bundle %s on %s, %s%s, in %.1f s (%d torch threads)", bundle.label,
                  device, self.precision, int8, time.perf_counter() - start,

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import training.export
+import workers.runtime
 from dicom_node.files import sha256_of
 from tests.support.bundles import make_test_bundle
 from training.config import load_config
@@ -57,8 +58,9 @@ def test_export_calibrates_checks_and_records_int8(int8_bundle: tuple[Path, dict
     # each member apart; the members only, no detector.
     assert check["device"] == "cpu" and check["held_out"] is False
     assert check["images"] == dict.fromkeys(members, 2) and set(check["members"]) == members
-    # int8: each member within the tolerance whose int8 graph compiled here and agreed with
-    # itself uncompiled (workers/int8.py); one that did not is served in float32.
+    # int8: each member within the tolerance whose int8 graph compiled here and, compiled,
+    # stayed within it of float32 on the runtime's example too (workers/int8.py); one that did
+    # not is served in float32.
     assert set(check["int8_members"]) == {
         name for name, d in check["members"].items()
         if d <= PRECISION_TOLERANCE["probability"]} - set(check["not_compiled"])
@@ -102,6 +104,42 @@ def test_the_worker_serves_the_checked_int8_members(int8_bundle: tuple[Path, dic
             assert abs(probability - b.classification.member_probabilities[name]) <= \
                 PRECISION_TOLERANCE["probability"]
         assert len(a.findings) == len(b.findings)  # the detector is not int8
+
+
+def test_members_not_in_int8_run_in_the_best_float_precision(
+        int8_bundle: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One member calibrated in int8, the others (as if their check had failed) in bfloat16,
+    # which the bundle validated, as on a CPU that has it natively; not in float32.
+    path = tmp_path / "bundle"
+    shutil.copytree(int8_bundle[0], path)
+    statistics = torch.load(path / INT8_CALIBRATION, weights_only=True)
+    (int8_member, *_) = sorted(statistics)
+    training.export._keep_int8_calibration(path, {int8_member: statistics[int8_member]})
+    manifest = load_bundle(path).manifest
+    write_manifest(path, manifest.model_copy(update={"validated_precisions": ValidatedPrecisions(
+        classifier=["float32", "bfloat16", "int8"], detector=["float32"])}))
+    monkeypatch.setattr(workers.runtime, "cpu_has_native_bfloat16", lambda: True)
+    bundle = load_bundle(path)
+    runtime = ModelRuntime(bundle, CPU, 0, None)
+    members = [m.architecture for m in bundle.manifest.classifier.members]
+    assert runtime.classifier.member_dtypes == {
+        name: torch.qint8 if name == int8_member else torch.bfloat16 for name in members}
+    computed_in = {}  # what the float members' first convolution put out
+
+    def record(name: str):  # noqa: ANN202
+        def hook(_module: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            computed_in[name] = out.dtype
+        return hook
+    for name, _, model in runtime.classifier.members:
+        if name != int8_member:
+            first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+            first.register_forward_hook(record(name))
+    inputs = DERNet(bundle, CPU).inputs(_images(range(10, 12)))
+    served = runtime.classifier.view_probabilities(inputs)
+    assert computed_in == dict.fromkeys(set(members) - {int8_member}, torch.bfloat16)
+    in_bfloat16 = DERNet(bundle, CPU, torch.bfloat16).view_probabilities(inputs)
+    for name in computed_in:
+        assert torch.equal(served[name], in_bfloat16[name])
 
 
 NO_COMPILER = """
