@@ -126,9 +126,15 @@ class ModelRuntime:
 
     @property
     def precision(self) -> str:
-        """``bfloat16``, or ``classifier/detector`` (``int8/float32``) where they differ."""
-        names = [precision_name(part.dtype) for part in (self.classifier, self.detector)]
-        return names[0] if names[0] == names[1] else "/".join(names)
+        """``bfloat16``, or ``classifier/detector`` (``int8/float32``) where they differ; an int8
+        classifier with members in a float precision too is ``int8+bfloat16`` (say)."""
+        classifier = precision_name(self.classifier.dtype)
+        floats = {precision_name(dtype) for dtype in self.classifier.member_dtypes.values()
+                  if dtype != torch.qint8}
+        if self.classifier.dtype == torch.qint8 and floats:
+            classifier = "+".join(["int8", *sorted(floats)])
+        detector = precision_name(self.detector.dtype)
+        return classifier if classifier == detector else f"{classifier}/{detector}"
 
     def analyse(self, images: list[np.ndarray],
                 confidence: float | None = None) -> list[AnalysisResult]:
