@@ -33,6 +33,13 @@ def test_the_gpu_script_runs_its_cpu_parts(test_bundle: Path, tmp_path: Path) ->
         r"^  (float32|bfloat16)((?: +\d+\.\d+)+)$", table, re.M)}  # the images/s rows
     assert set(rows) == ({"float32", "bfloat16"} if cpu_has_native_bfloat16() else {"float32"})
     assert all(len(re.findall(r"\d+\.\d\d", rates)) == 2 for rates in rows.values())
+    # Where the largest batch's time goes, per precision, and the CPU's preprocessing apart.
+    splits = re.findall(r"^  (float32|bfloat16) +at batch 2: classifier ([\d.]+) ms/image, "
+                        r"detector ([\d.]+) ms/image$", table, re.M)
+    assert {name for name, *_ in splits} == set(rows)
+    assert all(float(classifier) > 0 and float(detector) > 0 for _, classifier, detector in splits)
+    assert re.search(r"preprocessing on the CPU \(\d+ torch threads\): classifier input "
+                     r"[\d.]+ ms/image, detector letterbox [\d.]+ ms/image", table)
     for kind in ("uncompressed DX", "JPEG 2000 lossless DX"):
         assert re.search(rf"decode images/s \(4 {kind}\): SPINENODE_DECODE_WORKERS=\d+: "
                          r"[\d.]+, 1 process: [\d.]+", table)
