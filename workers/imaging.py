@@ -11,9 +11,12 @@ window (a robust percentile window when the file has neither), MONOCHROME1 inver
 from __future__ import annotations
 
 import multiprocessing
+import os
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -73,15 +76,50 @@ def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:
     return np.clip(mapped / float(2**output_bits - 1), 0.0, 1.0)
 
 
-def _percentile_window(values: np.ndarray) -> tuple[float, float]:
-    low, high = np.percentile(values, FALLBACK_WINDOW_PERCENTILES)
+def percentiles_of_mapped(raw: np.ndarray, to_values: Callable[[np.ndarray], np.ndarray],
+                          q: Sequence[float]) -> list[float]:
+    """``np.percentile(to_values(raw), q)`` (its 'linear' method) for an integer ``raw`` and an
+    element-wise ``to_values`` (the Modality LUT), from a histogram of ``raw``: one counting
+    pass over the image where np.percentile partially sorts it (26 of a 2500x2000 image's 53
+    ms of decoding here). The order statistics are ``to_values`` of the same integers, so they
+    are the very numbers np.percentile would pick."""
+    flat = raw.ravel()
+    offset = int(flat.min())
+    counts = np.bincount(flat if flat.dtype.kind == "u" else flat.astype(np.int64) - offset)
+    present = np.flatnonzero(counts)
+    mapped = np.asarray(to_values((present + (0 if flat.dtype.kind == "u" else offset))
+                                  .astype(raw.dtype)))
+    order = np.argsort(mapped, kind="stable")
+    ranked, cumulative = mapped[order], np.cumsum(counts[present][order])
+
+    def order_statistic(k: int):
+        return ranked[np.searchsorted(cumulative, k, side="right")]
+
+    found = []
+    for quantile in np.true_divide(q, 100):
+        virtual = quantile * (flat.size - 1)  # as numpy's 'linear' method, step for step
+        below = int(np.floor(virtual))
+        a, b = order_statistic(below), order_statistic(min(below + 1, flat.size - 1))
+        gamma, difference = virtual - below, b - a
+        found.append(float(a + difference * gamma if gamma < 0.5
+                           else b - difference * (1 - gamma)))
+    return found
+
+
+def _percentile_window(values: np.ndarray, raw: np.ndarray,
+                       ds: Dataset) -> tuple[float, float]:
+    if raw.ndim == 2 and raw.dtype.kind in "iu":
+        low, high = percentiles_of_mapped(raw, lambda stored: apply_modality_lut(stored, ds),
+                                          FALLBACK_WINDOW_PERCENTILES)
+    else:
+        low, high = np.percentile(values, FALLBACK_WINDOW_PERCENTILES)
     return (float(low) + float(high)) / 2, float(high) - float(low)
 
 
-def _window(values: np.ndarray, ds: Dataset
+def _window(values: np.ndarray, raw: np.ndarray, ds: Dataset
             ) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """The image through the file's VOI, and the window (center, width) it was, or None for the
-    file's VOI LUT Sequence."""
+    """The image (``values``, the Modality LUT applied to ``raw``) through the file's VOI, and
+    the window (center, width) it was, or None for the file's VOI LUT Sequence."""
     try:
         if "VOILUTSequence" in ds:
             return _apply_voi_lut_sequence(values, ds), None
@@ -90,7 +128,7 @@ def _window(values: np.ndarray, ds: Dataset
             return _apply_window(values, ds), window
     except (ValueError, TypeError, IndexError, AttributeError, ZeroDivisionError):
         pass  # a malformed VOI: fall back to the percentile window below
-    center, width = _percentile_window(values)
+    center, width = _percentile_window(values, raw, ds)
     if width <= 0:
         return np.zeros(values.shape, dtype=np.float32), (center, 1.0)
     low = center - width / 2
@@ -104,7 +142,7 @@ def normalise_with_window(ds: Dataset, raw: np.ndarray
     if raw.ndim == 3 and raw.shape[-1] in (3, 4):  # colour secondary capture: use luminance
         raw = raw[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     values = apply_modality_lut(raw, ds) if raw.ndim == 2 else raw
-    image, window = _window(np.asarray(values), ds)
+    image, window = _window(np.asarray(values), raw, ds)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         image = 1.0 - image
     return np.ascontiguousarray(image, dtype=np.float32), window
@@ -117,6 +155,7 @@ def normalise(ds: Dataset, raw: np.ndarray) -> np.ndarray:
 def decode(source: Path | Dataset, max_pixels: int | None = None) -> DecodedImage:
     """Decode the first frame of a file (or a data set read with its pixel data)."""
     start = time.perf_counter()
+    ds = None
     try:
         ds = source if isinstance(source, Dataset) else dcmread(source)
         rows, columns = int(ds.Rows), int(ds.Columns)
@@ -129,6 +168,10 @@ def decode(source: Path | Dataset, max_pixels: int | None = None) -> DecodedImag
     # (pylibjpeg-rle) panic on some: pyo3's PanicException is a BaseException, which would
     # otherwise pass every `except Exception` and leave the image held, unanswered, for good.
     except BaseException as error:  # noqa: BLE001
+        if ds is None and isinstance(error, OSError):
+            # The file could not be read at all (gone, a read error): not a verdict on its
+            # content, which a DecodeError is (the image fails for good); the caller decides.
+            raise
         raise DecodeError(
             f"cannot decode pixel data: {error.__class__.__name__}: {error}") from None
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -152,6 +195,46 @@ def _decode_or_error(path: Path, max_pixels: int) -> DecodedImage | DecodeError 
         return error
 
 
+@dataclass(frozen=True)
+class _PixelsInFile:
+    """A decoded image whose pixels a decode process left in ``file`` (a .npy) for the parent."""
+    image: DecodedImage  # with no pixels
+    file: str
+
+
+def _decode_for_parent(path: Path, max_pixels: int, folder: str
+                       ) -> _PixelsInFile | DecodeError | OSError:
+    """In a decode process: the pixels go back through a file in ``folder``, not the result pipe.
+    Pickled through the pipe, 20 MB of float32 an image, one thread of the parent read about 25
+    images/s (an H200 machine's 16 decode processes gave 2.2x one process; here 2 gave 1.1x)."""
+    result = _decode_or_error(path, max_pixels)
+    if not isinstance(result, DecodedImage):
+        return result
+    try:
+        handle, file = tempfile.mkstemp(suffix=".npy", dir=folder)
+    except OSError as error:  # a full or missing temporary folder: as for an unreadable file
+        return error
+    try:
+        with os.fdopen(handle, "wb") as out:
+            np.save(out, result.pixels)
+    except BaseException as error:
+        os.unlink(file)
+        if isinstance(error, OSError):
+            return error
+        raise
+    return _PixelsInFile(replace(result, pixels=np.empty((0, 0), np.float32)), file)
+
+
+def _from_decode_process(result: _PixelsInFile | DecodeError | OSError
+                         ) -> DecodedImage | DecodeError | OSError:
+    if not isinstance(result, _PixelsInFile):
+        return result
+    try:
+        return replace(result.image, pixels=np.load(result.file))
+    finally:
+        os.unlink(result.file)
+
+
 @cache
 def _pool(workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: the parent holds torch's thread pools, which do not survive a fork.
@@ -166,4 +249,14 @@ def decode_all(paths: list[Path], max_pixels: int,
     waiting."""
     if len(paths) == 1 or workers <= 1:
         return [_decode_or_error(path, max_pixels) for path in paths]
-    return list(_pool(workers).map(_decode_or_error, paths, [max_pixels] * len(paths)))
+    # The folder goes with the call, whatever ends it: no decoded image is left on disk.
+    with tempfile.TemporaryDirectory(prefix="spinenode-decode-") as folder:
+        results = _pool(workers).map(_decode_for_parent, paths, [max_pixels] * len(paths),
+                                     [folder] * len(paths))
+        collected = []
+        for result in results:
+            try:
+                collected.append(_from_decode_process(result))
+            except OSError as error:  # as for a file the process could not read
+                collected.append(error)
+        return collected

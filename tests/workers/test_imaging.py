@@ -11,7 +11,14 @@ from pydicom import dcmread
 from tests.support.hostile import rle_overrun
 from tests.support.samples import real_cr, transcode
 from training.synthetic import make_radiograph
-from workers.imaging import FALLBACK_WINDOW_PERCENTILES, DecodeError, decode, normalise
+from workers.imaging import (
+    FALLBACK_WINDOW_PERCENTILES,
+    DecodeError,
+    decode,
+    decode_all,
+    normalise,
+    percentiles_of_mapped,
+)
 
 
 def test_lossless_syntaxes_decode_to_identical_pixels(tmp_path: Path) -> None:
@@ -90,6 +97,27 @@ def test_percentile_window_without_voi(tmp_path: Path) -> None:
     assert np.mean(raw >= high) == pytest.approx(np.mean(image == 1), abs=1e-3)
 
 
+@pytest.mark.parametrize(("dtype", "low", "high", "slope", "intercept"), [
+    (np.uint16, 0, 4096, 1.0, 0.0),        # a DX: stored values, rescale 1/0
+    (np.int16, -2000, 3000, 0.37, -1024.5),  # signed, a fractional rescale
+    (np.uint16, 0, 50, -2.0, 7.0),         # few values, a falling rescale (order reversed)
+    (np.uint16, 17, 18, 1.0, 0.0),         # one value
+])
+def test_the_histogram_percentiles_are_numpys_exactly(dtype, low, high, slope,
+                                                      intercept) -> None:
+    """The fallback window's percentiles come from a histogram of the stored values; they must
+    be np.percentile's of the modality values to the last bit (the same pixels as before)."""
+    rng = np.random.default_rng(0)
+    q = (*FALLBACK_WINDOW_PERCENTILES, 0, 50, 13.7, 100)
+    for size in (1, 2, 7, 1000, 4099):
+        raw = rng.integers(low, high, size).astype(dtype).reshape(1, -1)
+
+        def to_values(stored: np.ndarray) -> np.ndarray:
+            return stored.astype(np.float64) * slope + intercept
+
+        assert percentiles_of_mapped(raw, to_values, q) == list(np.percentile(to_values(raw), q))
+
+
 def test_records_header_facts(tmp_path: Path) -> None:
     image = decode(real_cr("RG1_UNCR.dcm"))
     assert (image.rows, image.columns) == (1955, 1841)
@@ -114,3 +142,28 @@ def test_rle_segments_longer_than_the_image_are_a_decode_error(tmp_path: Path) -
     bomb = rle_overrun(make_radiograph(tmp_path / "src.dcm"))
     with pytest.raises(DecodeError, match="cannot decode pixel data"):
         decode(bomb)
+
+
+def test_decode_processes_give_the_same_images_and_errors_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode processes hand the pixels back through files (not the result pipe): the images
+    equal an in-process decode, each error stays in its place, and no file is left behind."""
+    good = [make_radiograph(tmp_path / f"{seed}.dcm", rows=300, columns=240, seed=seed)
+            for seed in (1, 2)]
+    broken = transcode(good[0], tmp_path / "j2k.dcm", "jpeg2000")
+    ds = dcmread(broken)
+    ds.PixelData = ds.PixelData[:40] + b"\x00" * 10
+    ds.save_as(broken)
+    missing = tmp_path / "missing.dcm"
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(spill))  # where decode_all puts its folder
+    results = decode_all([good[0], broken, missing, good[1]], 10**7, workers=2)
+    assert isinstance(results[1], DecodeError) and isinstance(results[2], OSError)
+    for path, result in zip(good, (results[0], results[3]), strict=True):
+        expected = decode(path)
+        assert isinstance(result, type(expected))
+        np.testing.assert_array_equal(result.pixels, expected.pixels)
+        assert (result.rows, result.columns, result.window) == \
+            (expected.rows, expected.columns, expected.window)
+    assert list(spill.iterdir()) == []

@@ -83,3 +83,29 @@ def test_batching_in_the_embedded_worker(tmp_path: Path, sqlite_url: str, test_b
     with session_factory(sqlite_url)() as session:
         assert session.scalar(select(func.count(Analysis.id))) == 6
     assert "daemonic" not in node.log()
+
+
+def test_an_unreadable_spool_file_is_retried_and_a_missing_one_fails(
+        tmp_path: Path, sqlite_url: str, test_bundle: Path) -> None:
+    """A file that cannot be read now (here a folder in its place) is given back for another
+    attempt; one that is gone fails with that reason. Neither is called undecodable."""
+    settings = load_settings(data_dir=tmp_path / "data", bundle=test_bundle, batch_size=2,
+                             batch_wait_ms=0, decode_workers=2)
+    settings.make_dirs()
+    migrate.upgrade(settings.effective_database_url)
+    sessions = session_factory(settings.effective_database_url)
+    paths = [make_radiograph(tmp_path / "images" / f"{i}.dcm", rows=120, columns=100, seed=i)
+             for i in range(2)]
+    ids = _store(settings, paths)
+    with sessions() as session:
+        unreadable, missing = (Path(session.get(Instance, i).spool_path) for i in ids)
+    unreadable.unlink()
+    unreadable.mkdir()
+    missing.unlink()
+    mark_queued(sessions, ids, reason="")
+    Pipeline(settings, sessions, enqueue_delivery=lambda delivery_id: None).process(ids[0])
+    with sessions() as session:
+        retried, failed = (session.get(Instance, i) for i in ids)
+        assert (retried.status, failed.status) == ("queued", "failed")
+        assert retried.last_error.startswith("cannot read spool file")
+        assert failed.last_error == f"spool file missing: {missing}"
