@@ -47,4 +47,5 @@ def ultralytics_modules() -> SimpleNamespace:
     torch.set_num_threads(threads)
     torch_utils.NUM_THREADS = threads
     return SimpleNamespace(DetectionModel=DetectionModel,
+                           initialize_weights=torch_utils.initialize_weights,
                            non_max_suppression=non_max_suppression)

@@ -24,7 +24,8 @@ from tests.support.node import instances, storescu, wait_for, wait_until_settled
 from training.synthetic import make_radiograph
 from workers.bundle import load_bundle
 from workers.dernet import DERNet, build_member, classifier_input
-from workers.detector import Letterbox, letterbox
+from workers.detector import Letterbox, _yolo11, class_branch_width, letterbox
+from workers.offline import prepare_offline, ultralytics_modules
 from workers.pipeline import Pipeline
 from workers.runtime import ModelRuntime, runtime_for
 
@@ -99,6 +100,27 @@ def _stored_instance(tmp_path: Path, settings) -> int:
         calling_ae="TEST", called_ae="SPINENODE")
     assert outcome.instance_id is not None
     return outcome.instance_id
+
+
+def test_a_detector_trained_from_a_wider_start_is_built_as_training_built_it(
+        tmp_path: Path) -> None:
+    """A detector trained from weights for more classes (COCO's 80) keeps the start's class
+    branch width: the layout built for its bundle is the 80-class model's head with the last
+    layer of each class branch for our classes, BatchNorms initialised as a model's build does
+    (a head built alone would keep torch's own eps)."""
+    prepare_offline(tmp_path / "ultralytics")
+    build = ultralytics_modules().DetectionModel
+    width = class_branch_width(build("yolo11n.yaml", nc=80, verbose=False))
+    expected = build("yolo11n.yaml", nc=5, verbose=False)
+    expected.model[-1].cv3 = build("yolo11n.yaml", nc=80, verbose=False).model[-1].cv3
+    for branch in expected.model[-1].cv3:
+        branch[-1] = torch.nn.Conv2d(width, 5, 1)
+    built = _yolo11("n", 5, width)
+    assert class_branch_width(built) == width > class_branch_width(build("yolo11n.yaml", nc=5,
+                                                                         verbose=False))
+    assert str(built) == str(expected)
+    assert {k: v.shape for k, v in built.state_dict().items()} == \
+        {k: v.shape for k, v in expected.state_dict().items()}
 
 
 def test_redelivered_task_leaves_one_analysis_and_models_load_once(
