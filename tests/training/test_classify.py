@@ -24,7 +24,10 @@ TINY = {
     "classify": {"members": ["resnet50", "tf_efficientnetv2_s"], "input_size": 32, "epochs": 2,
                  "patience": 2, "batch_size": 8, "batch_size_efficientnet": 8, "lr": 1e-3,
                  "weight_decay": 1e-4, "progressive_sizes": [32, 32], "weight_step": 0.05,
-                 "seed": 0},
+                 "seed": 0,
+                 # Export's int8 check and serving int8 members are tests/workers/test_int8.py's:
+                 # here they compiled the members twice (export, then load), 3 minutes of CI.
+                 "int8": False},
     "detect": {"scale": "n", "image_size": 64, "epochs": 1, "batch": 8, "nominal_batch": 8,
                "warmup_epochs": 0, "scales": [64]},
 }
@@ -189,15 +192,13 @@ def test_exported_bundle_serves(trained, tmp_path: Path) -> None:
     # float16 on a GPU), each component on its own outputs.
     checks = dict(manifest.metrics.get("precision_check", {}))
     tolerance = checks.pop("tolerance", None)
-    assert set(checks) == set(reduced_precisions())
+    assert set(checks) == set(reduced_precisions()) - {"int8"}  # not asked for (TINY)
     validated = manifest.validated_precisions
+    assert "int8" not in validated.classifier
     for name, check in checks.items():
         differences = check["differences"]
         assert (name in validated.classifier) == check["passed"]["classifier"] == (
             differences["probability"] <= tolerance["probability"])
-        if name == "int8":  # the members only (workers/int8.py)
-            assert "detector" not in check["passed"] and name not in validated.detector
-            continue
         assert (name in validated.detector) == check["passed"]["detector"] == (
             differences["box_px"] <= tolerance["box_px"]
             and differences["score"] <= tolerance["score"])
