@@ -15,7 +15,8 @@ On a CUDA device `--demo` is the default.
   bundle on synthetic radiographs (its manifest is rewritten with the result).
 - Images/s: `ModelRuntime.analyse` (the worker's path: preprocessing, 5 TTA views, DERNet's
   three members at 384 px, YOLO11-l at 640 px and NMS) on 2500x2000 radiographs, random weights,
-  batch 1/8/32, in every precision the device serves.
+  batch 1/8/32, in every precision the device serves; then where the largest batch's time goes
+  (classifier, detector) and the CPU's preprocessing apart.
 - Decode: 2500x2000 DX files, uncompressed and JPEG 2000 lossless, through `decode_all` with
   SPINENODE_DECODE_WORKERS = the cores, beside one process: what the GPU can be fed.
 
@@ -43,7 +44,7 @@ from benchmarks.inference import median_seconds  # noqa: E402
 from benchmarks.machine import cpu  # noqa: E402
 from tests.support.bundles import make_test_bundle  # noqa: E402
 from training.synthetic import make_radiograph  # noqa: E402
-from workers.bundle import load_bundle  # noqa: E402
+from workers.bundle import Bundle, load_bundle  # noqa: E402
 from workers.dernet import classifier_input  # noqa: E402
 from workers.detector import letterbox  # noqa: E402
 from workers.imaging import decode, decode_all  # noqa: E402
@@ -136,7 +137,7 @@ def time_split(runtime: ModelRuntime, precision: str, images: list) -> str:
             f"{1000 * result.detect_seconds:.1f} ms/image")
 
 
-def preprocessing_row(bundle, images: list) -> str:
+def preprocessing_row(bundle: Bundle, images: list) -> str:
     """The CPU's part of each image, apart (2500x2000 -> each model's input): what a GPU waits
     for if it is faster than this."""
     spec = bundle.manifest
