@@ -110,14 +110,13 @@ def test_a_detector_trained_from_a_wider_start_is_built_as_training_built_it(
     (a head built alone would keep torch's own eps)."""
     prepare_offline(tmp_path / "ultralytics")
     build = ultralytics_modules().DetectionModel
-    width = class_branch_width(build("yolo11n.yaml", nc=80, verbose=False))
-    expected = build("yolo11n.yaml", nc=5, verbose=False)
-    expected.model[-1].cv3 = build("yolo11n.yaml", nc=80, verbose=False).model[-1].cv3
+    coco, expected = (build("yolo11n.yaml", nc=nc, verbose=False) for nc in (80, 5))
+    width, narrow = class_branch_width(coco), class_branch_width(expected)
+    expected.model[-1].cv3 = coco.model[-1].cv3
     for branch in expected.model[-1].cv3:
         branch[-1] = torch.nn.Conv2d(width, 5, 1)
     built = _yolo11("n", 5, width)
-    assert class_branch_width(built) == width > class_branch_width(build("yolo11n.yaml", nc=5,
-                                                                         verbose=False))
+    assert class_branch_width(built) == width > narrow
     assert str(built) == str(expected)
     assert {k: v.shape for k, v in built.state_dict().items()} == \
         {k: v.shape for k, v in expected.state_dict().items()}
