@@ -18,7 +18,8 @@ On a CUDA device `--demo` is the default.
   batch 1/8/32, in every precision the device serves; then where the largest batch's time goes
   (classifier, detector) and the CPU's preprocessing apart.
 - Decode: 2500x2000 DX files, uncompressed and JPEG 2000 lossless, through `decode_all` with
-  SPINENODE_DECODE_WORKERS = the cores, beside one process: what the GPU can be fed.
+  SPINENODE_DECODE_WORKERS = the cores, beside one process (which decodes a JPEG 2000 frame on
+  a thread per core): what the GPU can be fed.
 
 `--quick` makes everything tiny (a smoke test of this script on a CPU, run by the tests).
 """
@@ -151,7 +152,7 @@ def preprocessing_row(bundle: Bundle, images: list) -> str:
 def decode_rows(args: argparse.Namespace, radiographs: list[Path], work: Path) -> list[str]:
     """Decode with a process per core beside one process, for uncompressed files and for JPEG
     2000 lossless ones (what many PACS send, and the costliest codec here per image)."""
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # as decode_all shares them out
     count = max(2 * cores, 4)
     rows = []
     for kind, files in (("uncompressed DX", radiographs),
@@ -164,8 +165,10 @@ def decode_rows(args: argparse.Namespace, radiographs: list[Path], work: Path) -
                                         args.repeats)
         many = count / median_seconds(lambda p=paths: decode_all(p, MAX_PIXELS, cores),
                                       args.repeats)
+        # One process decodes a JPEG 2000 frame on every core's thread (workers/jpeg2000.py).
         rows.append(f"decode images/s ({count} {kind}): SPINENODE_DECODE_WORKERS={cores}: "
-                    f"{many:.1f}, 1 process: {one:.1f} ({many / one:.2f}x)")
+                    f"{many:.1f}, 1 process ({cores} codec threads): {one:.1f} "
+                    f"({many / one:.2f}x)")
     return rows
 
 

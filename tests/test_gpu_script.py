@@ -43,7 +43,7 @@ def test_the_gpu_script_runs_its_cpu_parts(tmp_path: Path) -> None:
                      r"[\d.]+ ms/image, detector letterbox [\d.]+ ms/image", table)
     for kind in ("uncompressed DX", "JPEG 2000 lossless DX"):
         assert re.search(rf"decode images/s \(4 {kind}\): SPINENODE_DECODE_WORKERS=\d+: "
-                         r"[\d.]+, 1 process: [\d.]+", table)
+                         r"[\d.]+, 1 process \(\d+ codec threads\): [\d.]+", table)
     assert bool(re.search(r"bfloat16 +on cpu .* -> classifier (passed|FAILED), detector",
                           table)) == cpu_has_native_bfloat16()
     assert bool(re.search(r"int8 +on cpu +\|dp\| [\d.]+ +\(int8 members: [a-z0-9_, ]+\) +-> "

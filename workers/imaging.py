@@ -24,6 +24,10 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from workers import jpeg2000
+
+jpeg2000.install()  # on import: in each decode process too
+
 # Where a file has no window, use these percentiles of its pixel values: robust to the collimator
 # edges and burned-in labels that a plain min-max window would stretch to.
 FALLBACK_WINDOW_PERCENTILES = (0.5, 99.5)
@@ -152,8 +156,10 @@ def normalise(ds: Dataset, raw: np.ndarray) -> np.ndarray:
     return normalise_with_window(ds, raw)[0]
 
 
-def decode(source: Path | Dataset, max_pixels: int | None = None) -> DecodedImage:
-    """Decode the first frame of a file (or a data set read with its pixel data)."""
+def decode(source: Path | Dataset, max_pixels: int | None = None,
+           threads: int = 1) -> DecodedImage:
+    """Decode the first frame of a file (or a data set read with its pixel data); a JPEG 2000
+    frame on ``threads`` threads (``workers.jpeg2000``)."""
     start = time.perf_counter()
     ds = None
     try:
@@ -161,6 +167,7 @@ def decode(source: Path | Dataset, max_pixels: int | None = None) -> DecodedImag
         rows, columns = int(ds.Rows), int(ds.Columns)
         if max_pixels is not None and rows * columns > max_pixels:
             raise DecodeError(f"image of {rows}x{columns} exceeds the pixel limit")
+        ds.pixel_array_options(j2k_threads=threads)
         raw = ds.pixel_array
     except (DecodeError, KeyboardInterrupt, SystemExit):
         raise
@@ -188,9 +195,10 @@ def decode(source: Path | Dataset, max_pixels: int | None = None) -> DecodedImag
     )
 
 
-def _decode_or_error(path: Path, max_pixels: int) -> DecodedImage | DecodeError | OSError:
+def _decode_or_error(path: Path, max_pixels: int,
+                     threads: int) -> DecodedImage | DecodeError | OSError:
     try:
-        return decode(path, max_pixels=max_pixels)
+        return decode(path, max_pixels=max_pixels, threads=threads)
     except (DecodeError, OSError) as error:
         return error
 
@@ -202,13 +210,13 @@ class _PixelsInFile:
     file: str
 
 
-def _decode_for_parent(path: Path, max_pixels: int, folder: str
+def _decode_for_parent(path: Path, max_pixels: int, threads: int, folder: str
                        ) -> _PixelsInFile | DecodeError | OSError:
     """In a decode process: the pixels go back through a file in ``folder``, not the result pipe.
     Pickled through the pipe, 20 MB of float32 an image, one thread of the parent read about 25
     images/s (an H200 machine's 16 decode processes gave 2.2x one process; a 2-core AMD EPYC's
     two, 1.1x)."""
-    result = _decode_or_error(path, max_pixels)
+    result = _decode_or_error(path, max_pixels, threads)
     if not isinstance(result, DecodedImage):
         return result
     try:
@@ -246,14 +254,17 @@ def decode_all(paths: list[Path], max_pixels: int,
                workers: int) -> list[DecodedImage | DecodeError | OSError]:
     """Each file decoded, or the error that stopped it, in order. Several files at once go to
     worker processes: the codecs hold the GIL (JPEG 2000 lossless took about 0.4 s per image
-    per core), so threads would not help and one decoding thread would keep an accelerator
-    waiting."""
+    per core), so Python's threads would not help and one decoding thread would keep an
+    accelerator waiting. The cores are shared among the files decoded at once: a JPEG 2000
+    frame decodes on its share of them (threads of the codec's own)."""
+    cores = len(os.sched_getaffinity(0))
     if len(paths) == 1 or workers <= 1:
-        return [_decode_or_error(path, max_pixels) for path in paths]
+        return [_decode_or_error(path, max_pixels, cores) for path in paths]
+    threads = max(1, cores // min(workers, len(paths)))
     # The folder goes with the call, whatever ends it: no decoded image is left on disk.
     with tempfile.TemporaryDirectory(prefix="spinenode-decode-") as folder:
         results = _pool(workers).map(_decode_for_parent, paths, [max_pixels] * len(paths),
-                                     [folder] * len(paths))
+                                     [threads] * len(paths), [folder] * len(paths))
         collected = []
         for result in results:
             try:
