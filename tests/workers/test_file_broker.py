@@ -1,14 +1,16 @@
 """The embedded queue's broker writes each message whole before a consumer can take it
 (workers/file_broker.py): kombu's own filesystem transport leaves an empty message file for a
-moment, which a consumer takes and cannot read."""
+moment, which a consumer takes and cannot read. And an acknowledgement wakes its consumer."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from kombu import Connection
+from kombu import Connection, Exchange, Queue
 from kombu.transport import filesystem
 
 from workers import file_broker
@@ -62,3 +64,30 @@ def test_the_embedded_queue_uses_it(tmp_path: Path) -> None:
     queue.enqueue_analysis(7)
     assert queue.depth() == 1
     assert [p.suffix for p in settings.queue_dir.iterdir() if p.is_file()] == [".msg"]
+
+
+def test_an_acknowledgement_wakes_the_consumer(tmp_path: Path) -> None:
+    """With one message in flight (prefetch 1, as the workers run), the next is taken when the
+    first is acknowledged, not at the consumer's next look a polling interval later."""
+    (tmp_path / "control").mkdir()
+    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path),
+               "control_folder": str(tmp_path / "control"), "polling_interval": 60}
+    queue = Queue("analysis", Exchange("analysis"), "analysis")
+    taken: list = []
+    with Connection("filesystem://", transport=file_broker.Transport,
+                    transport_options=options) as conn:
+        for number in (1, 2):
+            conn.Producer().publish({"n": number}, exchange=queue.exchange,
+                                    routing_key="analysis", declare=[queue])
+        with conn.Consumer(queue, callbacks=[lambda body, message: taken.append(message)],
+                           prefetch_count=1):
+            conn.drain_events(timeout=5)
+            assert len(taken) == 1  # either one: both were put in the same millisecond
+            second = threading.Thread(target=conn.drain_events, daemon=True)
+            second.start()
+            time.sleep(0.3)  # it looks, finds the first still in flight, and waits
+            taken[0].ack()  # as the worker's result thread does when the task is done
+            # Woken by the ack; unwoken, it would look again only after the 60 s interval.
+            second.join(timeout=10)
+            assert not second.is_alive()
+    assert sorted(m.payload["n"] for m in taken) == [1, 2]
