@@ -38,11 +38,16 @@ class QoS(virtual.QoS):
 
     def ack(self, delivery_tag: object) -> None:
         super().ack(delivery_tag)
-        self.channel.connection.wake()
+        self._wake()
 
     def reject(self, delivery_tag: object, requeue: bool = False) -> None:
         super().reject(delivery_tag, requeue)
-        self.channel.connection.wake()
+        self._wake()
+
+    def _wake(self) -> None:
+        transport = self.channel.connection  # None once the channel is closed: a late ack
+        if transport is not None:
+            transport.wake()
 
 
 class Channel(filesystem.Channel):

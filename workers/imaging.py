@@ -250,14 +250,16 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def decode_all(paths: list[Path], max_pixels: int,
-               workers: int) -> list[DecodedImage | DecodeError | OSError]:
+def decode_all(paths: list[Path], max_pixels: int, workers: int,
+               cores: int | None = None) -> list[DecodedImage | DecodeError | OSError]:
     """Each file decoded, or the error that stopped it, in order. Several files at once go to
     worker processes: the codecs hold the GIL (JPEG 2000 lossless took about 0.4 s per image
     per core), so Python's threads would not help and one decoding thread would keep an
     accelerator waiting. The cores are shared among the files decoded at once: a JPEG 2000
-    frame decodes on its share of them (threads of the codec's own)."""
-    cores = len(os.sched_getaffinity(0))
+    frame decodes on its share of them (threads of the codec's own). ``cores``: how many this
+    process may use (the worker's torch threads, where set); by default every one it may run on.
+    """
+    cores = cores or len(os.sched_getaffinity(0))
     if len(paths) == 1 or workers <= 1:
         return [_decode_or_error(path, max_pixels, cores) for path in paths]
     threads = max(1, cores // min(workers, len(paths)))

@@ -56,5 +56,7 @@ def install() -> None:
             continue
         others = dict(decoder._available)  # pydicom tries its plugins in this order
         decoder._available.clear()
-        decoder.add_plugin(PLUGIN, (__name__, "decode_frame"))
-        decoder._available.update(others)
+        try:
+            decoder.add_plugin(PLUGIN, (__name__, "decode_frame"))
+        finally:  # pydicom's own stay, behind ours, whatever add_plugin did
+            decoder._available.update(others)

@@ -100,7 +100,7 @@ class Pipeline:
         """The images that decoded; each one that did not is failed or given back (its outcome
         goes into ``outcomes``)."""
         images = decode_all([held.spool_path for held in batch], self.settings.max_pixels,
-                            self.settings.decode_workers)
+                            self.settings.decode_workers, cores=self.settings.torch_threads)
         decoded = []
         for held, image in zip(batch, images, strict=True):
             if isinstance(image, DecodeError):

@@ -72,13 +72,14 @@ def test_an_acknowledgement_wakes_the_consumer(tmp_path: Path) -> None:
     (tmp_path / "control").mkdir()
     options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path),
                "control_folder": str(tmp_path / "control"), "polling_interval": 60}
-    queue = Queue("analysis", Exchange("analysis"), "analysis")
+    # Names of its own: kombu keeps exchange bindings per process, across connections.
+    queue = Queue("wakes", Exchange("wakes"), "wakes")
     taken: list = []
     with Connection("filesystem://", transport=file_broker.Transport,
                     transport_options=options) as conn:
         for number in (1, 2):
             conn.Producer().publish({"n": number}, exchange=queue.exchange,
-                                    routing_key="analysis", declare=[queue])
+                                    routing_key="wakes", declare=[queue])
         with conn.Consumer(queue, callbacks=[lambda body, message: taken.append(message)],
                            prefetch_count=1):
             conn.drain_events(timeout=5)
@@ -91,3 +92,24 @@ def test_an_acknowledgement_wakes_the_consumer(tmp_path: Path) -> None:
             second.join(timeout=10)
             assert not second.is_alive()
     assert sorted(m.payload["n"] for m in taken) == [1, 2]
+
+
+def test_a_late_acknowledgement_after_the_channel_closed_is_quiet(tmp_path: Path) -> None:
+    """A task finishing after its worker's connection was closed (a restart) acks into a closed
+    channel: that must not raise (Celery would log a traceback for it)."""
+    (tmp_path / "control").mkdir()
+    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path),
+               "control_folder": str(tmp_path / "control"), "polling_interval": 60}
+    queue = Queue("late", Exchange("late"), "late")
+    taken: list = []
+    with Connection("filesystem://", transport=file_broker.Transport,
+                    transport_options=options) as conn:
+        conn.Producer().publish({"n": 1}, exchange=queue.exchange, routing_key="late",
+                                declare=[queue])
+        with conn.Consumer(queue, callbacks=[lambda body, message: taken.append(message)],
+                           prefetch_count=1):
+            conn.drain_events(timeout=5)
+        channel = taken[0].channel
+        channel.close()
+        assert channel.connection is None  # what kombu does to a closed channel
+        taken[0].ack()
