@@ -29,6 +29,9 @@ def test_the_gpu_script_runs_its_cpu_parts(tmp_path: Path) -> None:
     assert tests in out
     table = out.split("\n\n")[-1]
     assert "no CUDA GPU: float16 is neither served nor checked" in table
+    # The CPU line names the kind (family and model), not only a bare "AMD EPYC".
+    assert re.search(r"^CPU: .+ \(family \d+ model \d+\), \d+ cores, avx512_bf16 (yes|no)$",
+                     table, re.M)
     assert re.search(r"batch 1\s+batch 2", table)
     rows = {m.group(1): m.group(2) for m in re.finditer(
         r"^  (float32|bfloat16)((?: +\d+\.\d+)+)$", table, re.M)}  # the images/s rows
