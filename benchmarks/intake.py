@@ -4,7 +4,9 @@
 among --senders storescu sending at once. Our node does its full intake (header checks, SHA-256,
 fsync, atomic rename, DB commit, enqueue); the reference is `storescp +B -pdu 131072` (with
 --fork for several senders) writing the same data sets to disk, without fsync. Each round gets a
-fresh node, database and folder; the figures are medians over the rounds.
+fresh node, database and folder; the figures are medians over the rounds. Beside MB/s, each
+server's CPU-seconds per 100 MB (all its processes): on a shared 2-core machine the senders and
+the server compete for the cores, and that is what the server's share costs.
 
     .venv/bin/python benchmarks/intake.py [--images 100] [--rounds 3] [--database postgresql]
                                           [--senders 4] [--intake-processes 2]
@@ -28,6 +30,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import psycopg
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -96,6 +99,20 @@ def send(port: int, called_ae: str, files: list[Path], senders: int) -> float:
     return time.perf_counter() - start
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU-seconds (user + system) of a process and all its descendants, the ended ones it
+    waited for included (storescp --fork's per-association children)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
 def stop(process: subprocess.Popen) -> None:
     os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -104,7 +121,8 @@ def stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def round_storescp(files: list[Path], work: Path, senders: int) -> float:
+def round_storescp(files: list[Path], work: Path, senders: int) -> tuple[float, float]:
+    """(seconds, the server's CPU-seconds) for the files."""
     out = work / "storescp"
     out.mkdir()
     port = free_port()
@@ -115,15 +133,17 @@ def round_storescp(files: list[Path], work: Path, senders: int) -> float:
     try:
         wait_for_port(port)
         seconds = send(port, "ANY-SCP", files, senders)
+        cpu_seconds = tree_cpu_seconds(process.pid)
     finally:
         stop(process)
     assert len(list(out.iterdir())) == len(files), "storescp did not store every image"
     shutil.rmtree(out)
-    return seconds
+    return seconds, cpu_seconds
 
 
 def round_node(files: list[Path], work: Path, database: str, senders: int,
-               processes: int) -> float:
+               processes: int) -> tuple[float, float]:
+    """(seconds, the node's CPU-seconds: all its processes) for the files."""
     data_dir = work / "node"
     env = {**os.environ, "SPINENODE_DATA_DIR": str(data_dir),
            "SPINENODE_LOG_LEVEL": "WARNING", "SPINENODE_INTAKE_PROCESSES": str(processes)}
@@ -147,7 +167,9 @@ def round_node(files: list[Path], work: Path, database: str, senders: int,
                                start_new_session=True, stdout=subprocess.DEVNULL)
     try:
         wait_for_listeners(port, processes)
+        before = tree_cpu_seconds(process.pid)  # starting up is not intake
         seconds = send(port, "SPINENODE", files, senders)
+        cpu_seconds = tree_cpu_seconds(process.pid) - before
         status = subprocess.run([*cli, "status", "--json"], env=env, check=True,
                                 capture_output=True, text=True).stdout
     finally:
@@ -161,7 +183,7 @@ def round_node(files: list[Path], work: Path, database: str, senders: int,
     stored = counts["received"] + counts["queued"]
     assert stored == len(files), f"node recorded {stored} of {len(files)}: {counts}"
     shutil.rmtree(data_dir)
-    return seconds
+    return seconds, cpu_seconds
 
 
 def main() -> None:
@@ -187,20 +209,29 @@ def main() -> None:
         print(f"CPU: {cpu()}")
         print(f"{len(files)} images, {megabytes:.0f} MB in all, {args.senders} association(s) "
               f"at once each round, {args.intake_processes} intake process(es)")
-        ours, reference = [], []
+        ours, reference = [], []  # (seconds, CPU-seconds) per round
         for index in range(args.rounds):  # interleaved, so drift hits both alike
             reference.append(round_storescp(files, work, args.senders))
             ours.append(round_node(files, work, args.database, args.senders,
                                    args.intake_processes))
-            print(f"round {index + 1}: storescp {megabytes / reference[-1]:7.1f} MB/s   "
-                  f"spinenode ({args.database}) {megabytes / ours[-1]:7.1f} MB/s", flush=True)
-    ours_rate = megabytes / statistics.median(ours)
-    reference_rate = megabytes / statistics.median(reference)
+            print(f"round {index + 1}: storescp {megabytes / reference[-1][0]:7.1f} MB/s "
+                  f"{per_100_mb(reference[-1][1], megabytes):5.2f} CPU-s/100 MB   "
+                  f"spinenode ({args.database}) {megabytes / ours[-1][0]:7.1f} MB/s "
+                  f"{per_100_mb(ours[-1][1], megabytes):5.2f} CPU-s/100 MB", flush=True)
+    ours_rate = megabytes / statistics.median(seconds for seconds, _ in ours)
+    reference_rate = megabytes / statistics.median(seconds for seconds, _ in reference)
+    ours_cpu = per_100_mb(statistics.median(cpu for _, cpu in ours), megabytes)
+    reference_cpu = per_100_mb(statistics.median(cpu for _, cpu in reference), megabytes)
     fork = " --fork" if args.senders > 1 else ""
     print(f"median: storescp +B{fork} {reference_rate:.1f} MB/s, spinenode ({args.database}: "
           f"spool + DB + enqueue) {ours_rate:.1f} MB/s, ratio {ours_rate / reference_rate:.2f} "
           "(goal >= 1.0)")
+    print(f"server CPU-seconds per 100 MB (all its processes): storescp {reference_cpu:.2f}, "
+          f"spinenode {ours_cpu:.2f} ({ours_cpu / reference_cpu:.1f}x)")
 
+
+def per_100_mb(cpu_seconds: float, megabytes: float) -> float:
+    return 100 * cpu_seconds / megabytes
 
 if __name__ == "__main__":
     main()
