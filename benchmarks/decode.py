@@ -13,21 +13,20 @@ per core, as a GPU worker's batches go.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import pydicom
 from pydicom.pixels import pixel_array
-from pydicom.uid import JPEG2000Lossless
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.gpu import jpeg2000_copies  # noqa: E402
 from benchmarks.inference import median_seconds  # noqa: E402
 from benchmarks.machine import cpu  # noqa: E402
 from training.synthetic import make_radiograph  # noqa: E402
-from workers.imaging import decode, decode_all, normalise  # noqa: E402
+from workers.imaging import decode, decode_all, normalise, usable_cores  # noqa: E402
 
 MAX_PIXELS = 50_000_000
 
@@ -41,14 +40,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     print(f"CPU: {cpu()}; {cores} usable cores")
     with tempfile.TemporaryDirectory(prefix="spinenode-decode-") as tmp:
         plain = make_radiograph(Path(tmp) / "dx.dcm", rows=2500, columns=2000, seed=0)
-        ds = pydicom.dcmread(plain)
-        ds.compress(JPEG2000Lossless, generate_instance_uid=False)
-        j2k = Path(tmp) / "j2k.dcm"
-        ds.save_as(j2k, enforce_file_format=True)
+        (j2k,) = jpeg2000_copies([plain], Path(tmp))
         for name, path in (("uncompressed", plain), ("JPEG 2000 lossless", j2k)):
             ours = median_seconds(lambda p=path: decode(p, MAX_PIXELS, cores), args.repeats)
             one = median_seconds(lambda p=path: decode(p, MAX_PIXELS, 1), args.repeats)

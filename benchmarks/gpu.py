@@ -27,7 +27,6 @@ On a CUDA device `--demo` is the default.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ from training.synthetic import make_radiograph  # noqa: E402
 from workers.bundle import Bundle, load_bundle  # noqa: E402
 from workers.dernet import classifier_input  # noqa: E402
 from workers.detector import letterbox  # noqa: E402
-from workers.imaging import decode, decode_all  # noqa: E402
+from workers.imaging import decode, decode_all, usable_cores  # noqa: E402
 from workers.offline import prepare_offline  # noqa: E402
 from workers.runtime import ModelRuntime, cpu_has_native_bfloat16, select_device  # noqa: E402
 
@@ -152,7 +151,7 @@ def preprocessing_row(bundle: Bundle, images: list) -> str:
 def decode_rows(args: argparse.Namespace, radiographs: list[Path], work: Path) -> list[str]:
     """Decode with a process per core beside one process, for uncompressed files and for JPEG
     2000 lossless ones (what many PACS send, and the costliest codec here per image)."""
-    cores = len(os.sched_getaffinity(0))  # as decode_all shares them out
+    cores = usable_cores()  # as decode_all shares them out
     count = max(2 * cores, 4)
     rows = []
     for kind, files in (("uncompressed DX", radiographs),

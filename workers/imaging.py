@@ -250,6 +250,11 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container may narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
 def decode_all(paths: list[Path], max_pixels: int, workers: int,
                cores: int | None = None) -> list[DecodedImage | DecodeError | OSError]:
     """Each file decoded, or the error that stopped it, in order. Several files at once go to
@@ -259,7 +264,7 @@ def decode_all(paths: list[Path], max_pixels: int, workers: int,
     frame decodes on its share of them (threads of the codec's own). ``cores``: how many this
     process may use (the worker's torch threads, where set); by default every one it may run on.
     """
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or usable_cores()
     if len(paths) == 1 or workers <= 1:
         return [_decode_or_error(path, max_pixels, cores) for path in paths]
     threads = max(1, cores // min(workers, len(paths)))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,20 +68,28 @@ def test_the_embedded_queue_uses_it(tmp_path: Path) -> None:
     assert [p.suffix for p in settings.queue_dir.iterdir() if p.is_file()] == [".msg"]
 
 
-def test_an_acknowledgement_wakes_the_consumer(tmp_path: Path) -> None:
-    """With one message in flight (prefetch 1, as the workers run), the next is taken when the
-    first is acknowledged, not at the consumer's next look a polling interval later."""
+@contextmanager
+def _queue_holding(tmp_path: Path, name: str, count: int) -> Iterator[tuple[Connection, Queue]]:
+    """A connection through our transport (a 60 s polling interval) and queue ``name`` holding
+    ``count`` messages, {"n": 1} onwards. Each test takes a name of its own: kombu keeps exchange
+    bindings per process, across connections."""
     (tmp_path / "control").mkdir()
     options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path),
                "control_folder": str(tmp_path / "control"), "polling_interval": 60}
-    # Names of its own: kombu keeps exchange bindings per process, across connections.
-    queue = Queue("wakes", Exchange("wakes"), "wakes")
-    taken: list = []
+    queue = Queue(name, Exchange(name), name)
     with Connection("filesystem://", transport=file_broker.Transport,
                     transport_options=options) as conn:
-        for number in (1, 2):
-            conn.Producer().publish({"n": number}, exchange=queue.exchange,
-                                    routing_key="wakes", declare=[queue])
+        for number in range(1, count + 1):
+            conn.Producer().publish({"n": number}, exchange=queue.exchange, routing_key=name,
+                                    declare=[queue])
+        yield conn, queue
+
+
+def test_an_acknowledgement_wakes_the_consumer(tmp_path: Path) -> None:
+    """With one message in flight (prefetch 1, as the workers run), the next is taken when the
+    first is acknowledged, not at the consumer's next look a polling interval later."""
+    taken: list = []
+    with _queue_holding(tmp_path, "wakes", 2) as (conn, queue):
         with conn.Consumer(queue, callbacks=[lambda body, message: taken.append(message)],
                            prefetch_count=1):
             conn.drain_events(timeout=5)
@@ -97,15 +107,8 @@ def test_an_acknowledgement_wakes_the_consumer(tmp_path: Path) -> None:
 def test_a_late_acknowledgement_after_the_channel_closed_is_quiet(tmp_path: Path) -> None:
     """A task finishing after its worker's connection was closed (a restart) acks into a closed
     channel: that must not raise (Celery would log a traceback for it)."""
-    (tmp_path / "control").mkdir()
-    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path),
-               "control_folder": str(tmp_path / "control"), "polling_interval": 60}
-    queue = Queue("late", Exchange("late"), "late")
     taken: list = []
-    with Connection("filesystem://", transport=file_broker.Transport,
-                    transport_options=options) as conn:
-        conn.Producer().publish({"n": 1}, exchange=queue.exchange, routing_key="late",
-                                declare=[queue])
+    with _queue_holding(tmp_path, "late", 1) as (conn, queue):
         with conn.Consumer(queue, callbacks=[lambda body, message: taken.append(message)],
                            prefetch_count=1):
             conn.drain_events(timeout=5)
