@@ -6,9 +6,15 @@ eager PyTorch (NCHW float32, what a straightforward implementation does) and for
 each precision it offers on this machine (and bfloat16 where oneDNN only emulates it, which the
 runtime never chooses; and int8 members, workers/int8.py, beside each detector precision; and
 the models compiled at load, compile_models, in the float precision the runtime picks first and
-with int8 members), the
-achieved GFLOP/s against a float32 (and bfloat16) GEMM measured in the same run as the machine's
-practical peak (the faster of MKL's and oneDNN's), and how far our outputs are from eager's.
+with int8 members), the achieved GFLOP/s, and how far our outputs are from eager's. The
+reference for the machine's practical peak is a GEMM in each precision measured in the same
+run (at its start and its end, the faster kept): float32 and bfloat16 by the faster of MKL's
+and oneDNN's, int8 by the kernels int8 members run on (oneDNN's, through inductor). Each row
+says what share of that peak it reaches: the seconds its members and its detector would take
+at the GEMM peak of the precision each runs in, over the seconds measured; and where its time
+goes (classifier, detector; medians of the same calls). So a CPU's ceiling is
+printed beside what we reach: on one without VNNI or bfloat16 even a perfect int8 kernel leaves
+the float32 detector's share.
 Random weights: the deviation says nothing about a trained bundle, which must be checked
 again (its manifest's validated_precisions).
 
@@ -23,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +38,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.machine import cpu  # noqa: E402
+from dicom_node.analysis import AnalysisResult  # noqa: E402
 from tests.support.bundles import make_test_bundle  # noqa: E402
 from training.export import calibrate_int8  # noqa: E402
 from training.synthetic import radiograph_pixels  # noqa: E402
 from workers.bundle import ValidatedPrecisions, load_bundle, write_manifest  # noqa: E402
 from workers.dernet import build_member, classifier_input, tta_views  # noqa: E402
 from workers.detector import bundled_detection_model, letterbox  # noqa: E402
+from workers.int8 import cpu_serves_int8  # noqa: E402
 from workers.offline import ultralytics_modules  # noqa: E402
-from workers.runtime import ModelRuntime, cpu_has_native_bfloat16  # noqa: E402
+from workers.runtime import DTYPES, ModelRuntime, cpu_has_native_bfloat16, precision_name  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -49,6 +59,22 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def median_analysis(runtime: ModelRuntime, image: np.ndarray,
+                    repeats: int) -> tuple[float, AnalysisResult, float, float]:
+    """Median seconds of ``runtime.analyse`` after a warm-up, the last result, and the medians
+    of its classifier's and detector's seconds in the same calls."""
+    runtime.analyse([image])
+    seconds, classify, detect = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        (result,) = runtime.analyse([image])
+        seconds.append(time.perf_counter() - start)
+        classify.append(result.classify_seconds)
+        detect.append(result.detect_seconds)
+    return (statistics.median(seconds), result, statistics.median(classify),
+            statistics.median(detect))
 
 
 def calibrate_every_member(path: Path) -> None:
@@ -82,6 +108,38 @@ def gemm_gflops(dtype: torch.dtype, repeats: int, n: int = 4096) -> dict[str, fl
     return rates
 
 
+def int8_gemm_gops(repeats: int, n: int = 2048) -> float:
+    """The int8 peak: a large matrix product quantized and compiled as int8 members are
+    (workers/int8.py: torchao's x86 quantizer, inductor with frozen weights), so it runs on
+    their kernels (oneDNN's u8 x s8; VNNI or AMX where the CPU has them)."""
+    import torch._inductor.config as inductor
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    inductor.freezing = True
+    quantizer = x86.X86InductorQuantizer()
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    inputs = torch.randn(n, n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchao's notes on its own deprecations
+        prepared = prepare_pt2e(torch.export.export(torch.nn.Linear(n, n).eval(),
+                                                    (inputs,)).module(), quantizer)
+        prepared(inputs)  # calibration
+        product = torch.compile(convert_pt2e(prepared))
+        with torch.inference_mode():
+            seconds = median_seconds(lambda: product(inputs), repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def gemm_peaks(precisions: list[str], repeats: int) -> dict[str, float]:
+    """GFLOP/s (GOP/s for int8) of each precision's GEMM: the faster library for the float
+    ones; int8 where the runtime serves it."""
+    peaks = {dtype: max(gemm_gflops(DTYPES[dtype], repeats).values()) for dtype in precisions}
+    if cpu_serves_int8():
+        peaks["int8"] = int8_gemm_gops(repeats)
+    return peaks
+
+
 class Eager:
     """The reference: the same models and inputs, plain eager PyTorch, nothing tuned."""
 
@@ -101,12 +159,28 @@ class Eager:
         views = tta_views(classifier_input(image, self.spec)[None], self.spec.tta)
         members = {name: torch.sigmoid(model(views)).mean().item()
                    for name, _, model in self.members}
-        raw = self.detector(letterbox(image, self.detector_spec.image_size)[0][None])
+        raw = self.detector(self.detector_input(image))
         prediction = raw[0] if isinstance(raw, (list, tuple)) else raw
         boxes = ultralytics_modules().non_max_suppression(
             prediction, conf_thres=self.detector_spec.confidence,
             iou_thres=self.detector_spec.nms_iou, max_det=300)
         return members, boxes[0]
+
+    def detector_input(self, image: np.ndarray) -> torch.Tensor:
+        return letterbox(image, self.detector_spec.image_size)[0][None]
+
+    @torch.inference_mode()
+    def gflop(self, image: np.ndarray) -> dict[str, float]:
+        """GFLOP per image of each member (by architecture) and of the detector."""
+        views = tta_views(classifier_input(image, self.spec)[None], self.spec.tta)
+        parts = [(name, lambda m=model: m(views)) for name, _, model in self.members]
+        parts.append(("detector", lambda: self.detector(self.detector_input(image))))
+        counts = {}
+        for name, part in parts:
+            with FlopCounterMode(display=False) as counter:
+                part()
+            counts[name] = counter.get_total_flops() / 1e9
+        return counts
 
 
 def main() -> None:
@@ -128,24 +202,20 @@ def main() -> None:
         image = np.random.default_rng(0).random((2500, 2000), dtype=np.float32)
         eager = Eager(bundle)
         torch.set_num_threads(args.threads)
-        with FlopCounterMode(display=False) as counter:
-            eager.run(image)
-        gflop = counter.get_total_flops() / 1e9
+        parts = eager.gflop(image)
+        gflop = sum(parts.values())
         eager_seconds = median_seconds(lambda: eager.run(image), args.repeats)
         eager_members, _ = eager.run(image)
-        gemms = {"float32": gemm_gflops(torch.float32, args.repeats)}
-        if "bfloat16" in precisions:
-            gemms["bfloat16"] = gemm_gflops(torch.bfloat16, args.repeats)
-        peaks = {dtype: max(rates.values()) for dtype, rates in gemms.items()}
-        print(f"{args.threads} threads, {gflop:.0f} GFLOP per image (3 members x 5 TTA at 384 "
-              f"+ YOLO11-l at 640)")
-        print("GEMM peak (the faster library): " + ", ".join(
-            f"{dtype} {peaks[dtype]:.0f} GFLOP/s ("
-            + ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items()) + ")"
-            for dtype, rates in gemms.items()))
-        print(f"{'eager PyTorch (float32, NCHW)':54s} {eager_seconds:6.2f} s/image  "
-              f"{gflop / eager_seconds:6.0f} GFLOP/s  "
-              f"{gflop / eager_seconds / peaks['float32']:5.1%} of float32 GEMM")
+        print(cpu())
+        print(f"{args.threads} threads, {gflop:.0f} GFLOP per image: "
+              + ", ".join(f"{name} {count:.0f}" for name, count in parts.items())
+              + " (3 members x 5 TTA views at 384, YOLO11-l at 640)")
+        # Measured now and again after the runs, the faster kept: a shared machine's float32
+        # GEMM gave 149 and 116 GFLOP/s in two runs the same hour (a 2-core AMD EPYC), and a
+        # depressed peak put a row above its ceiling (101%).
+        first_peaks = gemm_peaks(precisions, args.repeats)
+        rows = [("eager PyTorch (float32, NCHW)", eager_seconds, dict.fromkeys(parts, "float32"),
+                 "")]
         # Each precision for both components, then (where bfloat16 exists) the members in
         # bfloat16 with the detector in float32: what a bundle whose detector failed its
         # bfloat16 check at export gets.
@@ -172,21 +242,36 @@ def main() -> None:
             runtime = ModelRuntime(load_bundle(path), torch.device("cpu"), args.threads, None,
                                    "bfloat16" if forced else "auto", compile_models=compiled)
             loaded = time.perf_counter() - loading
-            seconds = median_seconds(lambda r=runtime: r.analyse([image]), args.repeats)
-            (result,) = runtime.analyse([image])
+            seconds, result, classify, detect = median_analysis(runtime, image, args.repeats)
             deviation = max(abs(result.classification.member_probabilities[name] - p)
                             for name, p in eager_members.items())
-            achieved = gflop / seconds
-            peak = (f"{achieved / peaks[runtime.precision]:5.1%} of {runtime.precision} GEMM"
-                    if runtime.precision in peaks else f"{'':>5s}    (mixed)      ")
+            served = {name: precision_name(dtype)
+                      for name, dtype in runtime.classifier.member_dtypes.items()}
+            served["detector"] = precision_name(runtime.detector.dtype)
             # Loading compiles: int8 members always, everything with compile_models.
             name = runtime.precision + (", emulated: never chosen" if forced else "") + (
                 ", compiled" if compiled else "") + (
                 f", loaded in {loaded:.0f} s" if compiled or runtime.classifier.int8_members
                 else "")
-            print(f"{'spinenode runtime (' + name + ')':54s} {seconds:6.2f} "
-                  f"s/image  {achieved:6.0f} GFLOP/s  {peak}   {eager_seconds / seconds:4.2f}x "
-                  f"eager   max |dp| vs eager {deviation:.4f}")
+            rows.append((f"spinenode runtime ({name})", seconds, served,
+                         f"{eager_seconds / seconds:4.2f}x eager   classifier {classify:.2f} s "
+                         f"+ detector {detect:.2f} s   max |dp| vs eager {deviation:.4f}"))
+            print(f"measured: {rows[-1][0]}", file=sys.stderr, flush=True)
+        last_peaks = gemm_peaks(precisions, args.repeats)
+        peaks = {dtype: max(first_peaks[dtype], last_peaks[dtype]) for dtype in first_peaks}
+        print("GEMM peak, the faster library, the better of the run's start and end: " + ", ".join(
+            f"{dtype} {peak:.0f} G{'OP' if dtype == 'int8' else 'FLOP'}/s (start "
+            f"{first_peaks[dtype]:.0f}, end {last_peaks[dtype]:.0f})"
+            for dtype, peak in peaks.items()))
+        for label, seconds, served, rest in rows:
+            # The seconds each part would take at the GEMM peak of what it runs in, over the
+            # seconds it took: 100% is this CPU's ceiling for that choice of precisions.
+            share = f"{'':>18s}"
+            if set(served.values()) <= set(peaks):
+                at_peaks = sum(parts[part] / peaks[dtype] for part, dtype in served.items())
+                share = f"{at_peaks / seconds:5.1%} of the GEMMs"
+            print(f"{label:54s} {seconds:6.2f} s/image  {gflop / seconds:6.0f} GFLOP/s  {share}  "
+                  f"{rest}")
 
 
 if __name__ == "__main__":
