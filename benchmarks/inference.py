@@ -47,7 +47,7 @@ from training.synthetic import radiograph_pixels  # noqa: E402
 from workers.bundle import ValidatedPrecisions, load_bundle, write_manifest  # noqa: E402
 from workers.dernet import build_member, classifier_input, tta_views  # noqa: E402
 from workers.detector import bundled_detection_model, letterbox  # noqa: E402
-from workers.int8 import cpu_serves_int8  # noqa: E402
+from workers.int8 import convert_member, cpu_serves_int8  # noqa: E402
 from workers.offline import ultralytics_modules  # noqa: E402
 from workers.runtime import DTYPES, ModelRuntime, cpu_has_native_bfloat16, precision_name  # noqa: E402
 
@@ -119,7 +119,7 @@ def int8_gemm_gops(repeats: int, n: int = 4096) -> float:
     GEMMs are (the best of the repeats, same size); its activations are quantized on each call,
     as a member's are."""
     import torch._inductor.config as inductor
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     inductor.freezing = True
@@ -131,7 +131,7 @@ def int8_gemm_gops(repeats: int, n: int = 4096) -> float:
         prepared = prepare_pt2e(torch.export.export(torch.nn.Linear(n, n).eval(),
                                                     (inputs,)).module(), quantizer)
         prepared(inputs)  # calibration
-        product = torch.compile(convert_pt2e(prepared))
+        product = torch.compile(convert_member(prepared))
         with torch.inference_mode():
             seconds = best_seconds(lambda: product(inputs), repeats)
     return 2 * n**3 / seconds / 1e9
