@@ -116,3 +116,27 @@ def test_a_late_acknowledgement_after_the_channel_closed_is_quiet(tmp_path: Path
         channel.close()
         assert channel.connection is None  # what kombu does to a closed channel
         taken[0].ack()
+
+
+def test_an_idle_consumer_returns_as_soon_as_its_worker_is_asked_to_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery looks at a stop request (SIGTERM sets it) only between drain_events calls, and
+    asks for 2 s each: an idle worker went on looking for the rest of them. It stops at the
+    next look instead, whatever the timeout; not asked to, it waits the timeout out."""
+    from celery.worker import state
+
+    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path),
+               "polling_interval": 0.1}
+    with Connection("filesystem://", transport=file_broker.Transport,
+                    transport_options=options) as conn:
+        queue = Queue("stops", Exchange("stops"), "stops")
+        with conn.Consumer(queue, callbacks=[lambda body, message: None]):
+            start = time.monotonic()
+            with pytest.raises(TimeoutError):
+                conn.drain_events(timeout=0.5)
+            assert time.monotonic() - start >= 0.5
+            monkeypatch.setattr(state, "should_stop", 0)  # a warm stop's exit code, EX_OK
+            start = time.monotonic()
+            with pytest.raises(TimeoutError):
+                conn.drain_events(timeout=60)
+            assert time.monotonic() - start < 30
