@@ -23,11 +23,11 @@ the rest of Celery's 2-s wait before Celery could see the request.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import uuid
 from time import monotonic
 
-from celery.worker import state as worker_state
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem, virtual
 from kombu.utils.encoding import str_to_bytes
@@ -101,6 +101,9 @@ class Transport(filesystem.Transport):
 
 def _stopping() -> bool:
     """Celery's worker was asked to stop: its signal handlers set these, and its loop acts on
-    them once drain_events returns. As Celery tests them: a warm stop sets 0 (== False)."""
-    return any(flag is not None and flag is not False
-               for flag in (worker_state.should_stop, worker_state.should_terminate))
+    them once drain_events returns. As Celery tests them: a warm stop sets 0 (== False). A
+    process without Celery's worker (the node, which only sends) never is; nor is the worker
+    imported into it for this."""
+    state = sys.modules.get("celery.worker.state")
+    return state is not None and any(flag is not None and flag is not False
+                                     for flag in (state.should_stop, state.should_terminate))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from torch import nn
 from workers.compiled import Agreement, compiled_or_eager
 
 log = logging.getLogger(__name__)
+_CONVERTING = threading.Lock()
 
 # Left in float32: each member's first convolution and its head. On the phantom demo bundle's
 # held-out images ResNet-50's int8 probabilities moved by up to 0.041 with them quantized, 0.009
@@ -125,14 +127,16 @@ def _without_the_qat_fold() -> Iterator[None]:
     # convolution) the fold first traces every pattern it looks for: 20.4 s of converting
     # DenseNet-121 on a 2-core AMD EPYC, 1.1 s without, the graph the same (a test keeps
     # that). Where torchao moves the step, convert_pt2e runs as it is.
+    # One conversion at a time: two threads' swaps interleaved could leave the step out for good.
     from torchao.quantization.pt2e import quantize_pt2e
 
-    fold = getattr(quantize_pt2e, "_fold_conv_bn_qat", None)
-    if fold is None:
-        yield
-        return
-    quantize_pt2e._fold_conv_bn_qat = lambda model: model
-    try:
-        yield
-    finally:
-        quantize_pt2e._fold_conv_bn_qat = fold
+    with _CONVERTING:
+        fold = getattr(quantize_pt2e, "_fold_conv_bn_qat", None)
+        if fold is None:
+            yield
+            return
+        quantize_pt2e._fold_conv_bn_qat = lambda model: model
+        try:
+            yield
+        finally:
+            quantize_pt2e._fold_conv_bn_qat = fold

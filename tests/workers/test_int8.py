@@ -154,13 +154,26 @@ def test_converting_leaves_out_only_a_step_that_changes_nothing() -> None:
     # calibrated for post-training quantization as members are, it gives torchao's own result.
     import copy
 
+    from torchao.quantization.pt2e import quantize_pt2e
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
+    class DenseLayer(torch.nn.Module):
+        """BatchNorm-ReLU-convolution (the BatchNorm stays), convolution-BatchNorm (folded), and
+        DenseNet's concatenation (a dequantization with two users, which the fold splits)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.conv = torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.conv_bn = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(torch.relu(self.norm(x)))
+            return torch.cat([y, self.conv_bn(y)], dim=1)
+
+    assert hasattr(quantize_pt2e, "_fold_conv_bn_qat")  # else the step is no longer left out
     torch.manual_seed(0)
-    dense_layer = torch.nn.Sequential(  # BatchNorm-ReLU-convolution, then convolution-BatchNorm
-        torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Conv2d(3, 8, 3),
-        torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8)).eval()
+    dense_layer = DenseLayer().eval()
     inputs = torch.rand(2, 3, 16, 16)
     quantizer = x86.X86InductorQuantizer()
     quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
@@ -179,7 +192,7 @@ import sys, torch
 from workers.bundle import load_bundle
 from workers.compiled import FixedBatch
 from workers.dernet import DERNet
-from workers.int8 import convert_member, cpu_serves_int8
+from workers.int8 import cpu_serves_int8
 from workers.runtime import select_precision
 
 bundle, cpu = load_bundle(sys.argv[1]), torch.device("cpu")
