@@ -47,7 +47,7 @@ from training.synthetic import radiograph_pixels  # noqa: E402
 from workers.bundle import ValidatedPrecisions, load_bundle, write_manifest  # noqa: E402
 from workers.dernet import build_member, classifier_input, tta_views  # noqa: E402
 from workers.detector import bundled_detection_model, letterbox  # noqa: E402
-from workers.int8 import convert_member, cpu_serves_int8  # noqa: E402
+from workers.int8 import convert_member, cpu_serves_int8, x86_quantizer  # noqa: E402
 from workers.offline import ultralytics_modules  # noqa: E402
 from workers.runtime import DTYPES, ModelRuntime, cpu_has_native_bfloat16, precision_name  # noqa: E402
 
@@ -120,16 +120,13 @@ def int8_gemm_gops(repeats: int, n: int = 4096) -> float:
     as a member's are."""
     import torch._inductor.config as inductor
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     inductor.freezing = True
-    quantizer = x86.X86InductorQuantizer()
-    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
     inputs = torch.randn(n, n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchao's notes on its own deprecations
         prepared = prepare_pt2e(torch.export.export(torch.nn.Linear(n, n).eval(),
-                                                    (inputs,)).module(), quantizer)
+                                                    (inputs,)).module(), x86_quantizer())
         prepared(inputs)  # calibration
         product = torch.compile(convert_member(prepared))
         with torch.inference_mode():

@@ -53,12 +53,13 @@ def cpu_serves_int8() -> bool:
             and shutil.which("g++") is not None)
 
 
-def _quantizer(architecture: str):
+def x86_quantizer(float_layers: tuple[str, ...] = ()):
+    """torchao's x86 quantizer as members get it: every layer in int8 but ``float_layers``."""
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     quantizer = x86.X86InductorQuantizer()
     quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
-    for name in FLOAT_LAYERS[architecture]:
+    for name in float_layers:
         quantizer.set_module_name_qconfig(name, None)
     return quantizer
 
@@ -75,7 +76,7 @@ def prepare_member(model: nn.Module, architecture: str, input_size: int) -> torc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchao's notes on its own deprecations
         exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-        return prepare_pt2e(exported.module(), _quantizer(architecture))
+        return prepare_pt2e(exported.module(), x86_quantizer(FLOAT_LAYERS[architecture]))
 
 
 def observer_statistics(prepared: torch.fx.GraphModule) -> dict[str, torch.Tensor]:

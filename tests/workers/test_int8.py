@@ -28,7 +28,7 @@ from training.synthetic import radiograph_pixels
 from workers.bundle import BundleError, ValidatedPrecisions, load_bundle, write_manifest
 from workers.compiled import FixedBatch
 from workers.dernet import DERNet
-from workers.int8 import convert_member, cpu_serves_int8
+from workers.int8 import convert_member, cpu_serves_int8, x86_quantizer
 from workers.runtime import ModelRuntime, select_precision
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,7 +156,6 @@ def test_converting_leaves_out_only_a_step_that_changes_nothing() -> None:
 
     from torchao.quantization.pt2e import quantize_pt2e
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     class DenseLayer(torch.nn.Module):
         """BatchNorm-ReLU-convolution (the BatchNorm stays), convolution-BatchNorm (folded), and
@@ -175,9 +174,8 @@ def test_converting_leaves_out_only_a_step_that_changes_nothing() -> None:
     torch.manual_seed(0)
     dense_layer = DenseLayer().eval()
     inputs = torch.rand(2, 3, 16, 16)
-    quantizer = x86.X86InductorQuantizer()
-    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(torch.export.export(dense_layer, (inputs,)).module(), quantizer)
+    prepared = prepare_pt2e(torch.export.export(dense_layer, (inputs,)).module(),
+                            x86_quantizer())
     prepared(inputs)
     assert any("batch_norm" in str(node.target) for node in prepared.graph.nodes)
     ours, torchaos = convert_member(copy.deepcopy(prepared)), convert_pt2e(prepared)
