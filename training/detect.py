@@ -134,11 +134,19 @@ def make_trainer(config: DetectConfig) -> type:
         criterion.bce = FocalBCE(config.focal_gamma, config.focal_alpha)
         trainer.model.criterion = criterion
 
+    def train_channels_last(trainer) -> None:  # noqa: ANN001
+        # Channels-last convolutions train faster on a CPU (oneDNN; YOLO11n at 192 px, batch 16,
+        # one thread of a 2-core AMD EPYC: 0.52 -> 0.41 s a step). The training model only, as
+        # preprocess_batch's images: the EMA copy, which validation runs and checkpoints
+        # save, was made before and keeps the usual layout.
+        trainer.model.to(memory_format=torch.channels_last)
+
     class SpineTrainer(DetectionTrainer):
         def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
             super().__init__(*args, **kwargs)
             if config.focal_gamma is not None:  # None: plain BCE
                 self.add_callback("on_train_start", use_focal_loss)
+            self.add_callback("on_train_start", train_channels_last)
 
         def build_dataset(self, img_path, mode="train", batch=None):  # noqa: ANN001, ANN202
             dataset = super().build_dataset(img_path, mode, batch)
@@ -164,7 +172,9 @@ def make_trainer(config: DetectConfig) -> type:
                                       collate_fn=dataset.collate_fn)
 
         def preprocess_batch(self, batch: dict) -> dict:
-            return rescale_batch(super().preprocess_batch(batch), scales, scale_rng)
+            batch = rescale_batch(super().preprocess_batch(batch), scales, scale_rng)
+            batch["img"] = batch["img"].contiguous(memory_format=torch.channels_last)
+            return batch
 
     return SpineTrainer
 
