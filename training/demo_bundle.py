@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 import torch
@@ -45,23 +46,38 @@ def train_side_by_side(run: Path, config: TrainingConfig, device: str,
                        done: Callable[[str], None]) -> None:
     """DERNet (cross-validation, ensemble) here and YOLO11 in a second process, at once, each
     on half the cores (2-core AMD EPYC without AVX-512, the demo's recipe before 0.4.0: 273 s
-    + 328 s one after the other on two threads each, 474 s at once on one each). A detector
-    that fails stops DERNet at its next batch (a fold finished so far resumes on the next run)."""
-    share = max(1, (os.cpu_count() or 2) // 2)
-    detector = multiprocessing.get_context("spawn").Process(
-        target=_train_detector, args=(run, config.detect, device, share), name="yolo11-training")
+    + 328 s one after the other on two threads each, 474 s at once on one each); the one that
+    finishes first leaves its cores to the other. A detector that fails stops DERNet at its
+    next batch (a fold finished so far resumes on the next run)."""
+    cores = os.cpu_count() or 2
+    share = max(1, cores // 2)
+    context = multiprocessing.get_context("spawn")
+    dernet_done = context.Event()
+    detector = context.Process(target=_train_detector, name="yolo11-training",
+                               args=(run, config.detect, device, share, cores, dernet_done))
     detector.start()
     threads = torch.get_num_threads()
     torch.set_num_threads(share)
+    detector_finished = False
 
-    def detector_failed() -> bool:
-        # Only this thread looks at the process (its exit status is collected once).
-        return detector.exitcode not in (None, 0)
+    def between_batches() -> bool:
+        """Whether DERNet is to stop: the detector failed. One that finished leaves its cores.
+        Only this thread looks at the process (its exit status is collected once)."""
+        nonlocal detector_finished
+        if detector.exitcode is None or detector_finished:
+            return False
+        if detector.exitcode != 0:
+            return True
+        detector_finished = True
+        torch.set_num_threads(cores)
+        done(f"YOLO11 trained; DERNet goes on on {cores} threads")
+        return False
 
     try:
-        cross_validate(run, config, torch_device(device), fold_bars=False, stop=detector_failed)
+        cross_validate(run, config, torch_device(device), fold_bars=False, stop=between_batches)
         fit_ensemble(run, config)
         done("DERNet members trained, ensemble fitted")
+        dernet_done.set()
         detector.join()
     except TrainingStopped:
         pass  # the detector's failure is reported below
@@ -73,10 +89,18 @@ def train_side_by_side(run: Path, config: TrainingConfig, device: str,
     if detector.exitcode != 0:
         raise RuntimeError(f"YOLO11 training failed (exit code {detector.exitcode}); its "
                            f"output is above, its run in {run / 'detect'}")
-    done("YOLO11 trained")
+    if not detector_finished:
+        done("YOLO11 trained")
 
 
-def _train_detector(run: Path, detect: DetectConfig, device: str, threads: int) -> None:
+def _train_detector(run: Path, detect: DetectConfig, device: str, threads: int, cores: int,
+                    dernet_done: EventType) -> None:
     torch.set_num_threads(threads)  # before ultralytics is imported: it trains on as many
     sys.stdout.reconfigure(line_buffering=True)  # its epoch lines as they come, into a pipe too
-    train_detector(run, detect, device=device)
+
+    def take_dernets_cores(_trainer: object) -> None:
+        if dernet_done.is_set() and torch.get_num_threads() < cores:
+            torch.set_num_threads(cores)
+            print(f"demo: DERNet done; YOLO11 goes on on {cores} threads", flush=True)
+    train_detector(run, detect, device=device,
+                   callbacks={"on_train_batch_start": take_dernets_cores})

@@ -11,6 +11,7 @@ Fully offline: ultralytics comes through ``workers.offline``; the model is built
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -209,9 +210,11 @@ def drop_unsaved_epochs(results: Path, epoch: int) -> None:
 
 
 def train_detector(run: Path, training: DetectConfig, device: str = "cpu",
-                   name: str = "train") -> Path:
+                   name: str = "train",
+                   callbacks: Mapping[str, Callable[[object], None]] | None = None) -> Path:
     """Train on RUN/yolo/data.yaml into RUN/detect/NAME; return the best checkpoint. A finished
-    run is not trained again; an interrupted one resumes from its last epoch."""
+    run is not trained again; an interrupted one resumes from its last epoch. ``callbacks``:
+    more ultralytics callbacks (each called with the trainer), by event."""
     prepare_offline(run / "ultralytics")
     ultralytics_modules()
     from ultralytics import YOLO
@@ -227,6 +230,8 @@ def train_detector(run: Path, training: DetectConfig, device: str = "cpu",
                  else f"yolo11{training.scale}.yaml")
     model.add_callback("on_fit_epoch_end",
                        lambda trainer: tqdm.write(detector_epoch_line(trainer)))
+    for event, callback in (callbacks or {}).items():
+        model.add_callback(event, callback)
     if not partial and training.init_weights is not None:  # a resumed run has its own start
         record_start(run / "detect", training.init_weights, f"yolo11{training.scale}")
         model.load(str(training.init_weights))

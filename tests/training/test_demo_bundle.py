@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,31 @@ def test_dernet_and_yolo11_train_side_by_side(prepared: Path) -> None:
     results = (prepared / "detect" / "train" / "results.csv").read_text().splitlines()
     assert len(results) == 2  # the header and its one epoch
     assert torch.get_num_threads() == threads  # DERNet's share ends with the detector
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: nothing to hand over")
+def test_the_training_that_finishes_first_leaves_its_cores_to_the_other(
+        prepared: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    cores, steps = os.cpu_count(), []
+    train_side_by_side(prepared, TINY, "cpu", steps.append)
+    # DERNet done before the detector starts (its folds are kept, and resume at once): the
+    # detector, trained again, takes DERNet's cores at its first batch.
+    shutil.rmtree(prepared / "detect")
+    capfd.readouterr()
+    steps.clear()
+    train_side_by_side(prepared, TINY, "cpu", steps.append)
+    assert steps == ["DERNet members trained, ensemble fitted", "YOLO11 trained"]
+    assert f"demo: DERNet done; YOLO11 goes on on {cores} threads" in capfd.readouterr().out
+    # The detector finished before (it is not trained again) and DERNet has epochs to go:
+    # DERNet takes the detector's cores at its next batch.
+    shutil.rmtree(prepared / "classify")
+    longer = TINY.model_copy(update={"classify": TINY.classify.model_copy(
+        update={"epochs": 40, "patience": 40})})
+    steps.clear()
+    train_side_by_side(prepared, longer, "cpu", steps.append)
+    assert steps == [f"YOLO11 trained; DERNet goes on on {cores} threads",
+                     "DERNet members trained, ensemble fitted"]
+    assert "YOLO11 goes on" not in capfd.readouterr().out
 
 
 def test_a_failed_detector_stops_dernet_at_once(prepared: Path) -> None:
