@@ -79,13 +79,18 @@ def _to(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
     return inputs.to(device, memory_format=torch.channels_last, non_blocking=True)
 
 
+PREDICTED_VIEWS = 40
+
+
 @torch.inference_mode()
 def predict(model: torch.nn.Module, run: Path, items: list[IndexedImage], size: int,
             tta: list[str], device: torch.device = CPU, workers: int = 0) -> np.ndarray:
     """Probabilities in float32, mean over the TTA views (as the workers compute them)."""
     model.eval()
-    loader = DataLoader(CachedImages(run, items, size, train=False, seed=0), batch_size=8,
-                        num_workers=workers)
+    # About 40 views a forward pass, however many views an image has: 8 single views at once
+    # took a fifth longer a view than 40 (ResNet-50 and EfficientNetV2-S at 96 px, one thread).
+    loader = DataLoader(CachedImages(run, items, size, train=False, seed=0),
+                        batch_size=max(1, PREDICTED_VIEWS // len(tta)), num_workers=workers)
     out = []
     for inputs, _ in loader:
         logits = model(_to(tta_views(inputs, tta), device)).view(len(inputs), len(tta))
@@ -106,8 +111,9 @@ def train_fold(run: Path, architecture: str, train_items: list[IndexedImage],
     model = member_start(architecture, config.init_weights.get(architecture)).to(
         device, memory_format=torch.channels_last)
     dtype = training_dtype(device, config.mixed_precision)
+    # Fused: one kernel for all of a step's updates (ResNet-50 on one CPU thread: 68 -> 14 ms).
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     batch = (config.batch_size_efficientnet if architecture == "tf_efficientnetv2_s"
