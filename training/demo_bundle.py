@@ -102,5 +102,7 @@ def _train_detector(run: Path, detect: DetectConfig, device: str, threads: int, 
         if dernet_done.is_set() and torch.get_num_threads() < cores:
             torch.set_num_threads(cores)
             print(f"demo: DERNet done; YOLO11 goes on on {cores} threads", flush=True)
-    train_detector(run, detect, device=device,
-                   callbacks={"on_train_batch_start": take_dernets_cores})
+    # ultralytics sets a thread count of its own (the cores less one) as it picks the device.
+    train_detector(run, detect, device=device, callbacks={
+        "on_train_start": lambda _trainer: torch.set_num_threads(threads),
+        "on_train_batch_start": take_dernets_cores})
