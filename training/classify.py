@@ -79,7 +79,7 @@ def _to(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
     return inputs.to(device, memory_format=torch.channels_last, non_blocking=True)
 
 
-PREDICTED_VIEWS = 40
+VIEWS_PER_PASS = 40
 
 
 @torch.inference_mode()
@@ -90,7 +90,7 @@ def predict(model: torch.nn.Module, run: Path, items: list[IndexedImage], size: 
     # About 40 views a forward pass, however many views an image has: 8 single views at once
     # took a fifth longer a view than 40 (ResNet-50 and EfficientNetV2-S at 96 px, one thread).
     loader = DataLoader(CachedImages(run, items, size, train=False, seed=0),
-                        batch_size=max(1, PREDICTED_VIEWS // len(tta)), num_workers=workers)
+                        batch_size=max(1, VIEWS_PER_PASS // len(tta)), num_workers=workers)
     out = []
     for inputs, _ in loader:
         logits = model(_to(tta_views(inputs, tta), device)).view(len(inputs), len(tta))

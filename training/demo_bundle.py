@@ -4,12 +4,11 @@ and finds a bundle already built under the same recipe)."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Callable
-from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +17,9 @@ from training.config import DetectConfig, TrainingConfig, load_config, torch_dev
 from training.demo_data import DEMO_VERSION
 from training.detect import train_detector
 from training.export import export_bundle
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Event
 from training.prepare import prepare
 
 
@@ -45,36 +47,41 @@ def train_demo_bundle(folder: Path, device: str = "cpu") -> Path:
 def train_side_by_side(run: Path, config: TrainingConfig, device: str,
                        done: Callable[[str], None]) -> None:
     """DERNet (cross-validation, ensemble) here and YOLO11 in a second process, at once, each
-    on half the cores (2-core AMD EPYC without AVX-512, the demo's recipe before 0.4.0: 273 s
-    + 328 s one after the other on two threads each, 474 s at once on one each); the one that
-    finishes first leaves its cores to the other. A detector that fails stops DERNet at its
-    next batch (a fold finished so far resumes on the next run)."""
-    cores = os.cpu_count() or 2
-    share = max(1, cores // 2)
+    on half of this process's threads (2-core AMD EPYC without AVX-512, the demo's recipe
+    before 0.4.0: 273 s + 328 s one after the other on two threads each, 474 s at once on one
+    each); the one that finishes first leaves its threads to the other, at the other's next
+    batch. A detector that fails stops DERNet at its next batch (a fold finished so far
+    resumes on the next run)."""
+    threads = torch.get_num_threads()  # torch's count: the cores it may use, not hyperthreads
+    share = max(1, threads // 2)
     context = multiprocessing.get_context("spawn")
     dernet_done = context.Event()
     detector = context.Process(target=_train_detector, name="yolo11-training",
-                               args=(run, config.detect, device, share, cores, dernet_done))
+                               args=(run, config.detect, device, share, threads, dernet_done))
     detector.start()
-    threads = torch.get_num_threads()
     torch.set_num_threads(share)
     detector_finished = False
 
-    def between_batches() -> bool:
-        """Whether DERNet is to stop: the detector failed. One that finished leaves its cores.
-        Only this thread looks at the process (its exit status is collected once)."""
+    def stop_or_take_the_detectors_threads() -> bool:
+        """Asked before each DERNet batch: whether to stop (the detector failed); a detector
+        that finished leaves its threads. Only this thread looks at the process (its exit
+        status is collected once)."""
         nonlocal detector_finished
         if detector.exitcode is None or detector_finished:
             return False
         if detector.exitcode != 0:
             return True
         detector_finished = True
-        torch.set_num_threads(cores)
-        done(f"YOLO11 trained; DERNet goes on on {cores} threads")
+        if threads > share:
+            torch.set_num_threads(threads)
+            done(f"YOLO11 trained; DERNet goes on on {threads} threads")
+        else:
+            done("YOLO11 trained")
         return False
 
     try:
-        cross_validate(run, config, torch_device(device), fold_bars=False, stop=between_batches)
+        cross_validate(run, config, torch_device(device), fold_bars=False,
+                       stop=stop_or_take_the_detectors_threads)
         fit_ensemble(run, config)
         done("DERNet members trained, ensemble fitted")
         dernet_done.set()
@@ -93,16 +100,19 @@ def train_side_by_side(run: Path, config: TrainingConfig, device: str,
         done("YOLO11 trained")
 
 
-def _train_detector(run: Path, detect: DetectConfig, device: str, threads: int, cores: int,
-                    dernet_done: EventType) -> None:
-    torch.set_num_threads(threads)  # before ultralytics is imported: it trains on as many
+def _train_detector(run: Path, detect: DetectConfig, device: str, share: int, threads: int,
+                    dernet_done: Event) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # its epoch lines as they come, into a pipe too
 
-    def take_dernets_cores(_trainer: object) -> None:
-        if dernet_done.is_set() and torch.get_num_threads() < cores:
-            torch.set_num_threads(cores)
-            print(f"demo: DERNet done; YOLO11 goes on on {cores} threads", flush=True)
-    # ultralytics sets a thread count of its own (the cores less one) as it picks the device.
-    train_detector(run, detect, device=device, callbacks={
-        "on_train_start": lambda _trainer: torch.set_num_threads(threads),
-        "on_train_batch_start": take_dernets_cores})
+    taken = []  # DERNet's threads, once taken
+
+    def use_its_threads(_trainer: object) -> None:
+        # ultralytics sets a thread count of its own (the CPUs less one) each time it picks
+        # a device, so this is said again at each batch and each validation.
+        if dernet_done.is_set() and threads > share and not taken:
+            taken.append(threads)
+            print(f"demo: DERNet done; YOLO11 goes on on {threads} threads", flush=True)
+        torch.set_num_threads(threads if taken else share)
+    use_its_threads(None)  # before ultralytics is imported, too
+    train_detector(run, detect, device=device, callbacks=dict.fromkeys(
+        ("on_train_start", "on_train_batch_start", "on_val_start"), use_its_threads))

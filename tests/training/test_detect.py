@@ -126,31 +126,27 @@ def test_smoke_detector_training_offline(prepared_run: Path) -> None:
 
 
 def test_the_detector_trains_channels_last_and_keeps_the_usual_layout(
-        prepared_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        prepared_run: Path, tmp_path: Path) -> None:
     # The training model's convolutions run channels-last (faster on a CPU: training/detect.py);
     # the EMA copy, which validation runs and the checkpoints keep, stays as the workers load it.
     import shutil
 
-    from ultralytics.utils.callbacks import base
-
     from training.detect import train_detector
 
-    def layout(model: torch.nn.Module) -> set[str]:
+    def layout(model: torch.nn.Module) -> frozenset[str]:
         # Of the convolution weights whose two layouts differ (not 1x1, not depthwise).
-        return {"channels_last" if w.is_contiguous(memory_format=torch.channels_last)
-                else "usual" if w.is_contiguous() else "other"
-                for w in model.parameters() if w.dim() == 4 and w.shape[1] > 1 < w.shape[-1]}
+        return frozenset(
+            "channels_last" if w.is_contiguous(memory_format=torch.channels_last)
+            else "usual" if w.is_contiguous() else "other"
+            for w in model.parameters() if w.dim() == 4 and w.shape[1] > 1 and w.shape[-1] > 1)
 
     seen = []
-    monkeypatch.setitem(base.default_callbacks, "on_train_batch_end", [
-        *base.default_callbacks["on_train_batch_end"],
-        lambda trainer: seen.append((frozenset(layout(trainer.model)),
-                                frozenset(layout(trainer.ema.ema))))])
     run = tmp_path / "run"
     shutil.copytree(prepared_run, run, ignore=shutil.ignore_patterns("detect"))
     config = load_config("smoke").detect.model_copy(update={"epochs": 1, "image_size": 64,
                                                             "scales": [64]})
-    best = train_detector(run, config)
+    best = train_detector(run, config, callbacks={"on_train_batch_end": lambda trainer: (
+        seen.append((layout(trainer.model), layout(trainer.ema.ema))))})
     assert seen and set(seen) == {(frozenset({"channels_last"}), frozenset({"usual"}))}
     checkpoint = torch.load(best, weights_only=False)
     assert layout(checkpoint.get("ema") or checkpoint["model"]) == {"usual"}
