@@ -17,10 +17,10 @@ from training.config import DetectConfig, TrainingConfig, load_config, torch_dev
 from training.demo_data import DEMO_VERSION
 from training.detect import train_detector
 from training.export import export_bundle
+from training.prepare import prepare
 
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Event
-from training.prepare import prepare
 
 
 def train_demo_bundle(folder: Path, device: str = "cpu") -> Path:
@@ -104,15 +104,16 @@ def _train_detector(run: Path, detect: DetectConfig, device: str, share: int, th
                     dernet_done: Event) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # its epoch lines as they come, into a pipe too
 
-    taken = []  # DERNet's threads, once taken
+    took_dernets = False
 
     def use_its_threads(_trainer: object) -> None:
         # ultralytics sets a thread count of its own (the CPUs less one) each time it picks
         # a device, so this is said again at each batch and each validation.
-        if dernet_done.is_set() and threads > share and not taken:
-            taken.append(threads)
+        nonlocal took_dernets
+        if dernet_done.is_set() and threads > share and not took_dernets:
+            took_dernets = True
             print(f"demo: DERNet done; YOLO11 goes on on {threads} threads", flush=True)
-        torch.set_num_threads(threads if taken else share)
+        torch.set_num_threads(threads if took_dernets else share)
     use_its_threads(None)  # before ultralytics is imported, too
     train_detector(run, detect, device=device, callbacks=dict.fromkeys(
         ("on_train_start", "on_train_batch_start", "on_val_start"), use_its_threads))
