@@ -44,3 +44,23 @@ def test_plugin_is_tried_first_and_pydicoms_stays_behind_it() -> None:
         plugins = list(get_decoder(syntax).available_plugins)
         assert plugins[0] == PLUGIN
         assert "pylibjpeg" in plugins[1:]  # pydicom falls back to it where ours fails
+
+
+@pytest.mark.parametrize("name", ["US1_J2KR.dcm", "RG1_J2KR.dcm"])
+def test_jp2_wrapped_frames_decode_as_pydicoms_plugin(name: str) -> None:
+    """Some encoders put the JP2 file format (boxes around the codestream) in Pixel Data, which
+    PS3.5 A.4.4 does not allow; pydicom's plugin reads it, so ours must give the same pixels."""
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+
+    ds = dcmread(real_cr(name))
+    pixels = ds.pixel_array
+    jp2 = imagecodecs.jpeg2k_encode(pixels, level=0, codecformat="JP2",
+                                    mct=ds.SamplesPerPixel == 3, bitspersample=ds.BitsStored)
+    assert jp2.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n")  # the JP2 signature box
+    ds.PixelData = encapsulate([jp2])
+    reference = pixel_array(ds, decoding_plugin="pylibjpeg")
+    threaded = pixel_array(ds, decoding_plugin=PLUGIN, j2k_threads=2)
+    np.testing.assert_array_equal(reference, pixels)  # lossless: what was encoded
+    assert threaded.dtype == reference.dtype
+    np.testing.assert_array_equal(threaded, reference)
