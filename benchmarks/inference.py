@@ -238,8 +238,9 @@ def main() -> None:
                      if not (emulated and p == "bfloat16")]
         runs = [(validated, False) for validated in settings]
         # Compiled at load (compile_models, workers/compiled.py): both components in the float
-        # precision the runtime picks first on this CPU, and what it picks first of all, int8
-        # members (compiled in any case) beside that detector compiled.
+        # precision the runtime picks first on this CPU, and int8 members (compiled in any case)
+        # beside that detector compiled: what compile_models serves where both are validated,
+        # the first on a CPU with AMX, the second on others (workers/runtime.py).
         best = "bfloat16" if native else "float32"
         runs.append(({"classifier": [best], "detector": [best]}, True))
         runs.append(({"classifier": ["int8"], "detector": [best]}, True))

@@ -63,10 +63,17 @@ def cpu_has_native_bfloat16() -> bool:
     return True
 
 
+def cpu_has_amx() -> bool:
+    """AMX on x86 (Intel Xeon since Sapphire Rapids): matrix units for bfloat16 and int8."""
+    return (platform.machine().lower() in ("x86_64", "amd64")
+            and bool(torch.cpu._is_amx_tile_supported()))
+
+
 def select_precision(requested: str, device: torch.device, bundle: Bundle,
-                     component: str) -> torch.dtype:
+                     component: str, compiled: bool = False) -> torch.dtype:
     """The compute precision of one component ("classifier" or "detector"): a reduced one only
-    where the bundle validated it for that component."""
+    where the bundle validated it for that component. ``compiled``: its float models will be
+    compiled at load (``compile_models``)."""
     validated = getattr(bundle.manifest.validated_precisions, component)
     if requested != "auto":
         if requested not in validated:
@@ -80,7 +87,12 @@ def select_precision(requested: str, device: torch.device, bundle: Bundle,
         return DTYPES[requested]
     # int8 before native bfloat16: the three members at 384 px on a 2-core AMD EPYC with
     # avx512_bf16 took 0.63 s an image in int8, 0.85 s compiled in bfloat16 (int8_members.py).
-    if device.type == "cpu" and "int8" in validated and cpu_serves_int8():
+    # Not where AMX computes bfloat16 and the members are compiled: there the convolutions are
+    # so fast that int8's quantize steps outweigh them (2-core Intel Xeon with AMX, two runs:
+    # 0.46 and 0.51 s in int8, 0.40 and 0.43 s compiled in bfloat16; eager bfloat16 0.75 s).
+    if (device.type == "cpu" and "int8" in validated and cpu_serves_int8()
+            and not (compiled and "bfloat16" in validated and cpu_has_native_bfloat16()
+                     and cpu_has_amx())):
         return torch.qint8
     return best_float_precision(device, bundle, component)
 
@@ -105,8 +117,9 @@ class ModelRuntime:
         ModelRuntime.loads += 1
         self.bundle = bundle
         self.device = device
-        classifier_dtype = select_precision(precision, device, bundle, "classifier")
-        detector_dtype = select_precision(precision, device, bundle, "detector")
+        compiled = compile_models and device.type == "cpu"
+        classifier_dtype = select_precision(precision, device, bundle, "classifier", compiled)
+        detector_dtype = select_precision(precision, device, bundle, "detector", compiled)
         self.normal_min_box_score = normal_min_box_score
         start = time.perf_counter()
         self.detector = Detector(bundle, device, detector_dtype)  # imports ultralytics first
@@ -114,7 +127,7 @@ class ModelRuntime:
             torch.set_num_threads(threads)
         self.classifier = DERNet(bundle, device, classifier_dtype,
                                  best_float_precision(device, bundle, "classifier"))
-        if compile_models and device.type == "cpu":
+        if compiled:
             self.classifier.compile()
             self.detector.compile()
         members = self.classifier.member_dtypes

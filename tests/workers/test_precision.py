@@ -43,6 +43,28 @@ def test_precision_needs_validation(test_bundle: Path, bf16_bundle: Path) -> Non
             select_precision("float16", cpu, validated, component)
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_int8_before_bfloat16_but_compiled_bfloat16_where_the_cpu_has_amx(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, amx: bool) -> None:
+    """Which precision auto picks for a classifier validated in both, on each kind of CPU
+    (benchmarks/int8_members.py measured the order): the CPU's flags are set, g++ is real."""
+    import workers.runtime
+
+    if not workers.runtime.cpu_serves_int8():
+        pytest.skip("int8 needs an x86-64 CPU and g++")
+    monkeypatch.setattr(workers.runtime, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(workers.runtime, "cpu_has_amx", lambda: amx)
+    path = make_test_bundle(tmp_path / "bundle", validated_precisions={
+        "classifier": ["float32", "bfloat16", "int8"], "detector": ["float32", "bfloat16"]})
+    bundle, cpu = load_bundle(path), torch.device("cpu")
+    assert select_precision("auto", cpu, bundle, "classifier") == torch.qint8
+    assert select_precision("auto", cpu, bundle, "classifier", compiled=True) == (
+        torch.bfloat16 if amx else torch.qint8)
+    assert select_precision("int8", cpu, bundle, "classifier", compiled=True) == torch.qint8
+    for compiled in (False, True):  # the detector has no int8
+        assert select_precision("auto", cpu, bundle, "detector", compiled) == torch.bfloat16
+
+
 def test_each_component_gets_only_its_own_validated_precision(tmp_path: Path) -> None:
     from workers.runtime import ModelRuntime
 
