@@ -16,7 +16,8 @@ On a CUDA device `--demo` is the default.
 - Images/s: `ModelRuntime.analyse` (the worker's path: preprocessing, 5 TTA views, DERNet's
   three members at 384 px, YOLO11-l at 640 px and NMS) on 2500x2000 radiographs, random weights,
   batch 1/8/32, in every precision the device serves; then where the largest batch's time goes
-  (classifier, detector) and the CPU's preprocessing apart.
+  (classifier, detector) and the preprocessing apart, where the runtime does it (on a GPU: one
+  copy of each image there, then the resizing there).
 - Decode: 2500x2000 DX files, uncompressed and JPEG 2000 lossless, through `decode_all` with
   SPINENODE_DECODE_WORKERS = the cores, beside one process (which decodes a JPEG 2000 frame on
   a thread per core): what the GPU can be fed.
@@ -45,7 +46,7 @@ from benchmarks.machine import cpu  # noqa: E402
 from tests.support.bundles import make_test_bundle  # noqa: E402
 from training.synthetic import make_radiograph  # noqa: E402
 from workers.bundle import Bundle, load_bundle  # noqa: E402
-from workers.dernet import classifier_input  # noqa: E402
+from workers.dernet import as_float_tensor, classifier_input  # noqa: E402
 from workers.detector import letterbox  # noqa: E402
 from workers.imaging import decode, decode_all, usable_cores  # noqa: E402
 from workers.offline import prepare_offline  # noqa: E402
@@ -125,27 +126,38 @@ def throughput_rows(args: argparse.Namespace, device: torch.device, work: Path,
         del runtime
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows + splits + [preprocessing_row(bundle, images)]
+    return rows + splits + [preprocessing_row(bundle, images, device)]
 
 
 def time_split(runtime: ModelRuntime, precision: str, images: list) -> str:
     """Where one largest batch's time goes: the classifier's and the detector's share of
-    ``analyse`` (each with its own preprocessing on the CPU, `preprocessing_row`)."""
+    ``analyse`` (each with its own preprocessing, `preprocessing_row`)."""
     result = runtime.analyse(images)[0]
     return (f"  {precision:9} at batch {len(images)}: classifier "
             f"{1000 * result.classify_seconds:.1f} ms/image, detector "
             f"{1000 * result.detect_seconds:.1f} ms/image")
 
 
-def preprocessing_row(bundle: Bundle, images: list) -> str:
-    """The CPU's part of each image, apart (2500x2000 -> each model's input): what a GPU waits
-    for if it is faster than this."""
+def preprocessing_row(bundle: Bundle, images: list, device: torch.device) -> str:
+    """Each image's way to the models' inputs (2500x2000 -> each model's input), apart, where
+    ``ModelRuntime.analyse`` does it: on a GPU one copy there, then the resizing there."""
     spec = bundle.manifest
-    classifier = median_seconds(lambda: [classifier_input(i, spec.classifier) for i in images], 2)
-    detector = median_seconds(lambda: [letterbox(i, spec.detector.image_size) for i in images], 2)
-    return (f"  preprocessing on the CPU ({torch.get_num_threads()} torch threads): classifier "
-            f"input {1000 * classifier / len(images):.1f} ms/image, detector letterbox "
-            f"{1000 * detector / len(images):.1f} ms/image")
+
+    def timed(work) -> float:  # noqa: ANN001
+        def finished() -> None:
+            work()
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the GPU's work is queued: wait until it is done
+        return median_seconds(finished, 2) / len(images)
+
+    def copies() -> list[torch.Tensor]:
+        return [as_float_tensor(image).to(device) for image in images]
+    copy, tensors = timed(copies), copies()
+    classifier = timed(lambda: [classifier_input(t, spec.classifier) for t in tensors])
+    detector = timed(lambda: [letterbox(t, spec.detector.image_size) for t in tensors])
+    return (f"  preprocessing on {device.type} ({torch.get_num_threads()} torch threads): copy "
+            f"there {1000 * copy:.1f} ms/image, classifier input {1000 * classifier:.1f} "
+            f"ms/image, detector letterbox {1000 * detector:.1f} ms/image")
 
 
 def decode_rows(args: argparse.Namespace, radiographs: list[Path], work: Path) -> list[str]:

@@ -25,39 +25,48 @@ T = TypeVar("T")
 
 
 def classifier_input(pixels: np.ndarray | torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:
-    """[0, 1] grey image (H, W) -> normalised (3, S, S) tensor, S = the bundle's input size.
+    """[0, 1] grey image (H, W) -> normalised (3, S, S) tensor, S = the bundle's input size, on
+    the image's device (a tensor's; the CPU for an array).
 
     The one preprocessing for the classifiers: through the training cache's view
     (``cached_view``) where the bundle names its size, then ``resize_and_normalise``, which
     training applies to its cached images too.
     """
     if spec.source_size is not None:
-        pixels = cached_view(np.asarray(pixels, dtype=np.float32), spec.source_size)
+        pixels = cached_view(pixels, spec.source_size)
     return resize_and_normalise(pixels, spec.input_size, spec.mean, spec.std)
 
 
-def cached_view(pixels: np.ndarray, long_side: int) -> np.ndarray:
+def as_float_tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """float32 on the tensor's device, or a CPU tensor over the array (no copy where it is
+    float32 and contiguous)."""
+    if isinstance(pixels, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    return pixels.float()
+
+
+def cached_view(pixels: np.ndarray | torch.Tensor, long_side: int) -> np.ndarray | torch.Tensor:
     """The image as training's cache holds it: at most LONG_SIDE pixels on its longer side
-    (antialiased bilinear) and stored as float16 (the cache's half-size files)."""
-    scale = long_side / max(pixels.shape)
+    (antialiased bilinear) and stored as float16 (the cache's half-size files). An array for
+    an array (what the cache stores), a tensor on its device for a tensor."""
+    image = as_float_tensor(pixels)
+    scale = long_side / max(image.shape)
     if scale < 1:
-        size = (max(1, round(pixels.shape[0] * scale)), max(1, round(pixels.shape[1] * scale)))
-        pixels = F.interpolate(torch.from_numpy(np.ascontiguousarray(pixels))[None, None],
-                               size=size, mode="bilinear", antialias=True,
-                               align_corners=False)[0, 0].numpy()
-    return pixels.astype(np.float16)
+        size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
+        image = F.interpolate(image[None, None], size=size, mode="bilinear", antialias=True,
+                              align_corners=False)[0, 0]
+    view = image.to(torch.float16)
+    return view.numpy() if isinstance(pixels, np.ndarray) else view
 
 
 def resize_and_normalise(pixels: np.ndarray | torch.Tensor, size: int,
                          mean: tuple[float, float, float],
                          std: tuple[float, float, float]) -> torch.Tensor:
-    if isinstance(pixels, np.ndarray):
-        pixels = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-    image = pixels.float().reshape(1, 1, *pixels.shape[-2:])
+    image = as_float_tensor(pixels).reshape(1, 1, *pixels.shape[-2:])
     image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True,
                           align_corners=False)[0]
     image = image.clamp(0, 1).expand(3, size, size)
-    return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return (image - image.new_tensor(mean).view(3, 1, 1)) / image.new_tensor(std).view(3, 1, 1)
 
 
 def _zoom(batch: torch.Tensor, factor: float) -> torch.Tensor:
@@ -187,10 +196,10 @@ class DERNet:
                 probabilities[name] = torch.sigmoid(logits.float().view(-1, count)).cpu()
         return probabilities
 
-    def inputs(self, images: list[np.ndarray]) -> torch.Tensor:
+    def inputs(self, images: list[np.ndarray] | list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([classifier_input(image, self.spec) for image in images])
 
-    def classify(self, images: list[np.ndarray]) -> list[Classification]:
+    def classify(self, images: list[np.ndarray] | list[torch.Tensor]) -> list[Classification]:
         per_view = self.view_probabilities(self.inputs(images))
         per_member = {name: views.mean(dim=1) for name, views in per_view.items()}
         weights = {name: weight for name, weight, _ in self.members}

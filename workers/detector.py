@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from dicom_node.analysis import FindingBox
 from workers.bundle import PRECISION_TOLERANCE, Bundle, BundleError, DetectorSpec
 from workers.compiled import compiled_or_eager
-from workers.dernet import autocast
+from workers.dernet import as_float_tensor, autocast
 from workers.offline import ultralytics_modules
 
 # Ultralytics pads with grey 114 of 255; the weights were trained on such borders.
@@ -53,16 +53,17 @@ class Letterbox:
         return out
 
 
-def letterbox(pixels: np.ndarray, size: int) -> tuple[torch.Tensor, Letterbox]:
-    """[0, 1] grey (H, W) -> (3, size, size) with the image scaled to fit and centred."""
+def letterbox(pixels: np.ndarray | torch.Tensor, size: int) -> tuple[torch.Tensor, Letterbox]:
+    """[0, 1] grey (H, W) -> (3, size, size) with the image scaled to fit and centred, on the
+    image's device (a tensor's; the CPU for an array)."""
     height, width = pixels.shape
     scale = min(size / height, size / width)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
-    image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
+    image = as_float_tensor(pixels)[None, None]
     resized = F.interpolate(image, size=(new_h, new_w), mode="bilinear", antialias=True,
                             align_corners=False)[0, 0]
-    canvas = torch.full((size, size), PAD_VALUE, dtype=torch.float32)
+    canvas = torch.full((size, size), PAD_VALUE, dtype=torch.float32, device=image.device)
     canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resized.clamp(0, 1)
     # Per axis, after rounding the resized size: the exact inverse of what was done.
     geometry = Letterbox(scale_x=new_w / width, scale_y=new_h / height, pad_x=pad_x,
@@ -174,7 +175,7 @@ class Detector:
         return (raw[0] if isinstance(raw, (list, tuple)) else raw).float()
 
     @torch.inference_mode()
-    def detect(self, images: list[np.ndarray],
+    def detect(self, images: list[np.ndarray] | list[torch.Tensor],
                confidence: float | None = None) -> list[list[FindingBox]]:
         """Boxes per image; ``confidence`` overrides the bundle's (an evaluation's mAP wants
         the whole precision-recall curve)."""

@@ -90,6 +90,25 @@ def test_known_letterbox_numbers() -> None:
     np.testing.assert_allclose(boxes, [[0, 0, 500, 1000], [0, 0, 0, 15.625]])  # clipped
 
 
+@pytest.mark.parametrize("source_size", [None, 256])
+def test_a_tensor_is_preprocessed_as_its_array_is(test_bundle: Path,
+                                                  source_size: int | None) -> None:
+    """A GPU worker hands the models its images as tensors on the GPU (ModelRuntime.analyse)
+    and they are resized there; on the CPU the same functions must give what an array gives,
+    bit for bit, through the training cache's float16 view too (tests/workers/test_cuda.py
+    compares the GPU's)."""
+    spec = load_bundle(test_bundle).manifest.classifier.model_copy(
+        update={"source_size": source_size})
+    image = np.random.default_rng(3).random((700, 520), dtype=np.float32)
+    tensor = torch.from_numpy(image.copy())
+    from_array, from_tensor = classifier_input(image, spec), classifier_input(tensor, spec)
+    assert from_tensor.dtype == from_array.dtype == torch.float32
+    assert torch.equal(from_tensor, from_array)
+    (canvas, geometry), (tensor_canvas, tensor_geometry) = (letterbox(image, 160),
+                                                            letterbox(tensor, 160))
+    assert torch.equal(tensor_canvas, canvas) and tensor_geometry == geometry
+
+
 def _stored_instance(tmp_path: Path, settings) -> int:
     path = make_radiograph(tmp_path / "in" / "a.dcm", rows=300, columns=240)
     incoming = settings.incoming_dir / "a.dcm"
