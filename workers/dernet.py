@@ -46,9 +46,9 @@ def as_float_tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def cached_view(pixels: np.ndarray | torch.Tensor, long_side: int) -> np.ndarray | torch.Tensor:
-    """The image as training's cache holds it: at most LONG_SIDE pixels on its longer side
-    (antialiased bilinear) and stored as float16 (the cache's half-size files). An array for
-    an array (what the cache stores), a tensor on its device for a tensor."""
+    """The [0, 1] image as training's cache holds it: at most LONG_SIDE pixels on its longer
+    side (antialiased bilinear, in float32) and stored as float16 (the cache's half-size files).
+    An array for an array (what the cache stores), a tensor on its device for a tensor."""
     image = as_float_tensor(pixels)
     scale = long_side / max(image.shape)
     if scale < 1:

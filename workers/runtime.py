@@ -90,6 +90,7 @@ def select_precision(requested: str, device: torch.device, bundle: Bundle,
     # Not where AMX computes bfloat16 and the members are compiled: there the convolutions are
     # so fast that int8's quantize steps outweigh them (2-core Intel Xeon with AMX, two runs:
     # 0.46 and 0.51 s in int8, 0.40 and 0.43 s compiled in bfloat16; eager bfloat16 0.75 s).
+    # A member whose compiled graph fails its check runs eager (workers/compiled.py logs it).
     if (device.type == "cpu" and "int8" in validated and cpu_serves_int8()
             and not (compiled and "bfloat16" in validated and cpu_has_native_bfloat16()
                      and cpu_has_amx())):
@@ -106,6 +107,17 @@ def best_float_precision(device: torch.device, bundle: Bundle, component: str) -
     if device.type == "cpu" and "bfloat16" in validated and cpu_has_native_bfloat16():
         return torch.bfloat16
     return torch.float32
+
+
+def on_device(images: list[np.ndarray] | list[torch.Tensor],
+              device: torch.device) -> list[np.ndarray] | list[torch.Tensor]:
+    """The decoded images where the models preprocess them: on a GPU each copied there once for
+    both models, then resized there (on an H200 the CPU's resizing, 2500 x 2000 to each model's
+    input on 16 threads, took 3.2 ms of float16's 9.7 ms an image at batch 32, benchmarks/gpu.sh,
+    with the GPU idle meanwhile); on the CPU as they are."""
+    if device.type == "cpu":
+        return images
+    return [as_float_tensor(image).to(device) for image in images]
 
 
 class ModelRuntime:
@@ -153,11 +165,7 @@ class ModelRuntime:
                 confidence: float | None = None) -> list[AnalysisResult]:
         """``confidence``: the detector's score cut-off, if not the bundle's."""
         start = time.perf_counter()
-        if self.device.type != "cpu":
-            # Copied once for both models, then resized on the device: on an H200 the CPU's
-            # resizing (2500 x 2000 to each model's input, 16 threads) took 3.2 ms of float16's
-            # 9.7 ms an image at batch 32 (benchmarks/gpu.sh), with the GPU idle meanwhile.
-            images = [as_float_tensor(image).to(self.device) for image in images]
+        images = on_device(images, self.device)  # counted in classify_seconds
         classifications = self.classifier.classify(images)
         classified = time.perf_counter()
         detections = self.detector.detect(images, confidence)

@@ -64,3 +64,4 @@ def test_jp2_wrapped_frames_decode_as_pydicoms_plugin(name: str) -> None:
     np.testing.assert_array_equal(reference, pixels)  # lossless: what was encoded
     assert threaded.dtype == reference.dtype
     np.testing.assert_array_equal(threaded, reference)
+    np.testing.assert_array_equal(ds.pixel_array, reference)  # as the workers read it

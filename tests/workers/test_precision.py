@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.support.bundles import make_test_bundle
-from workers.bundle import load_bundle
+from workers.bundle import BundleError, load_bundle
 from workers.dernet import DERNet, autocast
 from workers.detector import Detector, letterbox
 from workers.runtime import cpu_has_native_bfloat16, select_precision
@@ -63,6 +63,18 @@ def test_int8_before_bfloat16_but_compiled_bfloat16_where_the_cpu_has_amx(
     assert select_precision("int8", cpu, bundle, "classifier", compiled=True) == torch.qint8
     for compiled in (False, True):  # the detector has no int8
         assert select_precision("auto", cpu, bundle, "detector", compiled) == torch.bfloat16
+    if amx:  # the runtime asks with compile_models: bfloat16 members, then compiled
+        from workers.dernet import DERNet
+        from workers.detector import Detector
+        from workers.runtime import ModelRuntime
+
+        compiled_parts = []  # compiling itself is tested in test_compiled.py, and slow
+        monkeypatch.setattr(DERNet, "compile", lambda self: compiled_parts.append("classifier"))
+        monkeypatch.setattr(Detector, "compile", lambda self: compiled_parts.append("detector"))
+        runtime = ModelRuntime(bundle, cpu, 0, None, compile_models=True)
+        assert runtime.precision == "bfloat16" and compiled_parts == ["classifier", "detector"]
+        with pytest.raises(BundleError, match="no int8 calibration"):  # int8 without compiling
+            ModelRuntime(bundle, cpu, 0, None)
 
 
 def test_each_component_gets_only_its_own_validated_precision(tmp_path: Path) -> None:

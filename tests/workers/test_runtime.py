@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from pydicom import dcmread
 from sqlalchemy import func, select
 
@@ -23,7 +24,7 @@ from dicom_node.intake import Intake
 from tests.support.node import instances, storescu, wait_for, wait_until_settled
 from training.synthetic import make_radiograph
 from workers.bundle import load_bundle
-from workers.dernet import DERNet, build_member, classifier_input
+from workers.dernet import DERNet, build_member, cached_view, classifier_input
 from workers.detector import Letterbox, _yolo11, class_branch_width, letterbox
 from workers.offline import prepare_offline, ultralytics_modules
 from workers.pipeline import Pipeline
@@ -104,6 +105,17 @@ def test_a_tensor_is_preprocessed_as_its_array_is(test_bundle: Path,
     from_array, from_tensor = classifier_input(image, spec), classifier_input(tensor, spec)
     assert from_tensor.dtype == from_array.dtype == torch.float32
     assert torch.equal(from_tensor, from_array)
+    if source_size is not None:
+        # The cache's view as training stores it (training/prepare.py): a float16 array, the
+        # image resized in float32 and rounded once; a tensor's the same values.
+        view = cached_view(image, source_size)
+        resized = F.interpolate(torch.from_numpy(image)[None, None], size=(256, 190),
+                                mode="bilinear", antialias=True, align_corners=False)[0, 0]
+        assert isinstance(view, np.ndarray) and view.dtype == np.float16
+        np.testing.assert_array_equal(view, resized.numpy().astype(np.float16))
+        tensor_view = cached_view(tensor, source_size)
+        assert tensor_view.dtype == torch.float16
+        np.testing.assert_array_equal(tensor_view.numpy(), view)
     (canvas, geometry), (tensor_canvas, tensor_geometry) = (letterbox(image, 160),
                                                             letterbox(tensor, 160))
     assert torch.equal(tensor_canvas, canvas) and tensor_geometry == geometry
