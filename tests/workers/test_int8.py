@@ -189,16 +189,22 @@ def test_converting_leaves_out_only_a_step_that_changes_nothing() -> None:
 
 
 def test_efficientnet_takes_the_int8_quantizer() -> None:
-    # The architecture the int8 bundle leaves out: exported, calibrated on one image's views
-    # and converted as a worker converts it; its quantized graph runs (emulated, uncompiled).
+    # The architecture the int8 bundle leaves out: calibrated on one image's views as export
+    # calibrates, its statistics loaded into a graph of its own and converted as a worker
+    # does (quantized_member, less compiling); the quantized graph runs, emulated.
     torch.manual_seed(0)
     model = build_member("tf_efficientnetv2_s").eval()
-    prepared = prepare_member(model, "tf_efficientnetv2_s", 64)
+    calibrated = prepare_member(model, "tf_efficientnetv2_s", 64)
     views = tta_views(torch.rand(1, 3, 64, 64), list(TTA_NAMES))
     with torch.inference_mode():
-        prepared(views)
-    assert observer_statistics(prepared)
-    converted = convert_member(prepared)
+        calibrated(views)
+    statistics = observer_statistics(calibrated)
+    assert statistics
+    served = prepare_member(model, "tf_efficientnetv2_s", 64)
+    loaded = served.load_state_dict(statistics, strict=False)
+    assert not loaded.unexpected_keys
+    assert not [key for key in loaded.missing_keys if "activation_post_process" in key]
+    converted = convert_member(served)
     operations = {str(node.target) for node in converted.graph.nodes}
     assert "quantized_decomposed.quantize_per_tensor.default" in operations
     with torch.inference_mode():
