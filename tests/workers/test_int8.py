@@ -35,6 +35,7 @@ from workers.bundle import (
 from workers.compiled import FixedBatch
 from workers.dernet import DERNet, build_member, tta_views
 from workers.int8 import (
+    calibrated_member,
     convert_member,
     cpu_serves_int8,
     observer_statistics,
@@ -200,11 +201,7 @@ def test_efficientnet_takes_the_int8_quantizer() -> None:
         calibrated(views)
     statistics = observer_statistics(calibrated)
     assert statistics
-    served = prepare_member(model, "tf_efficientnetv2_s", 64)
-    loaded = served.load_state_dict(statistics, strict=False)
-    assert not loaded.unexpected_keys
-    assert not [key for key in loaded.missing_keys if "activation_post_process" in key]
-    converted = convert_member(served)
+    converted = calibrated_member(model, "tf_efficientnetv2_s", 64, statistics)
     operations = {str(node.target) for node in converted.graph.nodes}
     assert "quantized_decomposed.quantize_per_tensor.default" in operations
     with torch.inference_mode():
@@ -217,7 +214,7 @@ no_network.block()  # before torchao is imported: nothing of int8 reaches outsid
 import sys, torch
 from workers.bundle import load_bundle
 from workers.compiled import FixedBatch
-from workers.dernet import DERNet, build_member, tta_views
+from workers.dernet import DERNet
 from workers.int8 import cpu_serves_int8
 from workers.runtime import select_precision
 
