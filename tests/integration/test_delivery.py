@@ -15,6 +15,7 @@ from pynetdicom.sop_class import SecondaryCaptureImageStorage
 
 from tests.support.node import (
     SPINENODE,
+    deliveries,
     free_port,
     instances,
     storescu,
@@ -37,12 +38,7 @@ def _storescp(folder: Path, port: int) -> subprocess.Popen:
 
 
 def _deliveries(node) -> list[dict]:  # noqa: ANN001
-    env = {**os.environ, "SPINENODE_DATA_DIR": str(node.data_dir),
-           "SPINENODE_DATABASE_URL": node.database_url}
-    result = subprocess.run([*SPINENODE, "deliveries", "--json"], env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return deliveries(node.database_url)
 
 
 def _node_env(test_bundle: Path, destination: str) -> dict[str, str]:
@@ -63,6 +59,13 @@ def test_results_arrive_in_the_same_study(tmp_path: Path, sqlite_url: str, test_
                  what="three deliveries")
     finally:
         pacs.terminate()
+    # What an admin lists is what the tests poll.
+    env = {**os.environ, "SPINENODE_DATA_DIR": str(node.data_dir),
+           "SPINENODE_DATABASE_URL": node.database_url}
+    listed = subprocess.run([*SPINENODE, "deliveries", "--json"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == _deliveries(node)
     received = [dcmread(path) for path in (tmp_path / "pacs").iterdir()]
     study = dcmread(source, stop_before_pixels=True).StudyInstanceUID
     assert sorted(ds.Modality for ds in received) == ["OT", "PR", "SR"]

@@ -4,29 +4,21 @@ the credentials from a secrets folder."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 from pydicom import dcmread
 
 from dicom_node.config import Destination
 from dicom_node.outbox import stow_file
-from tests.support.node import SPINENODE, free_port, storescu, wait_for
+from tests.support.node import deliveries, free_port, storescu, wait_for
 from tests.support.orthanc import Orthanc
 from training.synthetic import make_radiograph
 
 
 def _deliveries(node) -> dict[str, list[dict]]:  # noqa: ANN001
     """Destination -> its deliveries, as `spinenode deliveries --json` lists them."""
-    env = {**os.environ, "SPINENODE_DATA_DIR": str(node.data_dir),
-           "SPINENODE_DATABASE_URL": node.database_url}
-    result = subprocess.run([*SPINENODE, "deliveries", "--json"], env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
     found: dict[str, list[dict]] = {}
-    for row in json.loads(result.stdout):
+    for row in deliveries(node.database_url):
         found.setdefault(row["destination"].split("#")[0], []).append(row)
     return found
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from tests.support.fault_peers import Pacs
-from tests.support.node import SPINENODE, NodeProcess, storescu, wait_for
+from tests.support.node import SPINENODE, NodeProcess, shown, storescu, wait_for
 from training.synthetic import make_radiograph
 
 
@@ -43,18 +43,21 @@ def test_retention_purges_finished_pixel_data_and_delivered_overlays(
             return json.loads(_cli(node, "show", str(dcmread(source).SOPInstanceUID),
                                    "--json").stdout)
 
-        def delivered() -> dict | None:
-            shown = show()
-            analysis = shown["instances"][0]["analysis"]
+        def delivered() -> bool:
+            found = shown(node.database_url, str(dcmread(source).SOPInstanceUID))
+            if found is None:
+                return False
+            analysis = found["instances"][0]["analysis"]
             objects = (analysis["objects"] if analysis else []) + [
-                o for r in shown["reports"] for o in r["objects"]]
-            return shown if len(objects) == 2 and all(
-                d["status"] == "delivered" for o in objects for d in o["deliveries"]) else None
-        shown = wait_for(delivered, 120, interval=1, what="analysed, reported and delivered")
-        overlay = next(o for o in shown["instances"][0]["analysis"]["objects"]
+                o for r in found["reports"] for o in r["objects"]]
+            return len(objects) == 2 and all(
+                d["status"] == "delivered" for o in objects for d in o["deliveries"])
+        wait_for(delivered, 120, interval=1, what="analysed, reported and delivered")
+        study = show()
+        overlay = next(o for o in study["instances"][0]["analysis"]["objects"]
                        if o["kind"] == "sc")
         overlay_path = node.data_dir / "outputs" / f"{overlay['sop_instance_uid']}.dcm"
-        (report,) = shown["reports"]
+        (report,) = study["reports"]
         sr_path = node.data_dir / "outputs" / f"{report['objects'][0]['sop_instance_uid']}.dcm"
         assert sr_path.exists() and "ContentSequence" in dcmread(sr_path)
         spool_files = [p for p in (node.data_dir / "spool").rglob("*.dcm")

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from tests.support.bundles import make_test_bundle
-from tests.support.node import SPINENODE, free_port, storescu, wait_for
+from tests.support.node import SPINENODE, free_port, shown, storescu, wait_for
 from training.synthetic import make_radiograph
 
 
@@ -39,10 +39,11 @@ def test_show_a_study_by_accession_and_export_its_results(tmp_path: Path, postgr
     assert storescu(node.port, [path]).returncode == 0
 
     def reported() -> dict | None:
-        found = json.loads(_cli(node, "show", "--accession", "ACC-4711", "--json").stdout)
-        return found if found["reports"] else None
+        found = shown(node.database_url, accession="ACC-4711")
+        return found if found and found["reports"] else None
 
-    study = wait_for(reported, 120, interval=1, what="the study analysed and reported")
+    wait_for(reported, 120, interval=1, what="the study analysed and reported")
+    study = json.loads(_cli(node, "show", "--accession", "ACC-4711", "--json").stdout)
     assert study["study_uid"] == str(ds.StudyInstanceUID) and study["patient_id"] == "TEST-0001"
     (report,) = study["reports"]
     assert (report["version"], report["label"], report["finding_count"]) == (1, "abnormal", 4)

@@ -18,9 +18,12 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
+from dicom_node.admin import show
 from dicom_node.cli.common import free_port
+from dicom_node.db import migrate
 from dicom_node.db.models import Instance
 from dicom_node.db.session import session_factory
+from dicom_node.outbox import list_deliveries
 
 POSTGRES_ADMIN_URL = os.environ.get("SPINENODE_TEST_POSTGRES",
                                     "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -87,9 +90,10 @@ class NodeProcess:
 
     def start(self) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # As the compose file's one-shot migration does before the node starts.
-        subprocess.run([*SPINENODE, "db", "upgrade"], env=self.env, check=True,
-                       capture_output=True)
+        # As the compose file's one-shot migration does before the node starts; in this
+        # process: a `spinenode db upgrade` process cost 1.6 CPU-s, at some 60 node starts a
+        # run (the command itself is tested in test_startup_checks and test_bundle).
+        migrate.upgrade(self.env["SPINENODE_DATABASE_URL"])
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [*SPINENODE, self.command, *self.args], env=self.env, stdout=log,
@@ -147,6 +151,18 @@ def storescu(port: int, files: list[Path], *options: str,
          *map(str, files)],
         capture_output=True, text=True, timeout=120,
     )
+
+
+def deliveries(database_url: str) -> list[dict]:
+    """The node's deliveries as `spinenode deliveries --json` lists them (newest first), read in
+    this process: tests poll them, and a process for the command cost 2 CPU-s a poll."""
+    return list_deliveries(session_factory(database_url))
+
+
+def shown(database_url: str, uid: str | None = None,
+          accession: str | None = None) -> dict | None:
+    """A study as `spinenode show --json` prints it, read in this process (as ``deliveries``)."""
+    return show(session_factory(database_url), uid=uid, accession=accession)
 
 
 def instances(database_url: str) -> list[Instance]:
