@@ -60,9 +60,7 @@ def test_results_arrive_in_the_same_study(tmp_path: Path, sqlite_url: str, test_
     finally:
         pacs.terminate()
     # What an admin lists is what the tests poll.
-    env = {**os.environ, "SPINENODE_DATA_DIR": str(node.data_dir),
-           "SPINENODE_DATABASE_URL": node.database_url}
-    listed = subprocess.run([*SPINENODE, "deliveries", "--json"], env=env,
+    listed = subprocess.run([*SPINENODE, "deliveries", "--json"], env=node.env,
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout) == _deliveries(node)

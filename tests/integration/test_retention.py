@@ -39,12 +39,13 @@ def test_retention_purges_finished_pixel_data_and_delivered_overlays(
         source = make_radiograph(tmp_path / "a.dcm")
         assert storescu(node.port, [source]).returncode == 0
 
+        uid = str(dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+
         def show() -> dict:
-            return json.loads(_cli(node, "show", str(dcmread(source).SOPInstanceUID),
-                                   "--json").stdout)
+            return json.loads(_cli(node, "show", uid, "--json").stdout)
 
         def delivered() -> bool:
-            found = shown(node.database_url, str(dcmread(source).SOPInstanceUID))
+            found = shown(node.database_url, uid)
             if found is None:
                 return False
             analysis = found["instances"][0]["analysis"]
