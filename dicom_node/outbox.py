@@ -288,6 +288,11 @@ def stow_file(path: Path, destination: Destination, secrets_dir: Path | None,
         headers["Authorization"] = credentials
     ds = dcmread(path)
     client = DICOMwebClient(destination.url, headers=headers, timeout=timeout)
+    # dicomweb-client tries each request 5 times over 30 s, on any exception and on 408, 429,
+    # 503 and 504, inside the task: a worker (the analysis worker, on the embedded default)
+    # sat 30 s on a server that was down, and then the outbox's backoff came on top. One try
+    # a task; the outbox decides when the next is.
+    client.set_http_retry_params(retry=False)
     try:
         response = client.store_instances([ds])
     except requests.HTTPError as error:
