@@ -92,7 +92,8 @@ def deliver(settings: Settings, sessions: sessionmaker[Session],
     path, destination, attempts = claimed
     with renewed(lambda: _renew_lease(sessions, delivery_id, lease), lease):
         try:
-            result = (stow_file(path, destination, settings.dicomweb_secrets_dir)
+            result = (stow_file(path, destination, settings.dicomweb_secrets_dir,
+                                Timeouts.of(settings))
                       if destination.url else
                       send_file(path, destination, settings.ae_title, settings.max_pdu,
                                 Timeouts.of(settings),
@@ -276,9 +277,10 @@ _TRANSIENT_HTTP = {408, 409, 429}
 
 
 def stow_file(path: Path, destination: Destination, secrets_dir: Path | None,
-              timeout: float = 60) -> SendResult:
+              timeouts: Timeouts = Timeouts()) -> SendResult:  # noqa: B008
     """STOW-RS one of our objects to a DICOMweb server (with the credentials in its secrets
-    file, if one is there)."""
+    file, if one is there). As for a DICOM peer, the connection waits ``timeouts.acse`` and
+    the answer ``timeouts.dimse``."""
     import requests
     from dicomweb_client.api import DICOMwebClient
 
@@ -287,7 +289,8 @@ def stow_file(path: Path, destination: Destination, secrets_dir: Path | None,
     if credentials:
         headers["Authorization"] = credentials
     ds = dcmread(path)
-    client = DICOMwebClient(destination.url, headers=headers, timeout=timeout)
+    client = DICOMwebClient(destination.url, headers=headers,
+                            timeout=(timeouts.acse, timeouts.dimse))
     # dicomweb-client tries each request 5 times over 30 s, on any exception and on 408, 429,
     # 503 and 504, inside the task: a worker (the analysis worker, on the embedded default)
     # sat 30 s on a server that was down, and then the outbox's backoff came on top. One try

@@ -1,17 +1,20 @@
 """The sender waits for a PACS only as long as the timeout settings say: a peer that takes the
 association and then does not answer the C-STORE costs the DIMSE timeout, not the default
-minute (and with a longer timeout the same peer's answer is taken)."""
+minute (and with a longer timeout the same peer's answer is taken). A DICOMweb server that
+takes the request and does not answer costs the same."""
 
 from __future__ import annotations
 
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from pynetdicom import AE, StoragePresentationContexts, evt
 
 from dicom_node.cli.common import free_port
 from dicom_node.config import Destination
-from dicom_node.outbox import Timeouts, send_file
+from dicom_node.outbox import Timeouts, send_file, stow_file
 from training.synthetic import make_radiograph
 
 ANSWERS_AFTER = 3.0  # seconds the peer takes to answer each C-STORE
@@ -43,3 +46,36 @@ def test_a_silent_peer_costs_the_dimse_timeout(tmp_path: Path) -> None:
         assert patient.delivered, patient.reason
     finally:
         server.shutdown()
+
+
+def test_a_silent_dicomweb_server_costs_the_dimse_timeout(tmp_path: Path) -> None:
+    image = make_radiograph(tmp_path / "dx.dcm", rows=64, columns=48)
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            time.sleep(ANSWERS_AFTER)
+            self.send_response(503)  # busy: what matters is that the answer was waited for
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+    try:
+        began = time.monotonic()
+        impatient = stow_file(image, Destination.parse(url), None,
+                              Timeouts(acse=5, dimse=1, network=5))
+        waited = time.monotonic() - began
+        assert not impatient.delivered and not impatient.permanent  # tried again later
+        assert impatient.reason == f"no answer from {url} (ReadTimeout)"
+        assert 0.9 < waited < ANSWERS_AFTER
+        patient = stow_file(image, Destination.parse(url), None,
+                            Timeouts(acse=5, dimse=ANSWERS_AFTER + 5, network=30))
+        assert patient.reason == f"{url} answered HTTP 503"
+    finally:
+        server.shutdown()
+        server.server_close()

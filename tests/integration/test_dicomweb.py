@@ -11,7 +11,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from dicom_node.config import Destination
-from dicom_node.outbox import stow_file
+from dicom_node.outbox import Timeouts, stow_file
 from tests.support.node import deliveries, free_port, storescu, wait_for
 from tests.support.orthanc import Orthanc
 from training.synthetic import make_radiograph
@@ -69,7 +69,7 @@ def test_results_go_by_stow_rs_with_the_credentials_from_the_secrets_folder(
 def test_a_dicomweb_server_that_does_not_answer_is_tried_again(tmp_path: Path) -> None:
     path = make_radiograph(tmp_path / "spine.dcm")
     result = stow_file(path, Destination.parse(f"http://127.0.0.1:{free_port()}/dicom-web"),
-                       secrets_dir=None, timeout=5)
+                       secrets_dir=None, timeouts=Timeouts(5, 5, 5))
     assert not result.delivered and not result.permanent
     assert result.reason.startswith("no answer from http://127.0.0.1:")
 
@@ -95,7 +95,7 @@ def test_a_busy_dicomweb_server_is_asked_once_a_task(tmp_path: Path) -> None:
     try:
         url = f"http://127.0.0.1:{server.server_port}/dicom-web"
         result = stow_file(make_radiograph(tmp_path / "spine.dcm"), Destination.parse(url),
-                           secrets_dir=None, timeout=5)
+                           secrets_dir=None, timeouts=Timeouts(5, 5, 5))
     finally:
         server.shutdown()
         server.server_close()
