@@ -207,8 +207,9 @@ def _refused(destination: Destination, sop_class, syntax, result: int | None) ->
 
 @dataclass(frozen=True)
 class Timeouts:
-    """How long the sender waits, in seconds: for the association's answer (ACSE), for the
-    C-STORE response (DIMSE), and on a silent connection (network). The SCP's settings."""
+    """How long the sender waits, in seconds: for the connection and the association's answer
+    (ACSE), for the C-STORE response (DIMSE), and on a silent connection (network). The SCP's
+    settings."""
 
     acse: float = 30.0
     dimse: float = 30.0
@@ -230,6 +231,9 @@ def send_file(path: Path, destination: Destination, calling_ae: str, max_pdu: in
     ae.maximum_pdu_size = max_pdu
     ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = (timeouts.acse, timeouts.dimse,
                                                              timeouts.network)
+    # pynetdicom's connect waits as long as the kernel does: over 2 minutes for a firewall
+    # that drops the connection, with the worker held all that time.
+    ae.connection_timeout = timeouts.acse
     # This object's SOP class in its own transfer syntax and, where that is compressed, in
     # Explicit VR Little Endian: a PACS that takes no JPEG still gets the object, decompressed.
     ae.add_requested_context(sop_class, syntax)

@@ -1,10 +1,12 @@
 """The sender waits for a PACS only as long as the timeout settings say: a peer that takes the
 association and then does not answer the C-STORE costs the DIMSE timeout, not the default
 minute (and with a longer timeout the same peer's answer is taken). A DICOMweb server that
-takes the request and does not answer costs the same."""
+takes the request and does not answer costs the same, and a peer that does not take the
+connection at all (a firewall that drops it) costs the ACSE timeout."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -79,3 +81,31 @@ def test_a_silent_dicomweb_server_costs_the_dimse_timeout(tmp_path: Path) -> Non
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_peer_that_does_not_take_the_connection_costs_the_acse_timeout(tmp_path: Path) -> None:
+    # A listening socket whose backlog is full drops new connections, as a firewall does: the
+    # kernel would retry for over 2 minutes.
+    image = make_radiograph(tmp_path / "dx.dcm", rows=64, columns=48)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port))  # fills the backlog
+    timeouts = Timeouts(acse=1, dimse=30, network=60)
+    try:
+        destination = Destination(ae_title="PACS", host="127.0.0.1", port=port)
+        began = time.monotonic()
+        result = send_file(image, destination, "SPINENODE", 16384, timeouts)
+        assert time.monotonic() - began < 10
+        assert not result.delivered and not result.permanent
+        assert result.reason == f"no association with {destination.address} (peer down or " \
+                                "unreachable)"
+        url = f"http://127.0.0.1:{port}/dicom-web"
+        began = time.monotonic()
+        result = stow_file(image, Destination.parse(url), None, timeouts)
+        assert time.monotonic() - began < 10
+        assert result.reason == f"no answer from {url} (ConnectTimeout)"
+    finally:
+        queued.close()
+        listener.close()
