@@ -221,19 +221,25 @@ class Timeouts:
                    settings.network_timeout_seconds)
 
 
+def requesting_ae(calling_ae: str, timeouts: Timeouts) -> AE:
+    """An AE that asks a peer for associations, waiting only as long as ``timeouts`` say."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = (timeouts.acse, timeouts.dimse,
+                                                             timeouts.network)
+    # pynetdicom's connect waits as long as the kernel does: over 2 minutes for a firewall
+    # that drops the connection, with the worker (or the health check) held all that time.
+    ae.connection_timeout = timeouts.acse
+    return ae
+
+
 def send_file(path: Path, destination: Destination, calling_ae: str, max_pdu: int,
               timeouts: Timeouts = Timeouts(), tls: ssl.SSLContext | None = None  # noqa: B008
               ) -> SendResult:
     ds = dcmread(path)
     sop_class = ds.SOPClassUID
     syntax = ds.file_meta.TransferSyntaxUID
-    ae = AE(ae_title=calling_ae)
+    ae = requesting_ae(calling_ae, timeouts)
     ae.maximum_pdu_size = max_pdu
-    ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = (timeouts.acse, timeouts.dimse,
-                                                             timeouts.network)
-    # pynetdicom's connect waits as long as the kernel does: over 2 minutes for a firewall
-    # that drops the connection, with the worker held all that time.
-    ae.connection_timeout = timeouts.acse
     # This object's SOP class in its own transfer syntax and, where that is compressed, in
     # Explicit VR Little Endian: a PACS that takes no JPEG still gets the object, decompressed.
     ae.add_requested_context(sop_class, syntax)

@@ -53,11 +53,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     """C-ECHO a node (by default this one): the health check of the compose file."""
-    from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    from dicom_node.outbox import Timeouts, requesting_ae
+
     settings = settings_from(args)
-    ae = AE(ae_title=args.calling_ae)
+    ae = requesting_ae(args.calling_ae, Timeouts.of(settings))
     ae.add_requested_context(Verification)
     host = args.host or "127.0.0.1"
     port = args.port or settings.port

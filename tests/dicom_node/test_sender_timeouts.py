@@ -9,11 +9,16 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
 
+from dicom_node.cli import main
 from dicom_node.cli.common import free_port
 from dicom_node.config import Destination
 from dicom_node.outbox import Timeouts, send_file, stow_file
@@ -83,17 +88,26 @@ def test_a_silent_dicomweb_server_costs_the_dimse_timeout(tmp_path: Path) -> Non
         server.server_close()
 
 
-def test_a_peer_that_does_not_take_the_connection_costs_the_acse_timeout(tmp_path: Path) -> None:
-    # A listening socket whose backlog is full drops new connections, as a firewall does: the
-    # kernel would retry for over 2 minutes.
-    image = make_radiograph(tmp_path / "dx.dcm", rows=64, columns=48)
+@contextmanager
+def dropping_connections() -> Iterator[int]:
+    """A port whose listening socket has a full backlog: new connections are dropped, as a
+    firewall drops them, and the kernel would retry for over 2 minutes."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
     port = listener.getsockname()[1]
     queued = socket.create_connection(("127.0.0.1", port))  # fills the backlog
-    timeouts = Timeouts(acse=1, dimse=30, network=60)
     try:
+        yield port
+    finally:
+        queued.close()
+        listener.close()
+
+
+def test_a_peer_that_does_not_take_the_connection_costs_the_acse_timeout(tmp_path: Path) -> None:
+    image = make_radiograph(tmp_path / "dx.dcm", rows=64, columns=48)
+    timeouts = Timeouts(acse=1, dimse=30, network=60)
+    with dropping_connections() as port:
         destination = Destination(ae_title="PACS", host="127.0.0.1", port=port)
         began = time.monotonic()
         result = send_file(image, destination, "SPINENODE", 16384, timeouts)
@@ -106,6 +120,24 @@ def test_a_peer_that_does_not_take_the_connection_costs_the_acse_timeout(tmp_pat
         result = stow_file(image, Destination.parse(url), None, timeouts)
         assert time.monotonic() - began < 10
         assert result.reason == f"no answer from {url} (ConnectTimeout)"
+
+
+def test_echo_answers_and_gives_up_after_the_acse_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # `spinenode echo`, an admin's check of a peer or of the node.
+    monkeypatch.setenv("SPINENODE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SPINENODE_ACSE_TIMEOUT_SECONDS", "1")
+    peer = AE(ae_title="PACS")
+    peer.add_supported_context(Verification)
+    server = peer.start_server(("127.0.0.1", 0), block=False)
+    try:
+        port = server.server_address[1]
+        assert main(["echo", "--port", str(port), "--ae-title", "PACS"]) == 0
+        assert capsys.readouterr().out == f"C-ECHO PACS@127.0.0.1:{port}: status 0x0000\n"
     finally:
-        queued.close()
-        listener.close()
+        server.shutdown()
+    with dropping_connections() as port:
+        began = time.monotonic()
+        assert main(["echo", "--port", str(port)]) == 2
+        assert time.monotonic() - began < 10
+    assert capsys.readouterr().err == f"spinenode: no association with SPINENODE@127.0.0.1:{port}\n"
