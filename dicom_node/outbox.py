@@ -227,7 +227,7 @@ def requesting_ae(calling_ae: str, timeouts: Timeouts) -> AE:
     ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = (timeouts.acse, timeouts.dimse,
                                                              timeouts.network)
     # pynetdicom's connect waits as long as the kernel does: over 2 minutes for a firewall
-    # that drops the connection, with the worker (or the health check) held all that time.
+    # that drops the connection, with the worker (or an admin's `spinenode echo`) held.
     ae.connection_timeout = timeouts.acse
     return ae
 
@@ -289,8 +289,8 @@ _TRANSIENT_HTTP = {408, 409, 429}
 def stow_file(path: Path, destination: Destination, secrets_dir: Path | None,
               timeouts: Timeouts = Timeouts()) -> SendResult:  # noqa: B008
     """STOW-RS one of our objects to a DICOMweb server (with the credentials in its secrets
-    file, if one is there). As for a DICOM peer, the connection waits ``timeouts.acse`` and
-    the answer ``timeouts.dimse``."""
+    file, if one is there). As for a DICOM peer, connecting and sending wait at most
+    ``timeouts.acse`` for each step, and the answer may go silent at most ``timeouts.dimse``."""
     import requests
     from dicomweb_client.api import DICOMwebClient
 

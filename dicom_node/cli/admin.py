@@ -52,7 +52,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    """C-ECHO a node (by default this one): the health check of the compose file."""
+    """C-ECHO a DICOM node (by default this one): an admin's check that a peer answers."""
     from pynetdicom.sop_class import Verification
 
     from dicom_node.outbox import Timeouts, requesting_ae
