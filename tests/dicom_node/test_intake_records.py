@@ -19,6 +19,7 @@ from dicom_node.db import migrate
 from dicom_node.db.models import Instance, Patient, Series, Study
 from dicom_node.db.session import engine_for, session_factory
 from dicom_node.intake import Intake, StoreOutcome, StoreStatus, spool_path_for
+from tests.support.fault_peers import dropping_connections
 from training.synthetic import make_radiograph
 
 _HIERARCHY = re.compile(r"\b(patients|studies|series)\b")
@@ -185,3 +186,17 @@ def test_a_file_that_could_not_be_recorded_goes_unless_a_row_names_it(tmp_path: 
     intake._remove_unless_recorded(named)
     intake._remove_unless_recorded(stray)
     assert named.exists() and not stray.exists()
+
+
+def test_a_database_that_drops_connections_costs_seconds(tmp_path: Path) -> None:
+    # A PostgreSQL host behind a firewall that drops packets: the sender hears 0xA700 (retry
+    # later) within libpq's connect timeout, not after the kernel's 2 minutes of retrying.
+    with dropping_connections() as port:
+        url = f"postgresql://spinenode@127.0.0.1:{port}/spinenode"
+        settings = load_settings(data_dir=tmp_path / "var", database_url=url)
+        settings.make_dirs()
+        intake = Intake(settings, session_factory(url))
+        began = time.monotonic()
+        outcome = _store(settings, intake)
+        assert time.monotonic() - began < 20
+    assert outcome == StoreOutcome(StoreStatus.OUT_OF_RESOURCES, "database unavailable")

@@ -6,11 +6,8 @@ connection at all (a firewall that drops it) costs the ACSE timeout."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from dicom_node.cli import main
 from dicom_node.cli.common import free_port
 from dicom_node.config import Destination
 from dicom_node.outbox import Timeouts, send_file, stow_file
+from tests.support.fault_peers import dropping_connections
 from training.synthetic import make_radiograph
 
 ANSWERS_AFTER = 3.0  # seconds the peer takes to answer each C-STORE
@@ -86,22 +84,6 @@ def test_a_silent_dicomweb_server_costs_the_dimse_timeout(tmp_path: Path) -> Non
     finally:
         server.shutdown()
         server.server_close()
-
-
-@contextmanager
-def dropping_connections() -> Iterator[int]:
-    """A port whose listening socket has a full backlog: new connections are dropped, as a
-    firewall drops them, and the kernel would retry for over 2 minutes."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    queued = socket.create_connection(("127.0.0.1", port))  # fills the backlog
-    try:
-        yield port
-    finally:
-        queued.close()
-        listener.close()
 
 
 def test_a_peer_that_does_not_take_the_connection_costs_the_acse_timeout(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Real services a fault test owns, so it can kill and restart them: Redis and PostgreSQL on
-free ports, DCMTK storescp as the PACS, and a modality that streams images at a steady rate.
+free ports, DCMTK storescp as the PACS, and a modality that streams images at a steady rate;
+and a port that drops every connection, as a firewall does.
 
 Nothing here touches the machine's own PostgreSQL or Redis.
 """
@@ -9,11 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,3 +204,19 @@ def send(path: Path, port: int) -> int | None:
         if assoc.is_established:
             assoc.release()
     return int(status.Status) if status is not None and "Status" in status else None
+
+
+@contextmanager
+def dropping_connections() -> Iterator[int]:
+    """A port whose listening socket has a full backlog: new connections are dropped, as a
+    firewall drops them, and the kernel would retry for over 2 minutes."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port))  # fills the backlog
+    try:
+        yield port
+    finally:
+        queued.close()
+        listener.close()
