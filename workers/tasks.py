@@ -24,6 +24,7 @@ from dicom_node.db.leases import is_unavailable
 ANALYZE_TASK = "workers.tasks.analyze"
 DELIVER_TASK = "workers.tasks.deliver"
 QUEUE = "spinenode"
+BROKER_CONNECT_SECONDS = 4.0  # Celery's own default for RabbitMQ, given to Redis too
 
 # Backoff of a task that met an unreachable database: 1, 2, 4, ... seconds, at most this.
 MAX_UNAVAILABLE_BACKOFF_SECONDS = 30
@@ -96,6 +97,7 @@ def _celery_settings(settings: Settings) -> dict:
         task_soft_time_limit=settings.task_time_limit_seconds - 5,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=BROKER_CONNECT_SECONDS,
         task_serializer="json",
         accept_content=["json"],
     )
@@ -119,8 +121,13 @@ def _celery_settings(settings: Settings) -> dict:
     # Redis hands an unacknowledged message out again after this long: longer than any task, so
     # a running task is not delivered twice (the claim would refuse the copy anyway).
     visibility = settings.task_time_limit_seconds + 60
+    # Celery's broker_connection_timeout bounds connecting to RabbitMQ, not to Redis: there the
+    # kernel's retries held a send 134 s where the host dropped packets (the dispatcher's and a
+    # worker's sends of the next task, the health check).
     return dict(broker_url=settings.broker_url,
-                broker_transport_options={"visibility_timeout": visibility}, **common)
+                broker_transport_options={"visibility_timeout": visibility,
+                                          "socket_connect_timeout": BROKER_CONNECT_SECONDS},
+                **common)
 
 
 def worker_app(settings: Settings) -> Celery:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from kombu import Connection
+from kombu.exceptions import OperationalError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,6 +22,7 @@ from dicom_node.db import migrate
 from dicom_node.db.models import Instance, InstanceStatus, Patient, Series, Study, utcnow
 from dicom_node.db.session import session_factory
 from dicom_node.dispatch import reconcile
+from tests.support.fault_peers import dropping_connections
 from tests.support.node import wait_for
 from workers.tasks import QUEUE, TaskQueue
 
@@ -176,3 +178,17 @@ def test_a_database_restart_renews_every_lease(postgres_url: str) -> None:
     assert not taken(float(up_for) + 30)  # "restarted" within the lease: still its holder's
     assert taken(float(up_for) / 2)  # up longer than a lease: the worker died
     assert not taken(float(up_for) / 2)  # and now ours, under a lease of its own
+
+
+@pytest.mark.parametrize("scheme", ["redis", "amqp"])
+def test_a_broker_host_that_drops_connections_costs_seconds(tmp_path: Path, scheme: str) -> None:
+    # The node's dispatcher and the workers send tasks; where the broker's host drops packets
+    # a send gives up after Celery's connect timeout and the reconciler sends it later.
+    with dropping_connections() as port:
+        settings = load_settings(data_dir=tmp_path, broker_url=f"{scheme}://127.0.0.1:{port}/")
+        tasks = TaskQueue(settings)
+        for send in (lambda: tasks.enqueue_analysis(1), tasks.depth):
+            began = time.monotonic()
+            with pytest.raises(OperationalError):
+                send()
+            assert time.monotonic() - began < 20
