@@ -122,8 +122,8 @@ def _celery_settings(settings: Settings) -> dict:
     # a running task is not delivered twice (the claim would refuse the copy anyway).
     visibility = settings.task_time_limit_seconds + 60
     # Celery's broker_connection_timeout bounds connecting to RabbitMQ, not to Redis: there the
-    # kernel's retries held a send 134 s where the host dropped packets (the dispatcher's and a
-    # worker's sends of the next task, the health check).
+    # kernel's retries held a send 134 s where the host dropped packets (the dispatcher's, and
+    # a worker's of the next task) and so did the reconciler's look at the queue's depth.
     return dict(broker_url=settings.broker_url,
                 broker_transport_options={"visibility_timeout": visibility,
                                           "socket_connect_timeout": BROKER_CONNECT_SECONDS},
