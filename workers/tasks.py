@@ -123,7 +123,7 @@ def _celery_settings(settings: Settings) -> dict:
     visibility = settings.task_time_limit_seconds + 60
     # Celery's broker_connection_timeout bounds connecting to RabbitMQ, not to Redis: there the
     # kernel's retries held a send 134 s where the host dropped packets (the dispatcher's, and
-    # a worker's of the next task) and so did the reconciler's look at the queue's depth.
+    # a worker's of the next task); the reconciler's look at the queue's depth connects too.
     return dict(broker_url=settings.broker_url,
                 broker_transport_options={"visibility_timeout": visibility,
                                           "socket_connect_timeout": BROKER_CONNECT_SECONDS},
