@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import event, func, select, text
+from sqlalchemy import event, func, make_url, select, text
+from sqlalchemy.exc import OperationalError
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import migrate
+from dicom_node.db import session as session_module
 from dicom_node.db.models import Instance, Patient, Series, Study
 from dicom_node.db.session import engine_for, session_factory
 from dicom_node.intake import Intake, StoreOutcome, StoreStatus, spool_path_for
-from tests.support.fault_peers import dropping_connections
+from tests.support.fault_peers import CuttableLink, dropping_connections
 from training.synthetic import make_radiograph
 
 _HIERARCHY = re.compile(r"\b(patients|studies|series)\b")
@@ -200,3 +202,26 @@ def test_a_database_that_drops_connections_costs_seconds(tmp_path: Path) -> None
         outcome = _store(settings, intake)
         assert time.monotonic() - began < 20
     assert outcome == StoreOutcome(StoreStatus.OUT_OF_RESOURCES, "database unavailable")
+
+
+def test_a_connection_cut_mid_query_fails_instead_of_waiting(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The node's PostgreSQL connections give up on data the server does not acknowledge
+    # (tcp_user_timeout 60 s; 2 s here). Without it a query on a cut connection was still
+    # waiting after 200 s (measured): TCP retransmits for about 15 minutes.
+    monkeypatch.setitem(session_module._POSTGRES_CONNECTION, "tcp_user_timeout", 2000)
+    server = make_url(postgres_url)
+    link = CuttableLink((server.host or "127.0.0.1", server.port or 5432))
+    try:
+        url = server.set(host="127.0.0.1", port=link.port)
+        engine = engine_for(url.render_as_string(hide_password=False))
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT 1")).scalar() == 1
+            link.cut()
+            threading.Timer(30, link.mend).start()  # where it waits, the test ends all the same
+            began = time.monotonic()
+            with pytest.raises(OperationalError):
+                connection.execute(text("SELECT 2"))
+            assert time.monotonic() - began < 20
+    finally:
+        link.close()

@@ -1,6 +1,7 @@
 """Real services a fault test owns, so it can kill and restart them: Redis and PostgreSQL on
 free ports, DCMTK storescp as the PACS, and a modality that streams images at a steady rate;
-and a port that drops every connection, as a firewall does.
+a port that drops every connection, as a firewall does, and a forwarded port whose traffic
+can be cut as a network is cut.
 
 Nothing here touches the machine's own PostgreSQL or Redis.
 """
@@ -220,3 +221,52 @@ def dropping_connections() -> Iterator[int]:
     finally:
         queued.close()
         listener.close()
+
+
+class CuttableLink:
+    """A port on 127.0.0.1 forwarded to ``target`` until ``cut()``: from then on the kernel
+    drops every packet to and from it (iptables, root only), so neither end hears anything,
+    not even a reset, as when a network is cut. A user-space proxy that went quiet could not
+    do it: its kernel would still acknowledge the data."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._rules: list[list[str]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self._listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(self.target)
+            for source, sink in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def cut(self) -> None:
+        for direction in ("--dport", "--sport"):
+            rule = ["INPUT", "-i", "lo", "-p", "tcp", direction, str(self.port), "-j", "DROP"]
+            subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
+            self._rules.append(rule)
+
+    def mend(self) -> None:
+        rules, self._rules = self._rules, []
+        for rule in rules:
+            subprocess.run(["iptables", "-D", *rule], check=True, capture_output=True)
+
+    def close(self) -> None:
+        self.mend()
+        self._listener.close()
