@@ -66,11 +66,13 @@ def _create_engine(url: str) -> Engine:
 
 # libpq otherwise waits as long as the kernel does: a database host that drops packets (a
 # firewall, a cut network) held a C-STORE over 2 minutes before its 0xA700, past the sender's
-# own timeout; a connection cut while waiting for an answer would wait for TCP's keepalive
-# (two hours by default). Seconds, but tcp_user_timeout (unacknowledged data) in ms.
-_POSTGRES_CONNECTION = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 30,
-                        "keepalives_interval": 10, "keepalives_count": 3,
-                        "tcp_user_timeout": 60_000}
+# own timeout, and a query on a cut connection was still waiting after 200 s (TCP retransmits
+# for some 15 minutes). 20 s, under the 30-60 s a sender typically waits for its answer: the
+# pool's ping of a connection cut meanwhile is such a query. Seconds, but tcp_user_timeout
+# (sent data not acknowledged; it also ends unanswered keepalives) in ms.
+_POSTGRES_CONNECTION = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10,
+                        "keepalives_interval": 5, "keepalives_count": 2,
+                        "tcp_user_timeout": 20_000}
 
 
 def session_factory(url: str) -> sessionmaker[Session]:

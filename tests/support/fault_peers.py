@@ -3,7 +3,8 @@ free ports, DCMTK storescp as the PACS, and a modality that streams images at a 
 a port that drops every connection, as a firewall does, and a forwarded port whose traffic
 can be cut as a network is cut.
 
-Nothing here touches the machine's own PostgreSQL or Redis.
+Nothing here touches the machine's own PostgreSQL or Redis, except CuttableLink: it forwards to
+them, and cuts its own port with the machine's firewall (one port, removed after).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
@@ -225,24 +227,29 @@ def dropping_connections() -> Iterator[int]:
 
 class CuttableLink:
     """A port on 127.0.0.1 forwarded to ``target`` until ``cut()``: from then on the kernel
-    drops every packet to and from it (iptables, root only), so neither end hears anything,
-    not even a reset, as when a network is cut. A user-space proxy that went quiet could not
-    do it: its kernel would still acknowledge the data."""
+    drops every packet to and from it (iptables on lo, that port only; root), so neither end
+    hears anything, not even a reset, as when a network is cut. A user-space proxy that went
+    quiet could not do it: its kernel would still acknowledge the data."""
 
     def __init__(self, target: tuple[str, int]):
+        if os.geteuid() != 0 or shutil.which("iptables") is None:
+            pytest.skip("cutting a connection takes iptables and root")
         self.target = target
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
         self._rules: list[list[str]] = []
+        self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         while True:
             try:
                 near, _ = self._listener.accept()
+                far = socket.create_connection(self.target)
             except OSError:
                 return
-            far = socket.create_connection(self.target)
+            self._sockets += [near, far]
             for source, sink in ((near, far), (far, near)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
@@ -253,20 +260,32 @@ class CuttableLink:
                 sink.sendall(data)
         except OSError:
             pass
-        finally:
-            sink.close()
 
     def cut(self) -> None:
         for direction in ("--dport", "--sport"):
-            rule = ["INPUT", "-i", "lo", "-p", "tcp", direction, str(self.port), "-j", "DROP"]
-            subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
-            self._rules.append(rule)
+            rule = ["INPUT", "-i", "lo", "-p", "tcp", direction, str(self.port), "-m",
+                    "comment", "--comment", "spinenode test: CuttableLink", "-j", "DROP"]
+            _iptables("-I", rule)
+            with self._lock:
+                self._rules.append(rule)
 
     def mend(self) -> None:
-        rules, self._rules = self._rules, []
-        for rule in rules:
-            subprocess.run(["iptables", "-D", *rule], check=True, capture_output=True)
+        with self._lock:
+            rules, self._rules = self._rules, []
+        for rule in rules:  # each on its own: one that fails leaves the others removed
+            _iptables("-D", rule, check=False)
 
     def close(self) -> None:
         self.mend()
-        self._listener.close()
+        for sock in [self._listener, *self._sockets]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked on it
+            except OSError:
+                pass
+            sock.close()
+
+
+def _iptables(action: str, rule: list[str], check: bool = True) -> None:
+    result = subprocess.run(["iptables", "-w", action, *rule], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"iptables {action} {' '.join(rule)}: {result.stderr.strip()}")
