@@ -44,7 +44,7 @@ from dicom_node.analysis import AnalysisResult  # noqa: E402
 from tests.support.bundles import make_test_bundle  # noqa: E402
 from training.export import calibrate_int8  # noqa: E402
 from training.synthetic import radiograph_pixels  # noqa: E402
-from workers.bundle import ValidatedPrecisions, load_bundle, write_manifest  # noqa: E402
+from workers.bundle import Bundle, ValidatedPrecisions, load_bundle, write_manifest  # noqa: E402
 from workers.dernet import build_member, classifier_input, tta_views  # noqa: E402
 from workers.detector import bundled_detection_model, letterbox  # noqa: E402
 from workers.int8 import convert_member, cpu_serves_int8, x86_quantizer  # noqa: E402
@@ -76,6 +76,16 @@ def median_analysis(runtime: ModelRuntime, image: np.ndarray,
         detect.append(result.detect_seconds)
     return (statistics.median(seconds), result, statistics.median(classify),
             statistics.median(detect))
+
+
+def calibrated_members_bundle(folder: Path, image_size: int = 64, scale: str = "n") -> Bundle:
+    """A full-size random-weight bundle (members at 384 px) in ``folder``, every member
+    calibrated in int8, and inductor's cache in ``folder`` (a new worker's first start)."""
+    path = make_test_bundle(folder / "bundle", input_size=384, image_size=image_size,
+                            scale=scale)
+    calibrate_every_member(path)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+    return load_bundle(path)
 
 
 def calibrate_every_member(path: Path) -> None:

@@ -13,7 +13,6 @@ member whose export check passed, before bfloat16: this says what that gains or 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,10 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.inference import calibrate_every_member, median_seconds  # noqa: E402
+from benchmarks.inference import calibrated_members_bundle, median_seconds  # noqa: E402
 from benchmarks.machine import cpu  # noqa: E402
-from tests.support.bundles import make_test_bundle  # noqa: E402
-from workers.bundle import load_bundle  # noqa: E402
 from workers.dernet import DERNet  # noqa: E402
 from workers.runtime import cpu_has_native_bfloat16  # noqa: E402
 
@@ -39,11 +36,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu()}; {args.threads} threads")
     with tempfile.TemporaryDirectory() as folder:
-        path = make_test_bundle(Path(folder) / "bundle", input_size=384, image_size=64,
-                                scale="n")
-        calibrate_every_member(path)
-        bundle = load_bundle(path)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder) / "inductor")  # a first start
+        bundle = calibrated_members_bundle(Path(folder))
         compiled = DERNet(bundle, torch.device("cpu"))
         compiled.compile()
         served = {"float32": DERNet(bundle, torch.device("cpu")), "float32 compiled": compiled,
