@@ -6,9 +6,7 @@ connection at all (a firewall that drops it) costs the ACSE timeout."""
 
 from __future__ import annotations
 
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from dicom_node.cli import main
 from dicom_node.cli.common import free_port
 from dicom_node.config import Destination
 from dicom_node.outbox import Timeouts, send_file, stow_file
-from tests.support.fault_peers import dropping_connections
+from tests.support.fault_peers import dropping_connections, http_answering
 from training.synthetic import make_radiograph
 
 ANSWERS_AFTER = 3.0  # seconds the peer takes to answer each C-STORE
@@ -55,22 +53,9 @@ def test_a_silent_peer_costs_the_dimse_timeout(tmp_path: Path) -> None:
 
 def test_a_silent_dicomweb_server_costs_the_dimse_timeout(tmp_path: Path) -> None:
     image = make_radiograph(tmp_path / "dx.dcm", rows=64, columns=48)
-
-    class Slow(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            time.sleep(ANSWERS_AFTER)
-            self.send_response(503)  # busy: what matters is that the answer was waited for
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/dicom-web"
-    try:
+    # Busy, after a while: what matters is whether the answer was waited for.
+    with http_answering(503, after=ANSWERS_AFTER) as (server, _):
+        url = f"{server}/dicom-web"
         began = time.monotonic()
         impatient = stow_file(image, Destination.parse(url), None,
                               Timeouts(acse=5, dimse=1, network=5))
@@ -81,9 +66,6 @@ def test_a_silent_dicomweb_server_costs_the_dimse_timeout(tmp_path: Path) -> Non
         patient = stow_file(image, Destination.parse(url), None,
                             Timeouts(acse=5, dimse=ANSWERS_AFTER + 5, network=30))
         assert patient.reason == f"{url} answered HTTP 503"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_peer_that_does_not_take_the_connection_costs_the_acse_timeout(tmp_path: Path) -> None:

@@ -4,14 +4,13 @@ the credentials from a secrets folder."""
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from pydicom import dcmread
 
 from dicom_node.config import Destination
 from dicom_node.outbox import Timeouts, stow_file
+from tests.support.fault_peers import http_answering
 from tests.support.node import deliveries, free_port, storescu, wait_for
 from tests.support.orthanc import Orthanc
 from training.synthetic import make_radiograph
@@ -77,28 +76,10 @@ def test_a_dicomweb_server_that_does_not_answer_is_tried_again(tmp_path: Path) -
 def test_a_busy_dicomweb_server_is_asked_once_a_task(tmp_path: Path) -> None:
     # 503: tried again later by the outbox's backoff, not five times inside the task (which
     # held the worker for 30 s a delivery while the server was down).
-    asked = []
-
-    class Busy(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            asked.append(self.path)
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+    with http_answering(503) as (server, asked):
+        url = f"{server}/dicom-web"
         result = stow_file(make_radiograph(tmp_path / "spine.dcm"), Destination.parse(url),
                            secrets_dir=None, timeouts=Timeouts(5, 5, 5))
-    finally:
-        server.shutdown()
-        server.server_close()
     assert not result.delivered and not result.permanent
     assert result.reason == f"{url} answered HTTP 503"
     assert asked == ["/dicom-web/studies"]

@@ -1,7 +1,7 @@
 """Real services a fault test owns, so it can kill and restart them: Redis and PostgreSQL on
 free ports, DCMTK storescp as the PACS, and a modality that streams images at a steady rate;
-a port that drops every connection, as a firewall does, and a forwarded port whose traffic
-can be cut as a network is cut.
+a port that drops every connection, as a firewall does, a forwarded port whose traffic can be
+cut as a network is cut, and an HTTP server that answers every POST late or with an error.
 
 Nothing here touches the machine's own PostgreSQL or Redis, except CuttableLink: it forwards to
 them, and cuts its own port with the machine's firewall (one port, removed after).
@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
@@ -289,3 +290,30 @@ def _iptables(action: str, rule: list[str], check: bool = True) -> None:
     result = subprocess.run(["iptables", "-w", action, *rule], capture_output=True, text=True)
     if check and result.returncode != 0:
         raise RuntimeError(f"iptables {action} {' '.join(rule)}: {result.stderr.strip()}")
+
+
+@contextmanager
+def http_answering(status: int, after: float = 0.0) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on 127.0.0.1 that reads each POST and answers ``status`` (no body)
+    ``after`` seconds later: its base URL, and the paths it was asked for, in order."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            asked.append(self.path)
+            time.sleep(after)
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
